@@ -25,11 +25,12 @@ pub mod pack;
 mod spec;
 pub mod stats;
 mod tensor;
+mod weight;
 
 pub use dtype::{DType, Float};
 pub use error::QuantError;
 pub use spec::{QuantMode, QuantSpec};
 pub use tensor::{
-    cast_vec, dequantize, quantize, quantize_bytes, Method, QuantView, Quantized,
-    QuantizeOptions,
+    cast_vec, dequantize, quantize, quantize_bytes, Method, QuantView, QuantizeOptions, Quantized,
 };
+pub use weight::WeightView;

@@ -40,26 +40,29 @@ pub fn affine_group<T: Float>(w_t: &[T], bits: u32, codes: &mut [u8]) -> (f32, f
     let mut best = sse_affine(w, codes, best_s, best_b);
     let (lo, hi) = w
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+            (l.min(v), h.max(v))
+        });
     if hi <= lo {
         return (best_s, best_b);
     }
     let mut tmp = [0u8; 128];
     let tmp = &mut tmp[..w.len()];
-    let mut try_params = |s: f32, b: f32, best: &mut f32, bs: &mut f32, bb: &mut f32, codes: &mut [u8]| {
-        let (s, b) = (T::round(s), T::round(b));
-        if s == 0.0 || !s.is_finite() || !b.is_finite() {
-            return;
-        }
-        encode_group(w, bits, s, b, tmp);
-        let e = sse_affine(w, tmp, s, b);
-        if e < *best {
-            *best = e;
-            *bs = s;
-            *bb = b;
-            codes.copy_from_slice(tmp);
-        }
-    };
+    let mut try_params =
+        |s: f32, b: f32, best: &mut f32, bs: &mut f32, bb: &mut f32, codes: &mut [u8]| {
+            let (s, b) = (T::round(s), T::round(b));
+            if s == 0.0 || !s.is_finite() || !b.is_finite() {
+                return;
+            }
+            encode_group(w, bits, s, b, tmp);
+            let e = sse_affine(w, tmp, s, b);
+            if e < *best {
+                *best = e;
+                *bs = s;
+                *bb = b;
+                codes.copy_from_slice(tmp);
+            }
+        };
     // Clipping search: shrink each edge toward the midpoint; every candidate gets one
     // least-squares refit of (scale, bias) to its codes before it is judged.
     let mid = 0.5 * (lo + hi);
@@ -83,7 +86,9 @@ pub fn affine_group<T: Float>(w_t: &[T], bits: u32, codes: &mut [u8]) -> (f32, f
     }
     // Alternate: refit (scale, bias) to the best codes, re-encode, until no gain.
     for _ in 0..REFIT_ITERS {
-        let Some((s, b)) = lstsq(w, codes, n) else { break };
+        let Some((s, b)) = lstsq(w, codes, n) else {
+            break;
+        };
         let before = best;
         try_params(s, b, &mut best, &mut best_s, &mut best_b, codes);
         if best >= before {
@@ -157,7 +162,10 @@ pub fn fp_group<T: Float>(
             // around the true exponent, clamped to what E8M0 can say.
             let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
             let e = crate::fp::mx_exponent::<T>(mode, amax).clamp(-127, 127) + 127;
-            (e - 2..=e + 1).filter(|c| (0..=254).contains(c)).map(|c| c as u8).collect()
+            (e - 2..=e + 1)
+                .filter(|c| (0..=254).contains(c))
+                .map(|c| c as u8)
+                .collect()
         }
     };
     for c in candidates {

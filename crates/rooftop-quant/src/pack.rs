@@ -115,6 +115,9 @@ mod tests {
         pack(&codes, 3, &mut words);
         let b: &[u8] = bytemuck::cast_slice(&words);
         let expect: u32 = (0..8).map(|k| (codes[k] as u32) << (3 * k)).sum();
-        assert_eq!(b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16, expect);
+        assert_eq!(
+            b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16,
+            expect
+        );
     }
 }

@@ -77,9 +77,7 @@ impl QuantSpec {
     /// fp modes: their one fixed bits and group size).
     pub fn new(mode: QuantMode, bits: u32, group_size: usize) -> Result<Self, QuantError> {
         let ok = match mode {
-            QuantMode::Affine => {
-                matches!(bits, 1..=6 | 8) && matches!(group_size, 32 | 64 | 128)
-            }
+            QuantMode::Affine => matches!(bits, 1..=6 | 8) && matches!(group_size, 32 | 64 | 128),
             QuantMode::Nvfp4 => bits == 4 && group_size == 16,
             QuantMode::Mxfp4 => bits == 4 && group_size == 32,
             QuantMode::Mxfp8 => bits == 8 && group_size == 32,
@@ -141,7 +139,7 @@ impl QuantSpec {
     }
     /// Check that a row length fits this spec.
     pub fn check_cols(self, cols: usize) -> Result<(), QuantError> {
-        if cols == 0 || cols % self.group_size != 0 {
+        if cols == 0 || !cols.is_multiple_of(self.group_size) {
             return Err(QuantError::Shape(format!(
                 "last dimension {cols} is not a multiple of the group size {}",
                 self.group_size

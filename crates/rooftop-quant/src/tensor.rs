@@ -141,7 +141,8 @@ impl<'a> QuantView<'a> {
         let ng = self.cols / g;
         let mut codes = vec![0u8; g];
         for gi in 0..ng {
-            let gw = &w[gi * g * self.spec.bits as usize / 8..(gi + 1) * g * self.spec.bits as usize / 8];
+            let gw = &w
+                [gi * g * self.spec.bits as usize / 8..(gi + 1) * g * self.spec.bits as usize / 8];
             unpack_bytes(gw, self.spec.bits, &mut codes);
             let o = &mut out[gi * g..(gi + 1) * g];
             let si = row * ng + gi;
@@ -275,12 +276,9 @@ pub fn quantize<T: Float>(
                         Method::Mlx => {
                             fp::quantize_group_mlx(mode, grp, opts.global_scale, &mut codes)
                         }
-                        Method::Optimized => crate::optimize::fp_group(
-                            mode,
-                            grp,
-                            opts.global_scale,
-                            &mut codes,
-                        ),
+                        Method::Optimized => {
+                            crate::optimize::fp_group(mode, grp, opts.global_scale, &mut codes)
+                        }
                     };
                 }
             }
@@ -325,7 +323,8 @@ pub fn quantize_bytes(
 pub fn cast_vec<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     let n = bytes.len() / std::mem::size_of::<T>();
     let mut v = vec![T::zeroed(); n];
-    bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
+    bytemuck::cast_slice_mut::<T, u8>(&mut v)
+        .copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
     v
 }
 
@@ -345,7 +344,11 @@ pub fn dequantize<T: Float>(q: &QuantView) -> Result<Vec<T>, QuantError> {
             let g0 = t * rows_per_task * ng_row;
             for (gi, o) in chunk.chunks_exact_mut(g).enumerate() {
                 let gidx = g0 + gi;
-                unpack_bytes(&q.weight[gidx * bpg..(gidx + 1) * bpg], q.spec.bits, &mut codes);
+                unpack_bytes(
+                    &q.weight[gidx * bpg..(gidx + 1) * bpg],
+                    q.spec.bits,
+                    &mut codes,
+                );
                 match q.spec.mode {
                     QuantMode::Affine => affine::dequantize_group_mlx::<T>(
                         &codes,

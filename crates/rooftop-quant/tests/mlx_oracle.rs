@@ -39,19 +39,31 @@ fn row_values(rng: &mut rand::rngs::StdRng, kind: usize, cols: usize, dtype: DTy
                 DType::F16 => 1e-6,
                 _ => 1e-38,
             };
-            (0..cols).map(|_| normal.sample(rng) / sigma * tiny).collect()
+            (0..cols)
+                .map(|_| normal.sample(rng) / sigma * tiny)
+                .collect()
         }
-        6 => (0..cols).map(|_| normal.sample(rng).abs() + sigma).collect(),
+        6 => (0..cols)
+            .map(|_| normal.sample(rng).abs() + sigma)
+            .collect(),
         7 => (0..cols).map(|_| -normal.sample(rng).abs()).collect(),
         8 => {
             // Exact E2M1 / grid midpoints after scaling by a power of two.
-            let vals = [0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -2.5, 0.0, 4.0];
+            let vals = [
+                0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -2.5, 0.0, 4.0,
+            ];
             (0..cols).map(|i| vals[i % vals.len()] * 0.125).collect()
         }
         _ => {
             // Groups mixing zeros with small values (sparse rows).
             (0..cols)
-                .map(|_| if rng.random_bool(0.7) { 0.0 } else { normal.sample(rng) })
+                .map(|_| {
+                    if rng.random_bool(0.7) {
+                        0.0
+                    } else {
+                        normal.sample(rng)
+                    }
+                })
                 .collect()
         }
     }
@@ -60,8 +72,14 @@ fn row_values(rng: &mut rand::rngs::StdRng, kind: usize, cols: usize, dtype: DTy
 fn to_bytes(dtype: DType, v: &[f32]) -> Vec<u8> {
     match dtype {
         DType::F32 => bytemuck::cast_slice(v).to_vec(),
-        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect(),
     }
 }
 
@@ -73,17 +91,33 @@ fn st_dtype(d: DType) -> StDtype {
     }
 }
 
-fn ours(dtype: DType, name: &str, bytes: &[u8], shape: &[usize], c: &Case) -> (Quantized, Vec<u8>, Vec<u8>) {
+fn ours(
+    dtype: DType,
+    name: &str,
+    bytes: &[u8],
+    shape: &[usize],
+    c: &Case,
+) -> (Quantized, Vec<u8>, Vec<u8>) {
     let opts = QuantizeOptions {
         global_scale: c.global_scale,
         ..Default::default()
     };
-    fn go<T: Float>(name: &str, b: &[u8], shape: &[usize], c: &Case, opts: QuantizeOptions) -> (Quantized, Vec<u8>, Vec<u8>) {
+    fn go<T: Float>(
+        name: &str,
+        b: &[u8],
+        shape: &[usize],
+        c: &Case,
+        opts: QuantizeOptions,
+    ) -> (Quantized, Vec<u8>, Vec<u8>) {
         let data: Vec<T> = rooftop_quant::cast_vec(b);
         let q = quantize(name, &data, shape, c.spec, opts).unwrap();
         let dq: Vec<T> = dequantize(&q.view()).unwrap();
         let dq32: Vec<f32> = dequantize(&q.view()).unwrap();
-        (q, bytemuck::cast_slice(&dq).to_vec(), bytemuck::cast_slice(&dq32).to_vec())
+        (
+            q,
+            bytemuck::cast_slice(&dq).to_vec(),
+            bytemuck::cast_slice(&dq32).to_vec(),
+        )
     }
     match dtype {
         DType::F32 => go::<f32>(name, bytes, shape, c, opts),
@@ -146,7 +180,12 @@ fn quantize_and_dequantize_equal_mlx() {
     }
     let views: Vec<(String, TensorView)> = inputs
         .iter()
-        .map(|(k, (d, s, b))| (k.clone(), TensorView::new(st_dtype(*d), s.clone(), b).unwrap()))
+        .map(|(k, (d, s, b))| {
+            (
+                k.clone(),
+                TensorView::new(st_dtype(*d), s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("inputs.safetensors")).unwrap();
     let json: Vec<serde_json::Value> = cases
@@ -156,7 +195,11 @@ fn quantize_and_dequantize_equal_mlx() {
                 "bits": c.spec.bits, "group_size": c.spec.group_size, "global_scale": c.global_scale})
         })
         .collect();
-    std::fs::write(dir.path().join("cases.json"), serde_json::to_string(&json).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join("cases.json"),
+        serde_json::to_string(&json).unwrap(),
+    )
+    .unwrap();
     let report = rooftop_oracle::run("mlx_quant.py", &[dir.path()]);
     eprintln!("oracle: {}", report.trim());
 
@@ -168,7 +211,12 @@ fn quantize_and_dequantize_equal_mlx() {
         let (q, dq, dq32) = ours(*dtype, &c.tensor, bytes, shape, c);
         let get = |k: &str| out.tensor(&format!("{}.{k}", c.name)).unwrap();
         let mw = get("w");
-        assert_eq!(mw.shape(), q.weight_shape().as_slice(), "{}: weight shape", c.name);
+        assert_eq!(
+            mw.shape(),
+            q.weight_shape().as_slice(),
+            "{}: weight shape",
+            c.name
+        );
         let checks: Vec<(&str, &[u8], Vec<u8>)> = {
             let mut v: Vec<(&str, &[u8], Vec<u8>)> = vec![
                 ("w", bytemuck::cast_slice(&q.weight), mw.data().to_vec()),
@@ -191,7 +239,10 @@ fn quantize_and_dequantize_equal_mlx() {
         };
         for (what, a, b) in checks {
             if let Some(i) = first_diff(a, &b) {
-                let ctx = |x: &[u8]| x.get(i.saturating_sub(2)..(i + 4).min(x.len())).map(|s| format!("{s:02x?}"));
+                let ctx = |x: &[u8]| {
+                    x.get(i.saturating_sub(2)..(i + 4).min(x.len()))
+                        .map(|s| format!("{s:02x?}"))
+                };
                 failures.push(format!(
                     "{} {what}: first differing byte {i} (of {}): ours {:?} mlx {:?}",
                     c.name,
@@ -202,5 +253,10 @@ fn quantize_and_dequantize_equal_mlx() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

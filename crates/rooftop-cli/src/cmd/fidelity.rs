@@ -118,24 +118,31 @@ fn round_to(dtype: DType, v: &mut [f32]) {
 
 fn load(a: &Args) -> Result<Data> {
     if let (Some(path), Some(name)) = (&a.input, &a.tensor) {
-        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: read-only map of a file we do not modify; a concurrent writer would be
         // the user's own doing, as with every mmapping loader.
-        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {}", path.display()))?;
         let st = safetensors::SafeTensors::deserialize(&map)
             .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
-        let t = st.tensor(name).with_context(|| {
-            format!("{} has no tensor {name:?}", path.display())
-        })?;
+        let t = st
+            .tensor(name)
+            .with_context(|| format!("{} has no tensor {name:?}", path.display()))?;
         let dtype = match t.dtype() {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
-            d => bail!("tensor {name:?} in {} is {d:?}; fidelity needs float32, float16 or bfloat16", path.display()),
+            d => bail!(
+                "tensor {name:?} in {} is {d:?}; fidelity needs float32, float16 or bfloat16",
+                path.display()
+            ),
         };
         let shape = t.shape().to_vec();
         if shape.len() < 2 {
-            bail!("tensor {name:?} has shape {shape:?}; only matrices (2 or more dims) are quantized");
+            bail!(
+                "tensor {name:?} has shape {shape:?}; only matrices (2 or more dims) are quantized"
+            );
         }
         let mut values = vec![0f32; shape.iter().product()];
         rooftop_quant::dtype::bytes_to_f32(dtype, t.data(), &mut values);
@@ -157,23 +164,33 @@ fn load(a: &Args) -> Result<Data> {
     if dist == "student-t" && dof <= 0.0 {
         bail!("--dof must be positive");
     }
-    values.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        if dist == "student-t" {
-            let t = StudentT::new(dof).unwrap();
-            c.iter_mut().for_each(|x| *x = t.sample(&mut rng) as f32);
-        } else {
-            let nd = Normal::new(0.0f32, 1.0).unwrap();
-            c.iter_mut().for_each(|x| *x = nd.sample(&mut rng));
-        }
-    });
+    values
+        .par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(i, c)| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                a.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            if dist == "student-t" {
+                let t = StudentT::new(dof).unwrap();
+                c.iter_mut().for_each(|x| *x = t.sample(&mut rng) as f32);
+            } else {
+                let nd = Normal::new(0.0f32, 1.0).unwrap();
+                c.iter_mut().for_each(|x| *x = nd.sample(&mut rng));
+            }
+        });
     round_to(dtype, &mut values);
     let source = if dist == "student-t" {
         format!("student-t(nu={dof}) seed {}", a.seed)
     } else {
         format!("normal(0,1) seed {}", a.seed)
     };
-    Ok(Data { values, shape, dtype, source })
+    Ok(Data {
+        values,
+        shape,
+        dtype,
+        source,
+    })
 }
 
 fn specs(a: &Args) -> Result<Vec<QuantSpec>> {
@@ -194,7 +211,11 @@ fn specs(a: &Args) -> Result<Vec<QuantSpec>> {
             let (g, b) = mode.defaults();
             if a.mode.is_some() {
                 // An explicit mode with explicit bits/group must be valid for it.
-                out.push(QuantSpec::new(mode, a.bits.unwrap_or(b), a.group_size.unwrap_or(g))?);
+                out.push(QuantSpec::new(
+                    mode,
+                    a.bits.unwrap_or(b),
+                    a.group_size.unwrap_or(g),
+                )?);
             } else if a.bits.is_none_or(|x| x == b) && a.group_size.is_none_or(|x| x == g) {
                 out.push(QuantSpec::new(mode, b, g)?);
             }
@@ -209,7 +230,10 @@ fn specs(a: &Args) -> Result<Vec<QuantSpec>> {
 fn round_trip(d: &Data, spec: QuantSpec, method: Method) -> Result<ErrorStats> {
     fn go<T: Float>(d: &Data, spec: QuantSpec, method: Method) -> Result<ErrorStats> {
         let src: Vec<T> = d.values.iter().map(|&x| T::from_f32(x)).collect();
-        let opts = QuantizeOptions { method, global_scale: None };
+        let opts = QuantizeOptions {
+            method,
+            global_scale: None,
+        };
         let q = quantize(&d.source, &src, &d.shape, spec, opts)?;
         let back: Vec<f32> = dequantize(&q.view())?;
         Ok(ErrorStats::compute(&d.values, &back))
@@ -228,7 +252,10 @@ pub fn run(a: Args) -> Result<()> {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(specs.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap(),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]",
+            )
+            .unwrap(),
         )
     };
     let mut rows = vec![];
@@ -272,7 +299,10 @@ pub fn run(a: Args) -> Result<()> {
         "format", "bits/w", "mean|err|", "rmse", "max|err|", "snr dB"
     );
     if a.optimize {
-        print!(" | {:>10} {:>10} {:>8} {:>7}", "opt mean", "opt rmse", "opt snr", "Δrmse");
+        print!(
+            " | {:>10} {:>10} {:>8} {:>7}",
+            "opt mean", "opt rmse", "opt snr", "Δrmse"
+        );
     }
     println!();
     for r in &report.formats {
@@ -281,7 +311,10 @@ pub fn run(a: Args) -> Result<()> {
             r.format, r.bits_per_weight, r.mlx.mean_abs, r.mlx.rmse, r.mlx.max_abs, r.mlx.snr_db
         );
         if let (Some(o), Some(p)) = (r.optimized, r.rmse_reduction_pct) {
-            print!(" | {:>10.5} {:>10.5} {:>8.2} {:>6.1}%", o.mean_abs, o.rmse, o.snr_db, -p);
+            print!(
+                " | {:>10.5} {:>10.5} {:>8.2} {:>6.1}%",
+                o.mean_abs, o.rmse, o.snr_db, -p
+            );
         }
         println!();
     }
