@@ -56,13 +56,13 @@ pub struct Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        let text = std::fs::read_to_string(path).map_err(|err| EngineError::Io {
             path: path.into(),
-            source,
+            err,
         })?;
-        let mut c: Config = serde_json::from_str(&text).map_err(|source| EngineError::Json {
+        let mut c: Config = serde_json::from_str(&text).map_err(|err| EngineError::Json {
             path: path.into(),
-            source,
+            err,
         })?;
         c.path = path.into();
         // transformers >= 5 nests rope settings under rope_parameters (as mlx-lm's qwen3 handles).

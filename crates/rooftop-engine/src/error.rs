@@ -7,17 +7,14 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum EngineError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON: {source}")]
+    // The cause is part of the message (not a `#[source]`) so it prints once
+    // whether the caller shows the chain or not.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: invalid JSON: {err}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     #[error("{path}: bad config: {msg}")]
     Config { path: PathBuf, msg: String },

@@ -13,7 +13,8 @@ pub enum Mixer {
     Gqa(Attention),
 }
 
-/// The feed-forward of a layer.
+/// The feed-forward of a layer. (One per layer, built once: variant size is irrelevant.)
+#[allow(clippy::large_enum_variant)]
 pub enum Ffn {
     Dense(Mlp),
     Moe(Moe),

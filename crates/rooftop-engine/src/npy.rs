@@ -7,9 +7,9 @@ use std::path::Path;
 
 /// Write `data` with `shape` as a little-endian float32 C-order array.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    let io = |source| EngineError::Io {
+    let io = |err| EngineError::Io {
         path: path.into(),
-        source,
+        err,
     };
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let tuple = if dims.len() == 1 {
@@ -35,9 +35,9 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
 
 /// Read a little-endian float32 C-order `.npy` → (shape, data).
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
+    let bytes = std::fs::read(path).map_err(|err| EngineError::Io {
         path: path.into(),
-        source,
+        err,
     })?;
     let bad = |m: &str| EngineError::Invalid(format!("{}: {m}", path.display()));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {

@@ -45,14 +45,14 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| EngineError::Io { path, source }
+            move |err| EngineError::Io { path, err }
         };
         let index = dir.join("model.safetensors.index.json");
         let mut paths: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io(&index))?;
-            let v: Value = serde_json::from_str(&text).map_err(|source| EngineError::Json {
+            let v: Value = serde_json::from_str(&text).map_err(|err| EngineError::Json {
                 path: index.clone(),
-                source,
+                err,
             })?;
             let map = v
                 .get("weight_map")
@@ -338,7 +338,8 @@ impl<'s> Loader<'s> {
         if t.dtype != StDtype::U32 {
             return Err(t.dtype_err("U32 (packed quantized weight)"));
         }
-        if cols % spec.group_size != 0 || (cols * spec.bits as usize) % 32 != 0 {
+        if !cols.is_multiple_of(spec.group_size) || !(cols * spec.bits as usize).is_multiple_of(32)
+        {
             return Err(t.quant_err(format!(
                 "input dimension {cols} does not fit {spec} (group size {})",
                 spec.group_size

@@ -18,15 +18,15 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+    let text = std::fs::read_to_string(path).map_err(|err| EngineError::Io {
         path: path.into(),
-        source,
+        err,
     })?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|source| EngineError::Json {
+        .map_err(|err| EngineError::Json {
             path: path.into(),
-            source,
+            err,
         })
 }
 
@@ -61,13 +61,10 @@ impl Tokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.exists() {
-            chat_template =
-                Some(
-                    std::fs::read_to_string(&jinja).map_err(|source| EngineError::Io {
-                        path: jinja,
-                        source,
-                    })?,
-                );
+            chat_template = Some(
+                std::fs::read_to_string(&jinja)
+                    .map_err(|err| EngineError::Io { path: jinja, err })?,
+            );
         }
         let bos_token = token_str(tc.get("bos_token"));
         let eos_token = token_str(tc.get("eos_token"));

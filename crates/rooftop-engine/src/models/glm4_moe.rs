@@ -23,7 +23,7 @@ pub fn build(c: &Config, l: &Loader) -> Result<Transformer> {
     if experts > 0 {
         check_moe(c, experts, top_k)?;
         c.positive("moe_intermediate_size", inter)?;
-        if experts % n_group != 0 || topk_group == 0 || topk_group > n_group {
+        if !experts.is_multiple_of(n_group) || topk_group == 0 || topk_group > n_group {
             return Err(c.err(format!(
                 "n_routed_experts {experts} / n_group {n_group} / topk_group {topk_group} do not fit"
             )));

@@ -33,7 +33,7 @@ pub fn build(c: &Config, l: &Loader) -> Result<Transformer> {
     ] {
         c.positive(name, v)?;
     }
-    if c.kv_heads() == 0 || c.num_attention_heads % c.kv_heads() != 0 {
+    if c.kv_heads() == 0 || !c.num_attention_heads.is_multiple_of(c.kv_heads()) {
         return Err(c.err(format!(
             "num_attention_heads {} is not a multiple of num_key_value_heads {}",
             c.num_attention_heads,
