@@ -165,7 +165,7 @@ mod tests {
             (
                 SamplerConfig {
                     temp: 1.0,
-                    top_p: 0.5,
+                    top_p: 0.9,
                     ..Default::default()
                 },
                 vec![1, 2],
