@@ -6,7 +6,8 @@ Builds `mlx_lm.models.<ARCH>.Model` from a tiny config with random weights (norm
 and biases perturbed too, so every parameter matters), writes it in the Hugging Face
 layout (bf16, experts stored one by one, two shards + index) with a small byte-level
 BPE tokenizer and chat template, then lets `mlx_lm.convert` make the MLX variants:
-stacked bf16, affine 4/3-bit, nvfp4, mxfp4 and the mixed_3_4 recipe.
+stacked bf16 / f16 / f32, affine 4/3-bit, nvfp4, mxfp4, mxfp8 and the mixed_3_4
+recipe.
 
 For every variant it loads the directory with `mlx_lm.load`, lifts the float
 parameters to float32 (the CPU gather_mm is float32-only, and an f32 reference lets
@@ -100,10 +101,13 @@ CONFIGS = {
 
 VARIANTS = {
     "mlx_bf16": dict(quantize=False),
+    "f16": dict(quantize=False, dtype="float16"),
+    "f32": dict(quantize=False, dtype="float32"),
     "affine4": dict(quantize=True, q_bits=4, q_group_size=64),
     "affine3": dict(quantize=True, q_bits=3, q_group_size=32),
     "nvfp4": dict(quantize=True, q_mode="nvfp4"),
     "mxfp4": dict(quantize=True, q_mode="mxfp4"),
+    "mxfp8": dict(quantize=True, q_mode="mxfp8"),
     "mixed_3_4": dict(quantize=True, q_group_size=64, quant_predicate="mixed_3_4"),
 }
 

@@ -112,6 +112,8 @@ impl<'a> Generator<'a> {
         let mut history = prompt.to_vec();
         let mut tokens = Vec::new();
         let mut text = String::new();
+        // Bytes of `text` already passed to `on_text`.
+        let mut emitted = 0;
         let mut stream = self.tok.stream();
         let mut finish = Finish::Length;
         let mut steps = 0;
@@ -131,23 +133,26 @@ impl<'a> Generator<'a> {
                 finish = Finish::Eos;
                 break;
             }
-            let piece = stream.push(next)?;
-            text.push_str(&piece);
+            text.push_str(&stream.push(next)?);
             if let Some(at) = o
                 .stop_strings
                 .iter()
                 .filter_map(|s| text.find(s.as_str()))
                 .min()
             {
-                let emit_from = text.len() - piece.len();
-                if at > emit_from {
-                    on_text(&text[emit_from..at]);
+                if at > emitted {
+                    on_text(&text[emitted..at]);
                 }
                 text.truncate(at);
                 finish = Finish::Stop;
                 break;
             }
-            on_text(&piece);
+            // Hold back a tail that could still grow into a stop string.
+            let safe = text.len() - held_back(&text, &o.stop_strings);
+            if safe > emitted {
+                on_text(&text[emitted..safe]);
+                emitted = safe;
+            }
             if cache.len() >= cache.capacity() {
                 break;
             }
@@ -167,8 +172,10 @@ impl<'a> Generator<'a> {
                 .collect();
             let full = self.tok.decode(&ids, false)?;
             if full.len() > text.len() && full.starts_with(&text) {
-                on_text(&full[text.len()..]);
                 text = full;
+            }
+            if text.len() > emitted {
+                on_text(&text[emitted..]);
             }
         }
         Ok(Generation {
@@ -182,4 +189,18 @@ impl<'a> Generator<'a> {
             logits: o.keep_logits.then_some(kept),
         })
     }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of a stop string
+/// (on a char boundary).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > best && text.ends_with(&s[..i]) {
+                best = i;
+            }
+        }
+    }
+    best
 }

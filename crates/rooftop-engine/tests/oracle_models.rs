@@ -1,10 +1,11 @@
 //! Logit-for-logit agreement with mlx-lm on tiny random models of every supported
 //! architecture, in every weight layout mlx-lm produces: the Hub's per-expert bf16
-//! (two shards + index), MLX's stacked bf16, affine 4- and 3-bit, nvfp4, mxfp4 and
+//! (two shards + index), MLX's stacked bf16/f16/f32, affine 4- and 3-bit, nvfp4,
+//! mxfp4, mxfp8 and
 //! the mixed_3_4 recipe. The reference is mlx-lm run in float32 on the same
 //! weights (tests/oracle/mlx_lm_model.py), so agreement must be tight.
 
-use rooftop_engine::{npy, GenerateOptions, Generator, Logits, Model, Tokenizer};
+use rooftop_engine::{npy, Finish, GenerateOptions, Generator, Logits, Model, Tokenizer};
 use rooftop_oracle::TempDir;
 use serde_json::Value;
 use std::path::Path;
@@ -163,18 +164,51 @@ fn check_text_path(arch: &str, out: &Path, manifest: &Value) {
             s[0] - s[1] < 1e-3,
             "{arch}: greedy text diverges at step {n}"
         );
-    } else {
-        let eos = tok.eos_ids();
-        let text_ids: Vec<u32> = g
-            .tokens
-            .iter()
-            .copied()
-            .filter(|t| !eos.contains(t))
-            .collect();
+        return;
+    }
+    let eos = tok.eos_ids();
+    let text_ids: Vec<u32> = g
+        .tokens
+        .iter()
+        .copied()
+        .filter(|t| !eos.contains(t))
+        .collect();
+    let full = tok.decode(&text_ids, false).unwrap();
+    assert_eq!(streamed, full, "{arch}: streamed text");
+
+    // Stops: an extra EOS id ends generation on that token (want_gen[2] may repeat
+    // an earlier token, so stop at its first occurrence)...
+    let third = want_gen[2];
+    let first = want_gen.iter().position(|&t| t == third).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: want_gen.len(),
+        extra_eos: vec![third],
+        ..Default::default()
+    };
+    let g = Generator::new(&model, &tok, opts)
+        .run(&prompt, |_| {})
+        .unwrap();
+    assert_eq!(g.tokens, want_gen[..=first], "{arch}: eos stop");
+    assert_eq!(g.finish, Finish::Eos);
+    // ...and a stop string cuts the text before it, emitting nothing past it.
+    let chars: Vec<char> = full.chars().collect();
+    if chars.len() >= 4 {
+        let stop: String = chars[2..4].iter().collect();
+        let cut = &full[..full.find(&stop).unwrap()];
+        let opts = GenerateOptions {
+            max_tokens: want_gen.len(),
+            stop_strings: vec![stop],
+            ..Default::default()
+        };
+        let mut streamed = String::new();
+        let g = Generator::new(&model, &tok, opts)
+            .run(&prompt, |s| streamed.push_str(s))
+            .unwrap();
+        assert_eq!(g.finish, Finish::Stop, "{arch}");
         assert_eq!(
-            streamed,
-            tok.decode(&text_ids, false).unwrap(),
-            "{arch}: streamed text"
+            (g.text.as_str(), streamed.as_str()),
+            (cut, cut),
+            "{arch}: stop string"
         );
     }
 }
