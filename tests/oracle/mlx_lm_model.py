@@ -200,6 +200,27 @@ def write_hf(arch, cfg, out: Path):
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
 
 
+def unstack_experts(arch, src: Path, dst: Path):
+    """A quantized MLX model with its stacked switch_mlp tensors split back into one
+    tensor per expert (weight, scales, biases), as some converted checkpoints ship."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        w = mx.load(str(f))
+        out = {}
+        for k, v in w.items():
+            name = hf_name(arch, k.rsplit(".", 1)[0] + ".weight")
+            if name is None:
+                out[k] = v
+            else:
+                suffix = k.rsplit(".", 1)[1]
+                for e in range(v.shape[0]):
+                    out[name(e)[: -len("weight")] + suffix] = v[e]
+        mx.save_safetensors(str(f), out, metadata={"format": "mlx"})
+    index = dst / "model.safetensors.index.json"
+    if index.exists():
+        index.unlink()
+
+
 def reference(path: Path, tokens, prompt, steps):
     from mlx_lm import load
 
@@ -267,9 +288,14 @@ def main():
     manifest = {"tokens": tokens, "prompt": prompt, "eos": eos, "variants": {}}
     logits, manifest["text"] = text_reference(hf, eos)
     np.save(out / "text.npy", logits)
+    # mlx-lm's sanitize re-stacks per-expert scales/biases only for these families.
+    if arch in ("mixtral", "glm4_moe") and "affine4" in only:
+        only.append("affine4_experts")
     for name in ["hf", *only]:
         path = out / name
-        if name != "hf":
+        if name == "affine4_experts":
+            unstack_experts(arch, out / "affine4", path)
+        elif name != "hf":
             with contextlib.redirect_stdout(io.StringIO()):
                 convert(str(hf), str(path), **VARIANTS[name])
         logits, greedy, margins = reference(path, tokens, prompt, steps)

@@ -97,9 +97,14 @@ impl Scratch {
     }
 }
 
+/// One layer's cache; its layout belongs to the mixer (MLA will cache its latent).
+pub enum LayerCache {
+    Kv(KvCache),
+}
+
 /// KV cache for every layer, sized for `max_seq` tokens up front.
 pub struct Cache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
     max_seq: usize,
     len: usize,
     scratch: Scratch,
@@ -201,7 +206,7 @@ impl Model {
                 .blocks
                 .iter()
                 .map(|b| match &b.mixer {
-                    Mixer::Gqa(a) => a.new_cache(max_seq),
+                    Mixer::Gqa(a) => LayerCache::Kv(a.new_cache(max_seq)),
                 })
                 .collect(),
             max_seq,
@@ -239,8 +244,8 @@ impl Model {
         self.net.embed.forward(tokens, h_); // [T, D]
         for (b, kv) in self.net.blocks.iter().zip(cache.layers.iter_mut()) {
             b.input_norm.forward(h_, xn_);
-            match &b.mixer {
-                Mixer::Gqa(a) => a.forward(xn_, t, pos, kv, s, y_),
+            match (&b.mixer, kv) {
+                (Mixer::Gqa(a), LayerCache::Kv(kv)) => a.forward(xn_, t, pos, kv, s, y_),
             }
             h_.iter_mut().zip(y_.iter()).for_each(|(h, y)| *h += y);
             b.post_norm.forward(h_, xn_);

@@ -39,7 +39,12 @@ fn check_arch(arch: &str) {
     let tokens = ids(&manifest["tokens"]);
     let prompt = ids(&manifest["prompt"]);
     check_text_path(arch, &out, &manifest);
-    for &variant in VARIANTS {
+    let mut variants = VARIANTS.to_vec();
+    if matches!(arch, "mixtral" | "glm4_moe") {
+        // Quantized experts stored one by one (weight/scales/biases per expert).
+        variants.push("affine4_experts");
+    }
+    for variant in variants {
         let dir = out.join(variant);
         let model =
             Model::load(&dir).unwrap_or_else(|e| panic!("{arch}/{variant}: load failed: {e}"));
