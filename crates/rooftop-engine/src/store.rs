@@ -295,10 +295,29 @@ impl<'s> Loader<'s> {
     /// Module `path`'s weight as `[lead.., rows, cols]` (`lead` = `[E]` for stacked experts),
     /// dense or quantized per the config and the tensors present.
     pub fn weight(&self, path: &str, lead: &[usize], rows: usize, cols: usize) -> Result<Vec<W>> {
-        let wname = format!("{path}.weight");
+        self.weight_keyed(path, path, lead, rows, cols)
+    }
+
+    /// [`Self::weight`] with the quantization config looked up under `key` (per-expert
+    /// tensors whose per-layer override is recorded for the stacked module path).
+    pub fn weight_keyed(
+        &self,
+        path: &str,
+        key: &str,
+        lead: &[usize],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<W>> {
+        let path_for_tensors = path;
+        let path = if self.quant.overrides.contains_key(path) {
+            path
+        } else {
+            key
+        };
+        let wname = format!("{path_for_tensors}.weight");
         let t = self.store.get(&wname)?;
         let n: usize = lead.iter().product();
-        let sname = format!("{path}.scales");
+        let sname = format!("{path_for_tensors}.scales");
         let quant = self.quant.spec(path);
         let full = |last: usize| [lead, &[rows, last]].concat();
         if !self.store.contains(&sname) {
@@ -369,7 +388,7 @@ impl<'s> Loader<'s> {
             DType::BF16
         };
         let biases = if spec.has_biases() {
-            let b = self.store.get(&format!("{path}.biases"))?;
+            let b = self.store.get(&format!("{path_for_tensors}.biases"))?;
             if b.shape != groups.as_slice() {
                 return Err(b.shape_err(&groups));
             }
@@ -381,7 +400,7 @@ impl<'s> Loader<'s> {
             None
         };
         // nvfp4 with a per-tensor (per expert when stacked) f32 global scale.
-        let gname = format!("{path}.global_scale");
+        let gname = format!("{path_for_tensors}.global_scale");
         let global: Vec<Option<f32>> = if self.store.contains(&gname) {
             let g = self.store.get(&gname)?;
             if g.dtype != StDtype::F32 || g.data.len() != 4 * n {

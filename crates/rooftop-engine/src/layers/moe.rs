@@ -70,7 +70,10 @@ impl Experts {
                 l.weight(&sp, &[n], r, c)?
             } else {
                 (0..n)
-                    .map(|e| l.matrix(&format!("{per_expert}.{e}.{}", names[k]), r, c))
+                    .map(|e| {
+                        let p = format!("{per_expert}.{e}.{}", names[k]);
+                        Ok(l.weight_keyed(&p, &sp, &[], r, c)?.remove(0))
+                    })
                     .collect::<Result<_>>()?
             };
         }
@@ -130,7 +133,7 @@ impl Router {
                         .enumerate()
                         .map(|(i, v)| ((v - max).exp() / sum, i)),
                 );
-                tmp.sort_by(desc);
+                tmp.select_nth_unstable_by(k - 1, desc);
                 let mut tot: f32 = tmp[..k].iter().map(|p| p.0).sum();
                 if !norm_topk_prob {
                     tot = 1.0;
@@ -139,8 +142,8 @@ impl Router {
             }
             Router::TopKSoftmax => {
                 tmp.extend(logits.iter().enumerate().map(|(i, &v)| (v, i)));
-                tmp.sort_by(desc);
-                let max = tmp[0].0;
+                tmp.select_nth_unstable_by(k - 1, desc);
+                let max = tmp[..k].iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.0));
                 let sum: f32 = tmp[..k].iter().map(|p| (p.0 - max).exp()).sum();
                 sel.extend(tmp[..k].iter().map(|&(v, i)| (i, (v - max).exp() / sum)));
             }
@@ -163,30 +166,34 @@ impl Router {
                     let gsz = e / n_group;
                     // Group score = sum of its top two; the weakest n_group - topk_group
                     // groups are zeroed (set to 0.0, as mlx-lm does — not -inf).
-                    let mut gs: Vec<(f32, usize)> = (0..*n_group)
-                        .map(|g| {
-                            let mut v: Vec<f32> =
-                                tmp[g * gsz..(g + 1) * gsz].iter().map(|p| p.0).collect();
-                            v.sort_by(|a, b| b.total_cmp(a));
-                            (v[0] + v.get(1).copied().unwrap_or(0.0), g)
-                        })
-                        .collect();
-                    gs.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    for &(_, g) in &gs[..n_group - topk_group] {
+                    // `sel` holds (group, score) here; it is refilled below.
+                    for g in 0..*n_group {
+                        let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                        for p in &tmp[g * gsz..(g + 1) * gsz] {
+                            if p.0 > a {
+                                (a, b) = (p.0, a);
+                            } else if p.0 > b {
+                                b = p.0;
+                            }
+                        }
+                        sel.push((g, if gsz > 1 { a + b } else { a }));
+                    }
+                    sel.sort_by(|x, y| x.1.total_cmp(&y.1));
+                    for &(g, _) in &sel[..n_group - topk_group] {
                         tmp[g * gsz..(g + 1) * gsz]
                             .iter_mut()
                             .for_each(|p| p.0 = 0.0);
                     }
+                    sel.clear();
                 }
-                tmp.sort_by(desc);
-                let w: Vec<(usize, f32)> =
-                    tmp[..k].iter().map(|&(_, i)| (i, sig(logits[i]))).collect();
+                tmp.select_nth_unstable_by(k - 1, desc);
+                sel.extend(tmp[..k].iter().map(|&(_, i)| (i, sig(logits[i]))));
                 let tot: f32 = if k > 1 && *norm_topk_prob {
-                    w.iter().map(|p| p.1).sum()
+                    sel.iter().map(|p| p.1).sum()
                 } else {
                     1.0
                 };
-                sel.extend(w.into_iter().map(|(i, p)| (i, p / tot * scaling)));
+                sel.iter_mut().for_each(|p| p.1 = p.1 / tot * scaling);
             }
         }
     }
