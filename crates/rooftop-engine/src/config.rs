@@ -29,6 +29,9 @@ pub struct Config {
     pub attention_bias: Option<bool>,
     pub mlp_bias: bool,
     pub use_qk_norm: bool,
+    /// Per-layer attention kind (`full_attention` / `sliding_attention`).
+    pub layer_types: Option<Vec<String>>,
+    pub sliding_window: Option<usize>,
     // Mixture of experts (names differ per family).
     pub num_experts: Option<usize>,
     pub num_local_experts: Option<usize>,

@@ -12,8 +12,22 @@
 //! - [`Generator`] = prefill, then decode with a [`Sampler`], stopping on EOS ids or
 //!   stop strings, streaming text.
 //!
-//! Architectures live one per file in `models/<model_type>.rs`, built from the shared
-//! layers in `layers/` (attention, MLP, MoE, RMSNorm, RoPE).
+//! Architectures live one per file in `models/<model_type>.rs` (`qwen3_moe`, `glm4_moe`,
+//! `mixtral`, `llama`/`mistral`, `qwen2`, `qwen3`), each mirroring mlx-lm's file of the
+//! same name, built from the shared layers in `layers/` (attention, MLP, MoE + routers,
+//! RMSNorm, RoPE variants). A layer's token mixer is a [`model::Mixer`] and its cache a
+//! [`model::LayerCache`], so MLA (deepseek_v3, glm_moe_dsa) is one more variant of each.
+//!
+//! Weight layouts: Hub per-expert (`mlp.experts.{e}.gate_proj`, Mixtral's `w1/w3/w2`)
+//! and MLX stacked (`switch_mlp.*` `[E, out, in]`) both load as per-expert views with
+//! no copy. MLX quantization (`quantization` in config.json: global
+//! `group_size`/`bits`/`mode` plus per-module overrides, `false` = not quantized) is
+//! checked tensor by tensor against the shapes the config implies.
+//!
+//! Errors are [`EngineError`]: each names the file and tensor at fault.
+//!
+//! Numerics: activations are f32 throughout, weights are decoded inside the matmul;
+//! tests compare with mlx-lm run in f32 on the same weights at 1e-4 relative.
 //!
 //! ```no_run
 //! use rooftop_engine::{Generator, GenerateOptions, Model, SamplerConfig, Tokenizer};

@@ -40,6 +40,14 @@ pub fn build(c: &Config, l: &Loader) -> Result<Transformer> {
             c.kv_heads()
         )));
     }
+    // Sliding-window layers need a rotating cache and a banded mask; refuse rather
+    // than silently attend to the full context.
+    if c.layer_types
+        .as_ref()
+        .is_some_and(|t| t.iter().any(|x| x != "full_attention"))
+    {
+        return Err(c.err("sliding-window attention layers (layer_types) are not supported yet"));
+    }
     match c.model_type.as_str() {
         "qwen3_moe" => qwen3_moe::build(c, l),
         "llama" | "mistral" => llama::build(c, l),
