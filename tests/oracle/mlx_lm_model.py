@@ -221,10 +221,47 @@ def unstack_experts(arch, src: Path, dst: Path):
         index.unlink()
 
 
+def nvfp4_global_scale(hf: Path, dst: Path):
+    """nvfp4 with one f32 tensor scale per expert on the switch layers
+    (`quantize_model(..., global_scale=True)`; mlx_lm.convert has no flag for it)."""
+    from mlx_lm.utils import load, quantize_model, save
+
+    model, tok, config = load(str(hf), return_config=True, lazy=True)
+    model, config = quantize_model(model, config, None, None, mode="nvfp4", global_scale=True)
+    save(str(dst), str(hf), model, tok, config)
+
+
+def dequantize_global_scale_experts(model):
+    """mlx's CPU gather_qmm rejects nvfp4 global scales: swap those expert layers for
+    dense ones made by mx.dequantize (which supports them) before the f32 run."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+
+    for _, m in model.named_modules():
+        if not isinstance(m, SwitchGLU):
+            continue
+        for attr in ("gate_proj", "up_proj", "down_proj"):
+            q = getattr(m, attr)
+            if not isinstance(q, QuantizedSwitchLinear) or q.global_scale is None:
+                continue
+            w = mx.stack(
+                [
+                    mx.dequantize(
+                        q.weight[e], q.scales[e], None, q.group_size, q.bits,
+                        mode=q.mode, global_scale=q.global_scale[e],
+                    )
+                    for e in range(q.weight.shape[0])
+                ]
+            )
+            lin = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias=False)
+            lin.weight = w
+            setattr(m, attr, lin)
+
+
 def reference(path: Path, tokens, prompt, steps):
     from mlx_lm import load
 
     model, _ = load(str(path))
+    dequantize_global_scale_experts(model)
     model.set_dtype(mx.float32)
     logits = model(mx.array(tokens)[None]).astype(mx.float32)[0]
     seq = list(prompt)
@@ -291,10 +328,15 @@ def main():
     # mlx-lm's sanitize re-stacks per-expert scales/biases only for these families.
     if arch in ("mixtral", "glm4_moe") and "affine4" in only:
         only.append("affine4_experts")
+    if arch in ("qwen3_moe", "mixtral", "glm4_moe") and "nvfp4" in only:
+        only.append("nvfp4_global_scale")
     for name in ["hf", *only]:
         path = out / name
         if name == "affine4_experts":
             unstack_experts(arch, out / "affine4", path)
+        elif name == "nvfp4_global_scale":
+            with contextlib.redirect_stdout(io.StringIO()):
+                nvfp4_global_scale(hf, path)
         elif name != "hf":
             with contextlib.redirect_stdout(io.StringIO()):
                 convert(str(hf), str(path), **VARIANTS[name])

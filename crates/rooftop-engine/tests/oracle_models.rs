@@ -44,6 +44,10 @@ fn check_arch(arch: &str) {
         // Quantized experts stored one by one (weight/scales/biases per expert).
         variants.push("affine4_experts");
     }
+    if matches!(arch, "qwen3_moe" | "mixtral" | "glm4_moe") {
+        // nvfp4 experts with one f32 tensor scale each (`*.global_scale` [E]).
+        variants.push("nvfp4_global_scale");
+    }
     for variant in variants {
         let dir = out.join(variant);
         let model =
