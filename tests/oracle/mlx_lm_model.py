@@ -231,6 +231,25 @@ def nvfp4_global_scale(hf: Path, dst: Path):
     save(str(dst), str(hf), model, tok, config)
 
 
+def partial_quant(hf: Path, dst: Path):
+    """affine 4-bit except o_proj and lm_head, which the config marks `false` per
+    module (as some published MLX configs do)."""
+    from mlx_lm.convert import convert
+
+    skip = lambda p: p.endswith("o_proj") or p == "lm_head"  # noqa: E731
+    convert(str(hf), str(dst), quantize=True, q_bits=4, q_group_size=64,
+            quant_predicate=lambda p, m: not skip(p))
+    cfg = json.loads((dst / "config.json").read_text())
+    from mlx_lm import load
+
+    model, _ = load(str(dst))
+    for p, _ in model.named_modules():
+        if skip(p):
+            for k in ("quantization", "quantization_config"):
+                cfg[k][p] = False
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
 def dequantize_global_scale_experts(model):
     """mlx's CPU gather_qmm rejects nvfp4 global scales: swap those expert layers for
     dense ones made by mx.dequantize (which supports them) before the f32 run."""
@@ -326,6 +345,8 @@ def main():
     logits, manifest["text"] = text_reference(hf, eos)
     np.save(out / "text.npy", logits)
     # mlx-lm's sanitize re-stacks per-expert scales/biases only for these families.
+    if "affine4" in only:
+        only.append("affine4_partial")
     if arch in ("mixtral", "glm4_moe") and "affine4" in only:
         only.append("affine4_experts")
     if arch in ("qwen3_moe", "mixtral", "glm4_moe") and "nvfp4" in only:
@@ -334,6 +355,9 @@ def main():
         path = out / name
         if name == "affine4_experts":
             unstack_experts(arch, out / "affine4", path)
+        elif name == "affine4_partial":
+            with contextlib.redirect_stdout(io.StringIO()):
+                partial_quant(hf, path)
         elif name == "nvfp4_global_scale":
             with contextlib.redirect_stdout(io.StringIO()):
                 nvfp4_global_scale(hf, path)

@@ -1,8 +1,8 @@
 //! Logit-for-logit agreement with mlx-lm on tiny random models of every supported
 //! architecture, in every weight layout mlx-lm produces: the Hub's per-expert bf16
-//! (two shards + index), MLX's stacked bf16/f16/f32, affine 4- and 3-bit, nvfp4,
-//! mxfp4, mxfp8 and
-//! the mixed_3_4 recipe. The reference is mlx-lm run in float32 on the same
+//! (two shards + index), MLX's stacked bf16/f16/f32, affine 4- and 3-bit (also with
+//! modules marked `false`), nvfp4 (also with per-expert global scales), mxfp4, mxfp8,
+//! the mixed_3_4 recipe, and quantized experts stored one by one. The reference is mlx-lm run in float32 on the same
 //! weights (tests/oracle/mlx_lm_model.py), so agreement must be tight.
 
 use rooftop_engine::{npy, Finish, GenerateOptions, Generator, Logits, Model, Tokenizer};
@@ -13,10 +13,14 @@ use std::path::Path;
 const VARIANTS: &[&str] = &[
     "hf",
     "mlx_bf16",
+    "f16",
+    "f32",
     "affine4",
+    "affine4_partial",
     "affine3",
     "nvfp4",
     "mxfp4",
+    "mxfp8",
     "mixed_3_4",
 ];
 
@@ -48,6 +52,20 @@ fn check_arch(arch: &str) {
         // nvfp4 experts with one f32 tensor scale each (`*.global_scale` [E]).
         variants.push("nvfp4_global_scale");
     }
+    let made: Vec<&str> = manifest["variants"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    let mut sorted = variants.clone();
+    sorted.sort();
+    let mut made_sorted = made.clone();
+    made_sorted.sort();
+    assert_eq!(
+        sorted, made_sorted,
+        "{arch}: the oracle made variants this test does not check"
+    );
     for variant in variants {
         let dir = out.join(variant);
         let model =
