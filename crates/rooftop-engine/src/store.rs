@@ -193,6 +193,8 @@ pub struct QuantConfig {
     global: Option<QuantSpec>,
     /// Per-module overrides keyed by module path; `None` = explicitly not quantized.
     overrides: HashMap<String, Option<QuantSpec>>,
+    /// Modules whose override says `"global_scale": true` (nvfp4 tensor scale).
+    global_scale: std::collections::HashSet<String>,
 }
 
 fn spec_from(v: &Value) -> std::result::Result<QuantSpec, String> {
@@ -235,6 +237,7 @@ impl QuantConfig {
             None
         };
         let mut overrides = HashMap::new();
+        let mut global_scale = std::collections::HashSet::new();
         for (k, v) in obj {
             match v {
                 Value::Bool(false) => {
@@ -245,12 +248,19 @@ impl QuantConfig {
                 }
                 Value::Object(_) => {
                     let s = spec_from(v).map_err(|e| cfg.err(format!("quantization.{k}: {e}")))?;
+                    if v.get("global_scale").and_then(Value::as_bool) == Some(true) {
+                        global_scale.insert(k.clone());
+                    }
                     overrides.insert(k.clone(), Some(s));
                 }
                 _ => {}
             }
         }
-        Ok(Self { global, overrides })
+        Ok(Self {
+            global,
+            overrides,
+            global_scale,
+        })
     }
 
     /// The spec for module `path`: its override if any, else the global one.
@@ -410,6 +420,10 @@ impl<'s> Loader<'s> {
                 .chunks_exact(4)
                 .map(|c| Some(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
                 .collect()
+        } else if self.quant.global_scale.contains(path) {
+            return Err(t.quant_err(format!(
+                "config gives {path:?} a global_scale but there is no {gname:?} tensor"
+            )));
         } else {
             vec![None; n]
         };

@@ -217,3 +217,25 @@ fn prompt_longer_than_context_is_rejected() {
         .unwrap_err();
     assert!(matches!(e, EngineError::BadToken { .. }), "{e}");
 }
+
+#[test]
+fn impossible_config_values_are_errors() {
+    let Some((_, hf, _)) = fixture() else { return };
+    for (i, (key, value, mention)) in [
+        ("head_dim", 0, "head_dim"),
+        ("num_experts_per_tok", 99, "num_experts_per_tok"),
+        ("num_key_value_heads", 3, "num_key_value_heads"),
+        ("hidden_size", 96, "expected [96]"),
+        ("num_hidden_layers", 5, "model.layers.3"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = copy_dir(hf, &format!("cfg{i}"));
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        v[key] = value.into();
+        std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+        assert_mentions(&load_err(&d), &[mention]);
+    }
+}

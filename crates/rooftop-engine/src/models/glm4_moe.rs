@@ -14,7 +14,11 @@ pub fn build(c: &Config, l: &Loader) -> Result<Transformer> {
         .head_dim
         .ok_or_else(|| c.err("glm4_moe needs \"head_dim\""))?;
     let theta = rope_theta(c, None)?;
-    let rot = (hd as f64 * c.partial_rotary_factor.unwrap_or(1.0)) as usize;
+    let factor = c.partial_rotary_factor.unwrap_or(1.0);
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(c.err(format!("partial_rotary_factor {factor} must be in (0, 1]")));
+    }
+    let rot = (hd as f64 * factor) as usize;
     let experts = c.n_routed_experts.unwrap_or(0);
     let top_k = c.num_experts_per_tok;
     let inter = c.moe_intermediate_size.unwrap_or(0);

@@ -72,6 +72,7 @@ impl Decoder<'_> {
     pub fn build(&self, c: &Config, l: &Loader) -> Result<Transformer> {
         let d = c.hidden_size;
         let eps = c.rms_norm_eps;
+        c.positive("head_dim", self.attn.head_dim)?;
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
