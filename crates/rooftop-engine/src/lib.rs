@@ -45,12 +45,12 @@
 mod config;
 mod error;
 mod generate;
-pub mod layers;
+mod layers;
 pub mod model;
 mod models;
 pub mod npy;
 mod sampler;
-pub mod store;
+mod store;
 mod tokenizer;
 
 pub use config::Config;

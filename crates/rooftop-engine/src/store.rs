@@ -280,7 +280,8 @@ pub struct Loader<'s> {
 
 /// Extend a borrow of the store to `'static`.
 ///
-/// SAFETY: callers only store the result inside a `Model` that also owns the
+/// This is why [`Loader`] is crate-private: a public way to mint `'static` views of
+/// a droppable map would be unsound. SAFETY: callers only store the result inside a `Model` that also owns the
 /// `Arc<Store>` and drops its layers before the store (field order), and the mapped
 /// bytes never move while the map lives.
 fn extend(b: &[u8]) -> &'static [u8] {
