@@ -67,7 +67,12 @@ impl Sampler {
         let c = &self.cfg;
         if c.repetition_penalty != 1.0 {
             let from = history.len().saturating_sub(c.repetition_context);
-            for &t in &history[from..] {
+            let window = &history[from..];
+            for (i, &t) in window.iter().enumerate() {
+                // Once per distinct token, as mlx-lm's scatter assignment does.
+                if window[..i].contains(&t) {
+                    continue;
+                }
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l < 0.0 {
                         *l * c.repetition_penalty
@@ -80,13 +85,15 @@ impl Sampler {
         if c.temp <= 0.0 {
             return argmax(logits);
         }
+        // As mlx-lm's make_sampler: top-p, min-p and top-k filter the untempered
+        // distribution; temperature only shapes the draw among the survivors.
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.cand.clear();
         self.cand.extend(
             logits
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| (((l - max) / c.temp).exp(), i as u32)),
+                .map(|(i, &l)| ((l - max).exp(), i as u32)),
         );
         let sum: f32 = self.cand.iter().map(|p| p.0).sum();
         self.cand.iter_mut().for_each(|p| p.0 /= sum);
@@ -95,14 +102,16 @@ impl Sampler {
         if c.top_k > 0 {
             keep = keep.min(c.top_k);
         }
-        if c.top_p < 1.0 {
-            let mut acc = 0.0;
-            let n = self.cand[..keep]
+        if c.top_p > 0.0 && c.top_p < 1.0 {
+            // Keep a token while the mass strictly above it is below top_p.
+            let mut above = 0.0;
+            let n = self
+                .cand
                 .iter()
                 .take_while(|p| {
-                    let before = acc;
-                    acc += p.0;
-                    before < c.top_p
+                    let keep = above < c.top_p;
+                    above += p.0;
+                    keep
                 })
                 .count();
             keep = keep.min(n.max(1));
@@ -111,15 +120,19 @@ impl Sampler {
             let thr = c.min_p * self.cand[0].0;
             keep = keep.min(self.cand.iter().take_while(|p| p.0 >= thr).count().max(1));
         }
-        let total: f32 = self.cand[..keep].iter().map(|p| p.0).sum();
+        let kept = &mut self.cand[..keep];
+        for p in kept.iter_mut() {
+            p.0 = ((logits[p.1 as usize] - max) / c.temp).exp();
+        }
+        let total: f32 = kept.iter().map(|p| p.0).sum();
         let mut r = self.rng.random::<f32>() * total;
-        for &(p, t) in &self.cand[..keep] {
+        for &(p, t) in kept.iter() {
             if r < p {
                 return t;
             }
             r -= p;
         }
-        self.cand[keep - 1].1
+        kept[keep - 1].1
     }
 }
 
@@ -148,6 +161,8 @@ mod tests {
         });
         // 3.0 / 2 = 1.5 < 2.0: the repeated token loses.
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[1]), 2);
+        // A token repeated in the window is penalized once: 5.0 / 2 = 2.5 > 2.0.
+        assert_eq!(s.sample(&mut [0.1, 5.0, 2.0], &[1, 1]), 1);
     }
 
     #[test]
@@ -198,6 +213,22 @@ mod tests {
             let mut seen: Vec<u32> = seen.into_iter().collect();
             seen.sort();
             assert_eq!(seen, allowed);
+        }
+    }
+
+    #[test]
+    fn filters_use_the_untempered_distribution() {
+        // At temperature 1 the top two hold ~0.98 of the mass; top-p 0.9 keeps them
+        // whatever the temperature (a high temperature flattens only the draw).
+        let logits = [0.0f32, 5.0, 4.9, -3.0, 1.0];
+        let mut s = Sampler::new(SamplerConfig {
+            temp: 50.0,
+            top_p: 0.9,
+            seed: Some(1),
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            assert!(matches!(s.sample(&mut logits.clone(), &[]), 1 | 2));
         }
     }
 
