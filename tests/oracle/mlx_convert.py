@@ -15,6 +15,10 @@ usage:
                                    tokens and prints [{"max_abs_diff", "identical", "scale"}]
                                    or [{"errors": [...]}] where MLX's CPU backend cannot
                                    run the model.
+  mlx_convert.py describe MODEL    loads MODEL with mlx_lm.utils.load and prints every leaf
+                                   module with a weight as {path: {"mode", "bits",
+                                   "group_size"}} (quantized) or {path: "dense"}, plus
+                                   whether a forward pass gives finite logits.
 """
 import json
 import os
@@ -250,6 +254,23 @@ def logits(pairs_path):
     print(json.dumps(out))
 
 
+def describe(path):
+    from mlx_lm.utils import load
+
+    model, _ = load(path)
+    mods = {}
+    for name, m in model.named_modules():
+        if "weight" not in m or m.children():
+            continue
+        if hasattr(m, "bits"):
+            mods[name] = {"mode": m.mode, "bits": m.bits, "group_size": m.group_size}
+        else:
+            mods[name] = "dense"
+    y = model(mx.array([[1, 5, 9, 200, 31]])).astype(mx.float32)
+    finite = bool(mx.all(mx.isfinite(y)).item())
+    print(json.dumps({"modules": mods, "finite": finite}))
+
+
 if __name__ == "__main__":
     cmd, arg = sys.argv[1], sys.argv[2]
-    {"make": make, "convert": convert, "logits": logits}[cmd](arg)
+    {"make": make, "convert": convert, "logits": logits, "describe": describe}[cmd](arg)

@@ -26,12 +26,15 @@ struct Cli {
 enum Command {
     /// Round-trip error of every weight format on a tensor or on generated data.
     Fidelity(cmd::fidelity::Args),
+    /// Convert a Hugging Face checkpoint to an MLX-format quantized model.
+    Quantize(cmd::quantize::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fidelity(a) => cmd::fidelity::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -173,17 +173,20 @@ fn write_all(
         pending.retain(|_, v| !v.is_empty());
         let path = dir.join(file);
         let meta = HashMap::from([("format".to_string(), "mlx".to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| {
-            ConvertError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            }
+        safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| ConvertError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
         })?;
     }
     write_index(dir, plan, &shards, total)?;
     write_config(dir, p)?;
     copy_files(&p.hf_path, dir)?;
-    Ok(Report::new(p, &shards, errors, start.elapsed().as_secs_f64()))
+    Ok(Report::new(
+        p,
+        &shards,
+        errors,
+        start.elapsed().as_secs_f64(),
+    ))
 }
 
 /// Compute one unit's output buffers (and its quantization error).
@@ -245,7 +248,10 @@ fn st_to_dtype(d: Dtype) -> Option<DType> {
 /// The bytes of a source: borrowed from the mmap, or stacked experts concatenated.
 fn gather<'a>(ckpt: &'a Checkpoint, source: &Source) -> (Dtype, Cow<'a, [u8]>) {
     match source {
-        Source::One(n) => (ckpt.info(n).expect("planned").dtype, Cow::Borrowed(ckpt.bytes(n))),
+        Source::One(n) => (
+            ckpt.info(n).expect("planned").dtype,
+            Cow::Borrowed(ckpt.bytes(n)),
+        ),
         Source::Stack(parts) => {
             let dtype = ckpt.info(&parts[0]).expect("planned").dtype;
             let mut v = Vec::with_capacity(parts.iter().map(|p| ckpt.bytes(p).len()).sum());
@@ -365,9 +371,8 @@ fn copy_files(src: &Path, dst: &Path) -> Result<(), ConvertError> {
     let entries = std::fs::read_dir(src).map_err(io(src))?;
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
-        let wanted = COPIED.contains(&name.as_str())
-            || name.ends_with(".py")
-            || name.ends_with(".tiktoken");
+        let wanted =
+            COPIED.contains(&name.as_str()) || name.ends_with(".py") || name.ends_with(".tiktoken");
         if wanted && e.path().is_file() {
             std::fs::copy(e.path(), dst.join(&name)).map_err(io(e.path()))?;
         }

@@ -19,7 +19,9 @@ pub enum ConvertError {
     Safetensors { path: PathBuf, msg: String },
     #[error("no model*.safetensors files in {0}")]
     NoWeights(PathBuf),
-    #[error("model_type {model_type:?} is not supported by rooftop quantize (supported: {supported})")]
+    #[error(
+        "model_type {model_type:?} is not supported by rooftop quantize (supported: {supported})"
+    )]
     UnknownModelType {
         model_type: String,
         supported: String,

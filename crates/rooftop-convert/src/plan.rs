@@ -175,8 +175,13 @@ pub fn target_dtype(opts: &Options, model: &Model) -> Option<DType> {
 
 /// How one quantizable module is treated, and what the config records for it.
 enum Decision {
-    Keep { entry: Option<Value> },
-    Quant { spec: QuantSpec, entry: Option<Value> },
+    Keep {
+        entry: Option<Value>,
+    },
+    Quant {
+        spec: QuantSpec,
+        entry: Option<Value>,
+    },
 }
 
 struct Decider<'a> {
@@ -197,7 +202,7 @@ impl Decider<'_> {
                         entry: Some(Value::Bool(false)),
                     }),
                     Target::Quant(spec) => {
-                        if in_dim % spec.group_size != 0 {
+                        if !in_dim.is_multiple_of(spec.group_size) {
                             return Err(recipe.error(format!(
                                 "{} gives {path} group size {}, which does not divide its input dimension {in_dim}",
                                 rule.describe(),
@@ -216,7 +221,7 @@ impl Decider<'_> {
             }
         }
         // mlx-lm's wrapped_predicate.
-        if in_dim % self.global.group_size != 0 {
+        if !in_dim.is_multiple_of(self.global.group_size) {
             return Ok(Decision::Keep { entry: None });
         }
         let params = match self.opts.quant_predicate {
@@ -233,7 +238,7 @@ impl Decider<'_> {
         let spec = QuantSpec::with_defaults(mode, p.bits, p.group_size).map_err(|e| {
             ConvertError::Options(format!("{path}: the model's quantization predicate: {e}"))
         })?;
-        if in_dim % spec.group_size != 0 {
+        if !in_dim.is_multiple_of(spec.group_size) {
             return Err(ConvertError::Options(format!(
                 "{path}: group size {} does not divide its input dimension {in_dim}",
                 spec.group_size
@@ -266,11 +271,8 @@ impl Decider<'_> {
             None => 0,
         };
         let more = index < n / 8 || index >= 7 * n / 8 || (index - n / 8).rem_euclid(3) == 2;
-        let high_here = ((path.contains("v_proj")
-            || path.contains("v_a_proj")
-            || path.contains("v_b_proj"))
-            && more)
-            || (path.contains("down_proj") && more)
+        // "v_proj" also covers v_a_proj / v_b_proj (mlx-lm lists them for MLA models).
+        let high_here = (more && (path.contains("v_proj") || path.contains("down_proj")))
             || path.contains("lm_head");
         Ok(PredicateParams {
             group_size: self.opts.group_size,
@@ -424,7 +426,8 @@ pub fn plan(ckpt: &Checkpoint, model: &Model, opts: &Options) -> Result<Plan, Co
                     *wshape.last_mut().unwrap() = spec.words_per_row(cols);
                     let mut sshape = shape.clone();
                     *sshape.last_mut().unwrap() = cols / spec.group_size;
-                    let sbytes = rows * (cols / spec.group_size) as u64 * spec.scale_bytes(float) as u64;
+                    let sbytes =
+                        rows * (cols / spec.group_size) as u64 * spec.scale_bytes(float) as u64;
                     let sdtype = if spec.mode == QuantMode::Affine {
                         dtype
                     } else {
@@ -559,7 +562,10 @@ pub fn shard_names(n: usize) -> Vec<String> {
 }
 
 /// Sorted tensor → shard file map for `model.safetensors.index.json`.
-pub fn weight_map(tensors: &[OutTensor], shards: &[std::ops::Range<usize>]) -> BTreeMap<String, String> {
+pub fn weight_map(
+    tensors: &[OutTensor],
+    shards: &[std::ops::Range<usize>],
+) -> BTreeMap<String, String> {
     let names = shard_names(shards.len());
     let mut map = BTreeMap::new();
     for (r, f) in shards.iter().zip(&names) {

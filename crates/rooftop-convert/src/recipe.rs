@@ -361,7 +361,10 @@ mod tests {
 
     #[test]
     fn kinds() {
-        assert_eq!(TensorKind::of("model.layers.0.mlp.gate"), TensorKind::Router);
+        assert_eq!(
+            TensorKind::of("model.layers.0.mlp.gate"),
+            TensorKind::Router
+        );
         assert_eq!(
             TensorKind::of("model.layers.0.block_sparse_moe.gate"),
             TensorKind::Router
@@ -374,7 +377,10 @@ mod tests {
             TensorKind::of("model.layers.0.mlp.shared_experts.up_proj"),
             TensorKind::SharedExpert
         );
-        assert_eq!(TensorKind::of("model.layers.0.mlp.up_proj"), TensorKind::DenseMlp);
+        assert_eq!(
+            TensorKind::of("model.layers.0.mlp.up_proj"),
+            TensorKind::DenseMlp
+        );
         assert_eq!(TensorKind::of("model.embed_tokens"), TensorKind::Embeddings);
     }
 }

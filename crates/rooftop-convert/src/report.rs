@@ -164,7 +164,12 @@ impl Report {
             seconds,
             per_layer: per_layer
                 .into_iter()
-                .map(|(l, v)| row(l.map_or("(outside layers)".into(), |l| format!("layer {l}")), v))
+                .map(|(l, v)| {
+                    row(
+                        l.map_or("(outside layers)".into(), |l| format!("layer {l}")),
+                        v,
+                    )
+                })
                 .collect(),
             per_kind: per_kind
                 .into_iter()
@@ -198,7 +203,11 @@ impl std::fmt::Display for Report {
             }
             Ok(())
         };
-        writeln!(f, "model_type {}: {} parameters", self.model_type, self.total_parameters)?;
+        writeln!(
+            f,
+            "model_type {}: {} parameters",
+            self.model_type, self.total_parameters
+        )?;
         table(f, "tensor kind", &self.per_kind)?;
         writeln!(f)?;
         table(f, "layer", &self.per_layer)?;

@@ -96,8 +96,10 @@ fn oracle_case(c: &Case, hf: &Path, out: &Path) -> Value {
 }
 
 fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn shard_files(dir: &Path) -> Vec<String> {
@@ -119,7 +121,10 @@ fn assert_same(ours: &Path, theirs: &Path, what: &str) {
     for f in &files {
         let a = std::fs::read(ours.join(f)).unwrap();
         let b = std::fs::read(theirs.join(f)).unwrap();
-        let (sa, sb) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
+        let (sa, sb) = (
+            SafeTensors::deserialize(&a).unwrap(),
+            SafeTensors::deserialize(&b).unwrap(),
+        );
         let (_, ma) = SafeTensors::read_metadata(&a).unwrap();
         let (_, mb) = SafeTensors::read_metadata(&b).unwrap();
         assert_eq!(ma.metadata(), mb.metadata(), "{what}/{f}: metadata");
@@ -133,8 +138,16 @@ fn assert_same(ours: &Path, theirs: &Path, what: &str) {
             assert_eq!(ta.dtype(), tb.dtype(), "{what}/{f}: {n} dtype");
             assert_eq!(ta.shape(), tb.shape(), "{what}/{f}: {n} shape");
             if ta.data() != tb.data() {
-                let i = ta.data().iter().zip(tb.data()).position(|(x, y)| x != y).unwrap();
-                panic!("{what}/{f}: {n} bytes differ first at byte {i} of {}", tb.data().len());
+                let i = ta
+                    .data()
+                    .iter()
+                    .zip(tb.data())
+                    .position(|(x, y)| x != y)
+                    .unwrap();
+                panic!(
+                    "{what}/{f}: {n} bytes differ first at byte {i} of {}",
+                    tb.data().len()
+                );
             }
             count += 1;
         }
@@ -145,10 +158,20 @@ fn assert_same(ours: &Path, theirs: &Path, what: &str) {
         read_json(&theirs.join("model.safetensors.index.json")),
     );
     assert_eq!(ia, ib, "{what}: model.safetensors.index.json");
-    let (ca, cb) = (read_json(&ours.join("config.json")), read_json(&theirs.join("config.json")));
-    assert_eq!(ca["quantization"], cb["quantization"], "{what}: quantization map");
+    let (ca, cb) = (
+        read_json(&ours.join("config.json")),
+        read_json(&theirs.join("config.json")),
+    );
+    assert_eq!(
+        ca["quantization"], cb["quantization"],
+        "{what}: quantization map"
+    );
     assert_eq!(ca, cb, "{what}: config.json");
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(ours.join(f).is_file(), "{what}: {f} not copied");
     }
 }
@@ -206,11 +229,23 @@ fn check_arch(arch: &str) {
         if let Some(errs) = r["errors"].as_array() {
             // MLX's CPU backend cannot run this model (e.g. unquantized bf16 experts):
             // both conversions must fail identically.
-            assert!(errs.len() == 2 && errs[0] == errs[1], "{arch}/{}: {r}", c.name);
-            eprintln!("{arch}/{}: mlx-lm cannot run it on CPU: {}", c.name, errs[0]);
+            assert!(
+                errs.len() == 2 && errs[0] == errs[1],
+                "{arch}/{}: {r}",
+                c.name
+            );
+            eprintln!(
+                "{arch}/{}: mlx-lm cannot run it on CPU: {}",
+                c.name, errs[0]
+            );
             continue;
         }
-        assert_eq!(r["identical"], json!(true), "{arch}/{}: mlx-lm logits differ: {r}", c.name);
+        assert_eq!(
+            r["identical"],
+            json!(true),
+            "{arch}/{}: mlx-lm logits differ: {r}",
+            c.name
+        );
     }
 }
 
@@ -268,10 +303,12 @@ fn recipe_is_applied_as_written_and_loads_in_mlx_lm() {
     )
     .unwrap();
     assert!(shipped.contains("first:2, last:2"));
-    let text = shipped.replace("first:2, last:2", "first:1, last:1").replace(
-        "tensors = [\"embeddings\"]\nformat = { mode = \"affine\", bits = 6, group_size = 64 }",
-        "tensors = [\"embeddings\"]\nformat = \"keep\"",
-    );
+    let text = shipped
+        .replace("first:2, last:2", "first:1, last:1")
+        .replace(
+            "tensors = [\"embeddings\"]\nformat = { mode = \"affine\", bits = 6, group_size = 64 }",
+            "tensors = [\"embeddings\"]\nformat = \"keep\"",
+        );
     assert_ne!(text, shipped);
     let recipe = Recipe::parse("edge.toml", &text).unwrap();
     let ours = tmp.path().join("recipe");
@@ -299,7 +336,8 @@ fn recipe_is_applied_as_written_and_loads_in_mlx_lm() {
             } else {
                 assert!(!q.contains_key(&path), "{path} should use the default");
                 assert_eq!(dt, "BF16");
-                let cols = if m == "self_attn.o_proj" { 128 } else { 128 };
+                // q_proj reads hidden (128), o_proj heads × head_dim (4 × 32).
+                let cols = 128;
                 assert_eq!(shape[1], cols / 64, "{path}");
                 assert_eq!(t[&format!("{path}.weight")].1[1], cols * 3 / 32, "{path}");
             }
@@ -310,7 +348,10 @@ fn recipe_is_applied_as_written_and_loads_in_mlx_lm() {
             assert!(!t.contains_key(&format!("{router}.scales")));
             assert_eq!(t[&format!("{router}.weight")].0, "BF16");
             let up = format!("model.layers.{l}.mlp.switch_mlp.up_proj");
-            assert_eq!(t[&format!("{up}.weight")].1, vec![8, 64, if edge { 16 } else { 12 }]);
+            assert_eq!(
+                t[&format!("{up}.weight")].1,
+                vec![8, 64, if edge { 16 } else { 12 }]
+            );
         }
     }
     assert_eq!(q["model.embed_tokens"], json!(false));
@@ -320,17 +361,32 @@ fn recipe_is_applied_as_written_and_loads_in_mlx_lm() {
     assert_eq!(q["bits"], json!(3));
     assert!(report.bits_per_weight > 3.0 && report.bits_per_weight < 8.0);
 
-    // mlx-lm loads it, and its logits stay close to the unquantized model's.
-    let plain = tmp.path().join("plain");
-    // float32: MLX's CPU backend only gathers unquantized experts in float32.
-    let f32 = Options {
-        dtype: Some(DType::F32),
-        ..Options::default()
-    };
-    convert(&input, &plain, &f32, &|_, _| {}).unwrap();
-    let r = &run_logits(&tmp, &[(ours, plain)])[0];
-    let (d, s) = (r["max_abs_diff"].as_f64().unwrap(), r["scale"].as_f64().unwrap());
-    assert!(d > 0.0 && d < 0.5 * s, "recipe model logits too far from bf16: {r}");
+    // mlx-lm loads it and builds exactly the layers the recipe asked for.
+    let out = rooftop_oracle::run("mlx_convert.py", &[Path::new("describe"), &ours]);
+    let d: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(d["finite"], json!(true), "non-finite logits");
+    let mods = d["modules"].as_object().unwrap();
+    assert!(mods.len() > 30, "{d}");
+    let a3 = json!({"group_size": 64, "bits": 3, "mode": "affine"});
+    for (path, got) in mods {
+        let layer = path
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok());
+        let want = if path.contains("norm")
+            || path.ends_with("mlp.gate")
+            || path == "model.embed_tokens"
+        {
+            json!("dense")
+        } else if path == "lm_head" {
+            a6.clone()
+        } else if matches!(layer, Some(0 | 3)) {
+            nvfp4.clone()
+        } else {
+            a3.clone()
+        };
+        assert_eq!(got, &want, "mlx-lm built {path} as {got}");
+    }
 }
 
 #[test]
@@ -340,12 +396,12 @@ fn optimized_quantizer_keeps_the_format_and_lowers_the_error() {
     }
     let tmp = TempDir::new("convert-opt");
     let input = make_inputs(&tmp).join("mixtral");
-    for (i, mode) in [(3, QuantMode::Affine), (4, QuantMode::Nvfp4), (4, QuantMode::Mxfp4)]
-        .into_iter()
-        .enumerate()
-        .map(|(i, (b, m))| ((i, b), m))
-    {
-        let (i, bits) = i;
+    let formats = [
+        (3, QuantMode::Affine),
+        (4, QuantMode::Nvfp4),
+        (4, QuantMode::Mxfp4),
+    ];
+    for (i, (bits, mode)) in formats.into_iter().enumerate() {
         let base = Options {
             quantize: true,
             mode,
@@ -355,12 +411,27 @@ fn optimized_quantizer_keeps_the_format_and_lowers_the_error() {
         let a = tmp.path().join(format!("mlx{i}"));
         let b = tmp.path().join(format!("opt{i}"));
         let ra = convert(&input, &a, &base, &|_, _| {}).unwrap();
-        let rb = convert(&input, &b, &Options { method: Method::Optimized, ..base }, &|_, _| {}).unwrap();
+        let rb = convert(
+            &input,
+            &b,
+            &Options {
+                method: Method::Optimized,
+                ..base
+            },
+            &|_, _| {},
+        )
+        .unwrap();
         assert_eq!(tensors(&a), tensors(&b), "{mode}: formats differ");
         assert_eq!(quant_map(&a), quant_map(&b));
         for (ka, kb) in ra.per_kind.iter().zip(&rb.per_kind) {
             if ka.rmse > 0.0 {
-                assert!(kb.rmse < ka.rmse, "{mode} {}: optimized rmse {} >= {}", ka.name, kb.rmse, ka.rmse);
+                assert!(
+                    kb.rmse < ka.rmse,
+                    "{mode} {}: optimized rmse {} >= {}",
+                    ka.name,
+                    kb.rmse,
+                    ka.rmse
+                );
             }
         }
         let r = &run_logits(&tmp, &[(b.clone(), a.clone())])[0];
@@ -394,8 +465,14 @@ fn bad_recipes_fail_before_any_work() {
     }
     let tmp = TempDir::new("convert-badrecipe");
     let input = make_inputs(&tmp).join("qwen3_moe");
-    let e = recipe_err(&input, "[[rule]]\ntensors = [\"experts\"]\nformat = \"q5_k\"\n");
-    assert!(e.contains("unknown format \"q5_k\"") && e.contains("rule #1"), "{e}");
+    let e = recipe_err(
+        &input,
+        "[[rule]]\ntensors = [\"experts\"]\nformat = \"q5_k\"\n",
+    );
+    assert!(
+        e.contains("unknown format \"q5_k\"") && e.contains("rule #1"),
+        "{e}"
+    );
     let e = recipe_err(&input, "default = { mode = \"int4\" }\n");
     assert!(e.contains("unknown format"), "{e}");
     // Expert down_proj has input dimension 64: group 128 does not divide it.
@@ -404,8 +481,14 @@ fn bad_recipes_fail_before_any_work() {
         "[[rule]]\ntensors = [\"attention\"]\nformat = \"nvfp4\"\n\
          [[rule]]\ntensors = [\"experts\"]\nformat = { mode = \"affine\", bits = 4, group_size = 128 }\n",
     );
-    assert!(e.contains("rule #2") && e.contains("does not divide") && e.contains("down_proj"), "{e}");
-    let e = recipe_err(&input, "[[rule]]\ntensors = [\"shared_expert\"]\nformat = \"nvfp4\"\n");
+    assert!(
+        e.contains("rule #2") && e.contains("does not divide") && e.contains("down_proj"),
+        "{e}"
+    );
+    let e = recipe_err(
+        &input,
+        "[[rule]]\ntensors = [\"shared_expert\"]\nformat = \"nvfp4\"\n",
+    );
     assert!(e.contains("matches no quantizable tensor"), "{e}");
     let e = recipe_err(&input, "[[rule]]\npattern = \"*.w1\"\nformat = \"keep\"\n");
     assert!(e.contains("matches no quantizable tensor"), "{e}");
@@ -417,7 +500,10 @@ fn bad_recipes_fail_before_any_work() {
     assert!(e.contains("unknown field"), "{e}");
     let e = recipe_err(&input, "[[rule]]\nlayers = \"x-2\"\nformat = \"keep\"\n");
     assert!(e.contains("bad layer selector"), "{e}");
-    let e = recipe_err(&input, "[[rule]]\nformat = { mode = \"nvfp4\", group_size = 32 }\n");
+    let e = recipe_err(
+        &input,
+        "[[rule]]\nformat = { mode = \"nvfp4\", group_size = 32 }\n",
+    );
     assert!(e.contains("nvfp4 requires"), "{e}");
 }
 
@@ -450,7 +536,10 @@ fn bad_inputs_are_clear_errors() {
     };
     // No such directory / no config.
     let e = run(&tmp.path().join("nope"));
-    assert!(matches!(e, ConvertError::Io { .. }) && e.to_string().contains("config.json"), "{e}");
+    assert!(
+        matches!(e, ConvertError::Io { .. }) && e.to_string().contains("config.json"),
+        "{e}"
+    );
     // No weights.
     let d = copy("noweights");
     for f in shard_files(&d) {
@@ -464,7 +553,8 @@ fn bad_inputs_are_clear_errors() {
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = run(&d);
     assert!(
-        matches!(e, ConvertError::Safetensors { .. }) && e.to_string().contains("model-00002-of-00002"),
+        matches!(e, ConvertError::Safetensors { .. })
+            && e.to_string().contains("model-00002-of-00002"),
         "{e}"
     );
     // Garbage header.
@@ -476,7 +566,10 @@ fn bad_inputs_are_clear_errors() {
     cfg["model_type"] = json!("mamba9");
     std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
     let e = run(&d);
-    assert!(e.to_string().contains("mamba9") && e.to_string().contains("qwen3_moe"), "{e}");
+    assert!(
+        e.to_string().contains("mamba9") && e.to_string().contains("qwen3_moe"),
+        "{e}"
+    );
     // Broken config.json.
     std::fs::write(d.join("config.json"), "{\"model_type\": ").unwrap();
     assert!(matches!(run(&d), ConvertError::Json { .. }));
@@ -493,6 +586,46 @@ fn bad_inputs_are_clear_errors() {
     std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
     let e = run(&d);
     assert!(e.to_string().contains("experts.8"), "{e}");
+    // A NaN found mid-run: the run fails naming the tensor and leaves neither the
+    // output nor its partial directory behind.
+    let d = copy("nan");
+    let f = d.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    let victim = owned
+        .iter_mut()
+        .find(|t| t.0.ends_with("mlp.up_proj.weight"))
+        .unwrap();
+    victim.3[200..202].copy_from_slice(&half::bf16::NAN.to_bits().to_le_bytes());
+    let victim_name = victim.0.clone();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, dt, sh, data)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &f).unwrap();
+    let out = tmp.path().join("nan-out");
+    let e = convert(&d, &out, &q, &|_, _| {}).unwrap_err();
+    assert!(
+        matches!(e, ConvertError::Quant { .. }) && e.to_string().contains(&victim_name),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial output left behind");
     // Existing output.
     let e = convert(&good, &good, &q, &|_, _| {}).unwrap_err();
     assert!(matches!(e, ConvertError::OutputExists(_)));

@@ -29,7 +29,10 @@ pub fn build(config: Config) -> Result<Model, ConvertError> {
         }
         if routed.is_some() && i >= first_dense {
             m.switch_glu(&format!("{p}.mlp.switch_mlp"));
-            m.other(format!("{p}.mlp.gate"), vec!["weight", "e_score_correction_bias"]);
+            m.other(
+                format!("{p}.mlp.gate"),
+                vec!["weight", "e_score_correction_bias"],
+            );
             if shared.is_some() {
                 m.linears(
                     &format!("{p}.mlp.shared_experts"),
@@ -58,7 +61,10 @@ pub fn build(config: Config) -> Result<Model, ConvertError> {
     })
 }
 
-fn sanitize(cfg: &Config, names: &BTreeSet<String>) -> Result<BTreeMap<String, Source>, ConvertError> {
+fn sanitize(
+    cfg: &Config,
+    names: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Source>, ConvertError> {
     let mut w = identity(names);
     let layers = cfg.usize("num_hidden_layers")?;
     let routed = cfg.opt_usize("n_routed_experts")?.unwrap_or(0);

@@ -40,7 +40,10 @@ pub fn build(config: Config) -> Result<Model, ConvertError> {
     })
 }
 
-fn sanitize(cfg: &Config, names: &BTreeSet<String>) -> Result<BTreeMap<String, Source>, ConvertError> {
+fn sanitize(
+    cfg: &Config,
+    names: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Source>, ConvertError> {
     let mut w = identity(names);
     w.retain(|k, _| !k.contains("self_attn.rotary_emb.inv_freq"));
     if cfg.bool_or("tie_word_embeddings", true)? {

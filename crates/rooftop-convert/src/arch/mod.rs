@@ -61,6 +61,10 @@ pub struct PredicateParams {
     pub mode: Option<rooftop_quant::QuantMode>,
 }
 
+/// mlx-lm's `Model.sanitize` on names: HF tensor names → output name and source.
+pub type SanitizeFn =
+    fn(&Config, &BTreeSet<String>) -> Result<BTreeMap<String, Source>, ConvertError>;
+
 /// Everything the converter needs to know about one model.
 pub struct Model {
     pub model_type: String,
@@ -74,7 +78,7 @@ pub struct Model {
     /// The model's own `quant_predicate`, if it has one: Some(params) overrides.
     pub quant_predicate: Option<fn(&str) -> Option<PredicateParams>>,
     /// HF tensor names → output names (mlx-lm's `sanitize`).
-    pub sanitize: fn(&Config, &BTreeSet<String>) -> Result<BTreeMap<String, Source>, ConvertError>,
+    pub sanitize: SanitizeFn,
     pub config: Config,
 }
 
@@ -146,7 +150,14 @@ fn remap(model_type: &str) -> &str {
 }
 
 /// Model types `rooftop quantize` understands.
-pub const SUPPORTED: [&str; 6] = ["qwen3_moe", "glm4_moe", "mixtral", "llama", "qwen2", "qwen3"];
+pub const SUPPORTED: [&str; 6] = [
+    "qwen3_moe",
+    "glm4_moe",
+    "mixtral",
+    "llama",
+    "qwen2",
+    "qwen3",
+];
 
 /// Build the module list for `config`.
 pub fn model_for(config: Config) -> Result<Model, ConvertError> {
@@ -176,7 +187,11 @@ pub(crate) struct Modules(pub Vec<ModuleSpec>);
 
 impl Modules {
     pub fn linear(&mut self, path: String, bias: bool) {
-        let params = if bias { vec!["weight", "bias"] } else { vec!["weight"] };
+        let params = if bias {
+            vec!["weight", "bias"]
+        } else {
+            vec!["weight"]
+        };
         self.0.push(ModuleSpec {
             path,
             kind: ModuleKind::Linear,

@@ -38,7 +38,10 @@ pub fn build(config: Config) -> Result<Model, ConvertError> {
     })
 }
 
-fn sanitize(cfg: &Config, names: &BTreeSet<String>) -> Result<BTreeMap<String, Source>, ConvertError> {
+fn sanitize(
+    cfg: &Config,
+    names: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Source>, ConvertError> {
     let mut w = identity(names);
     if cfg.bool("tie_word_embeddings")? {
         w.remove("lm_head.weight");

@@ -61,7 +61,10 @@ fn router_8bit(path: &str) -> Option<PredicateParams> {
     })
 }
 
-fn sanitize(cfg: &Config, names: &BTreeSet<String>) -> Result<BTreeMap<String, Source>, ConvertError> {
+fn sanitize(
+    cfg: &Config,
+    names: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Source>, ConvertError> {
     let mut w = identity(names);
     if cfg.bool("tie_word_embeddings")? {
         w.remove("lm_head.weight");
