@@ -10,7 +10,7 @@ use crate::report::{ErrStats, Report, TensorReport};
 use crate::source::Checkpoint;
 use crate::ConvertError;
 use rayon::prelude::*;
-use rooftop_quant::{quantize_bytes, DType, Float, QuantizeOptions};
+use rooftop_quant::{quantize, DType, Float, QuantizeOptions};
 use safetensors::tensor::{Dtype, View};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -128,7 +128,7 @@ fn write_all(
     let done = std::sync::atomic::AtomicU64::new(0);
     progress(0, total);
     // Outputs of units whose tensors straddle a shard boundary wait here.
-    let mut pending: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
+    let mut pending: HashMap<usize, Vec<Buf>> = HashMap::new();
     let mut errors: BTreeMap<usize, ErrStats> = BTreeMap::new();
     for (range, file) in shards.iter().zip(&names) {
         let mut todo: Vec<usize> = plan.tensors[range.clone()]
@@ -137,11 +137,11 @@ fn write_all(
             .filter(|u| !pending.contains_key(u))
             .collect();
         todo.dedup();
-        let results: Vec<(usize, Vec<Vec<u8>>, Option<ErrStats>)> = todo
+        let results: Vec<(usize, Vec<Buf>, Option<ErrStats>)> = todo
             .par_iter()
             .map(|&u| {
                 let (outs, err) = compute(p, u, opts)?;
-                let n: u64 = outs.iter().map(|o| o.len() as u64).sum();
+                let n: u64 = outs.iter().map(|o| o.bytes().len() as u64).sum();
                 let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
                 progress(d, total);
                 Ok((u, outs, err))
@@ -160,7 +160,7 @@ fn write_all(
                 .get_mut(&t.unit)
                 .and_then(|v| v.pop())
                 .expect("every planned tensor is computed");
-            debug_assert_eq!(buf.len() as u64, t.nbytes);
+            debug_assert_eq!(buf.bytes().len() as u64, t.nbytes);
             views.push((
                 t.name.clone(),
                 OutView {
@@ -189,78 +189,138 @@ fn write_all(
     ))
 }
 
+/// An output buffer: borrowed straight from the input mmap, or owned.
+enum Buf<'a> {
+    Borrowed(&'a [u8]),
+    Bytes(Vec<u8>),
+    Words(Vec<u32>),
+}
+
+impl Buf<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Buf::Borrowed(b) => b,
+            Buf::Bytes(v) => v,
+            Buf::Words(w) => bytemuck::cast_slice(w),
+        }
+    }
+}
+
+type Computed<'a> = (Vec<Buf<'a>>, Option<ErrStats>);
+
 /// Compute one unit's output buffers (and its quantization error).
-fn compute(
-    p: &Prepared,
-    u: usize,
-    opts: &Options,
-) -> Result<(Vec<Vec<u8>>, Option<ErrStats>), ConvertError> {
+fn compute<'a>(p: &'a Prepared, u: usize, opts: &Options) -> Result<Computed<'a>, ConvertError> {
     let unit = &p.plan.units[u];
     let name = format!("{}.{}", unit.module, unit.param);
-    let (source, cast) = match &unit.work {
-        Work::Copy { source, cast } | Work::Quantize { source, cast, .. } => (source, *cast),
+    let (source, spec) = match &unit.work {
+        Work::Copy { source, .. } => (source, None),
+        Work::Quantize { source, spec, .. } => (source, Some(*spec)),
     };
-    let (src_dtype, raw) = gather(&p.ckpt, source);
-    let data: Cow<[u8]> = match cast {
-        Some(to) if st_to_dtype(src_dtype) != Some(to) => {
-            let from = float_dtype(src_dtype).ok_or_else(|| {
-                ConvertError::Weights(format!(
-                    "{name} is {src_dtype:?}; rooftop can only cast float32/float16/bfloat16"
-                ))
-            })?;
-            Cow::Owned(cast_bytes(from, to, &raw))
-        }
-        _ => raw,
+    let parts: Vec<&str> = match source {
+        Source::One(n) => vec![n.as_str()],
+        Source::Stack(ps) => ps.iter().map(String::as_str).collect(),
     };
-    match &unit.work {
-        Work::Copy { .. } => Ok((vec![data.into_owned()], None)),
-        Work::Quantize { spec, .. } => {
-            let dtype = float_dtype(unit.dtype).expect("checked in plan");
-            let q = quantize_bytes(
-                &name,
-                dtype,
-                &data,
-                &unit.shape,
-                *spec,
-                QuantizeOptions {
-                    method: opts.method,
-                    global_scale: None,
-                },
-            )
-            .map_err(|source| ConvertError::Quant {
-                tensor: name.clone(),
-                source,
-            })?;
-            let err = ErrStats::measure(&q.view(), dtype, &data);
-            let mut outs = vec![bytemuck::cast_slice(&q.weight).to_vec(), q.scales];
-            if let Some(b) = q.biases {
-                outs.push(b);
-            }
-            Ok((outs, Some(err)))
+    let src_dtype = p.ckpt.info(parts[0]).expect("planned").dtype;
+    let Some(spec) = spec else {
+        if src_dtype == unit.dtype {
+            return Ok(match source {
+                Source::One(n) => (vec![Buf::Borrowed(p.ckpt.bytes(n))], None),
+                Source::Stack(_) => (vec![Buf::Bytes(concat(&p.ckpt, &parts))], None),
+            });
         }
+        let (from, to) = (float_dtype(src_dtype), float_dtype(unit.dtype));
+        let (Some(from), Some(to)) = (from, to) else {
+            return Err(ConvertError::Weights(format!(
+                "{name} is {src_dtype:?}; rooftop can only cast float32/float16/bfloat16"
+            )));
+        };
+        return Ok((
+            vec![Buf::Bytes(cast_bytes(from, to, &concat(&p.ckpt, &parts)))],
+            None,
+        ));
+    };
+    let out = match float_dtype(unit.dtype).expect("checked in plan") {
+        DType::F32 => quantize_typed::<f32>(p, &parts, &name, unit, spec, opts),
+        DType::F16 => quantize_typed::<half::f16>(p, &parts, &name, unit, spec, opts),
+        DType::BF16 => quantize_typed::<half::bf16>(p, &parts, &name, unit, spec, opts),
+    };
+    // The source is no longer needed: drop its pages from our resident set.
+    for part in &parts {
+        p.ckpt.release(part);
     }
+    out
 }
 
-fn st_to_dtype(d: Dtype) -> Option<DType> {
-    float_dtype(d)
+fn concat(ckpt: &Checkpoint, parts: &[&str]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(parts.iter().map(|p| ckpt.bytes(p).len()).sum());
+    for p in parts {
+        v.extend_from_slice(ckpt.bytes(p));
+    }
+    v
 }
 
-/// The bytes of a source: borrowed from the mmap, or stacked experts concatenated.
-fn gather<'a>(ckpt: &'a Checkpoint, source: &Source) -> (Dtype, Cow<'a, [u8]>) {
-    match source {
-        Source::One(n) => (
-            ckpt.info(n).expect("planned").dtype,
-            Cow::Borrowed(ckpt.bytes(n)),
-        ),
-        Source::Stack(parts) => {
-            let dtype = ckpt.info(&parts[0]).expect("planned").dtype;
-            let mut v = Vec::with_capacity(parts.iter().map(|p| ckpt.bytes(p).len()).sum());
-            for p in parts {
-                v.extend_from_slice(ckpt.bytes(p));
-            }
-            (dtype, Cow::Owned(v))
-        }
+/// Gather (stack, cast) straight into an aligned `Vec<T>`, quantize, measure.
+fn quantize_typed<'a, T: Float>(
+    p: &Prepared,
+    parts: &[&str],
+    name: &str,
+    unit: &crate::plan::Unit,
+    spec: rooftop_quant::QuantSpec,
+    opts: &Options,
+) -> Result<Computed<'a>, ConvertError> {
+    let src_dtype = p.ckpt.info(parts[0]).expect("planned").dtype;
+    let from = float_dtype(src_dtype).ok_or_else(|| {
+        ConvertError::Weights(format!(
+            "{name} is {src_dtype:?}; only float32, float16 and bfloat16 weights can be quantized"
+        ))
+    })?;
+    let numel: usize = unit.shape.iter().product();
+    let mut data = vec![T::from_f32(0.0); numel];
+    let mut off = 0;
+    for part in parts {
+        let b = p.ckpt.bytes(part);
+        let n = b.len() / from.size();
+        decode_into(from, b, &mut data[off..off + n]);
+        off += n;
     }
+    let q = quantize::<T>(
+        name,
+        &data,
+        &unit.shape,
+        spec,
+        QuantizeOptions {
+            method: opts.method,
+            global_scale: None,
+        },
+    )
+    .map_err(|source| ConvertError::Quant {
+        tensor: name.to_string(),
+        source,
+    })?;
+    let err = ErrStats::measure(&q, bytemuck::cast_slice(&data));
+    let mut outs = vec![Buf::Words(q.weight), Buf::Bytes(q.scales)];
+    if let Some(b) = q.biases {
+        outs.push(Buf::Bytes(b));
+    }
+    Ok((outs, Some(err)))
+}
+
+/// Little-endian `from` bytes → `T` (a plain copy when the types agree).
+fn decode_into<T: Float>(from: DType, src: &[u8], dst: &mut [T]) {
+    if from == T::DTYPE {
+        bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(src);
+        return;
+    }
+    const CHUNK: usize = 1 << 14;
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK * from.size()))
+        .for_each(|(d, s)| {
+            let mut f = vec![0f32; d.len()];
+            rooftop_quant::dtype::bytes_to_f32(from, s, &mut f);
+            for (o, x) in d.iter_mut().zip(&f) {
+                *o = T::from_f32(*x);
+            }
+        });
 }
 
 /// Cast between float dtypes with round-to-nearest-even (MLX's `astype`).
@@ -281,13 +341,13 @@ pub fn cast_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
     }
 }
 
-struct OutView {
+struct OutView<'a> {
     dtype: Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    data: Buf<'a>,
 }
 
-impl View for OutView {
+impl View for OutView<'_> {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -295,10 +355,10 @@ impl View for OutView {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
+        Cow::Borrowed(self.data.bytes())
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.data.bytes().len()
     }
 }
 

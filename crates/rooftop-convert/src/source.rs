@@ -101,6 +101,34 @@ impl Checkpoint {
         &f.mmap[f.data_start + t.range.0..f.data_start + t.range.1]
     }
 
+    /// Drop a tensor's pages from this process's resident set once it has been used.
+    /// The mapping is read-only and file-backed, so the data stays valid: a later read
+    /// faults it back in from the page cache. Keeps peak RSS near one output shard.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        {
+            // madvise needs page-aligned ranges; 64 KiB covers every page size in use.
+            const ALIGN: usize = 1 << 16;
+            let t = &self.tensors[name];
+            let f = &self.files[t.file];
+            let start = (f.data_start + t.range.0).div_ceil(ALIGN) * ALIGN;
+            let end = (f.data_start + t.range.1) / ALIGN * ALIGN;
+            if end > start {
+                // SAFETY: MADV_DONTNEED on a shared read-only file mapping only drops
+                // resident pages; contents are re-read from the file on access.
+                let _ = unsafe {
+                    f.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// Which file a tensor came from (for errors).
     pub fn file_of(&self, name: &str) -> &Path {
         &self.files[self.tensors[name].file].path
