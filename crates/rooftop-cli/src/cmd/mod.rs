@@ -1,2 +1,3 @@
 pub mod fidelity;
 pub mod quantize;
+pub mod generate;
