@@ -15,6 +15,12 @@ usage:
                                    tokens and prints [{"max_abs_diff", "identical", "scale"}]
                                    or [{"errors": [...]}] where MLX's CPU backend cannot
                                    run the model.
+  mlx_convert.py eval SPEC         SPEC is {"reference", "models": [...], "text", "ctx"}:
+                                   tokenizes the text with the reference's tokenizer, runs
+                                   each ctx-token chunk through every model with mlx-lm and
+                                   prints per model {"tokens", "perplexity", "mean_kl",
+                                   "p99_kl", "max_kl", "top1_agreement"} (KL of the model
+                                   from the reference, nearest-rank quantiles).
   mlx_convert.py describe MODEL    loads MODEL with mlx_lm.utils.load and prints every leaf
                                    module with a weight as {path: {"mode", "bits",
                                    "group_size"}} (quantized) or {path: "dense"}, plus
@@ -271,6 +277,47 @@ def describe(path):
     print(json.dumps({"modules": mods, "finite": finite}))
 
 
+def evaluate(spec_path):
+    import numpy as np
+    from mlx_lm.utils import load
+
+    spec = json.load(open(spec_path))
+    ref, tok = load(spec["reference"])
+    ids = tok.encode(open(spec["text"]).read(), add_special_tokens=False)
+    ctx = spec["ctx"]
+    chunks = [ids[i : i + ctx] for i in range(0, len(ids), ctx)]
+    chunks = [c for c in chunks if len(c) >= 2]
+
+    def logprobs(model, c):
+        y = model(mx.array([c])).astype(mx.float32)[0]
+        return np.array(y - mx.logsumexp(y, axis=-1, keepdims=True), dtype=np.float64)
+
+    ref_lp = [logprobs(ref, c) for c in chunks]
+    out = []
+    for path in [None] + spec["models"]:
+        model = ref if path is None else load(path)[0]
+        nll, kl, same = [], [], []
+        for c, lr in zip(chunks, ref_lp):
+            lq = lr if path is None else logprobs(model, c)
+            for t in range(len(c) - 1):
+                nll.append(-lq[t, c[t + 1]])
+                kl.append(max(0.0, float(np.sum(np.exp(lr[t]) * (lr[t] - lq[t])))))
+                same.append(int(np.argmax(lr[t]) == np.argmax(lq[t])))
+        kls = sorted(kl)
+        q = lambda p: kls[int(round((len(kls) - 1) * p))]
+        out.append(
+            {
+                "tokens": len(nll),
+                "perplexity": float(np.exp(np.mean(nll))),
+                "mean_kl": float(np.mean(kl)),
+                "p99_kl": q(0.99),
+                "max_kl": kls[-1],
+                "top1_agreement": float(np.mean(same)),
+            }
+        )
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     cmd, arg = sys.argv[1], sys.argv[2]
-    {"make": make, "convert": convert, "logits": logits, "describe": describe}[cmd](arg)
+    {"make": make, "convert": convert, "logits": logits, "describe": describe, "eval": evaluate}[cmd](arg)

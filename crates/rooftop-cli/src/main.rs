@@ -28,6 +28,8 @@ enum Command {
     Fidelity(cmd::fidelity::Args),
     /// Convert a Hugging Face checkpoint to an MLX-format quantized model.
     Quantize(cmd::quantize::Args),
+    /// Perplexity and KL divergence of quantized models against a reference.
+    Eval(cmd::eval::Args),
     /// Generate text from a model directory (HF or MLX, quantized or not) on the CPU.
     #[command(alias = "run")]
     Generate(cmd::generate::Args),
@@ -38,6 +40,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Fidelity(a) => cmd::fidelity::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
     };
     match result {

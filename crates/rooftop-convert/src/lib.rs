@@ -23,6 +23,7 @@
 pub mod arch;
 mod convert;
 mod error;
+pub mod eval;
 pub mod plan;
 pub mod recipe;
 pub mod report;

@@ -1,3 +1,4 @@
+pub mod eval;
 pub mod fidelity;
-pub mod quantize;
 pub mod generate;
+pub mod quantize;
