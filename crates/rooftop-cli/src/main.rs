@@ -26,6 +26,10 @@ struct Cli {
 enum Command {
     /// Round-trip error of every weight format on a tensor or on generated data.
     Fidelity(cmd::fidelity::Args),
+    /// Convert a Hugging Face checkpoint to an MLX-format quantized model.
+    Quantize(cmd::quantize::Args),
+    /// Perplexity and KL divergence of quantized models against a reference.
+    Eval(cmd::eval::Args),
     /// Generate text from a model directory (HF or MLX, quantized or not) on the CPU.
     #[command(alias = "run")]
     Generate(cmd::generate::Args),
@@ -35,6 +39,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fidelity(a) => cmd::fidelity::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
     };
     match result {

@@ -1,2 +1,4 @@
+pub mod eval;
 pub mod fidelity;
 pub mod generate;
+pub mod quantize;
