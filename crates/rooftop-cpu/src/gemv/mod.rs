@@ -1,0 +1,313 @@
+//! `y = x · Wᵀ` for small batches (decode: 1–16 rows of x) on every weight format.
+//!
+//! The instruction set is chosen once at run time ([`isa`]); each weight format maps to
+//! one kernel family ([`Plan`]). Quantized weights with 4-bit or affine codes use int8
+//! activations ([`QActs`]); float formats use f32 activations. The portable path
+//! dequantizes rows to f32 and is what non-x86 machines run.
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::acts::{ActLayout, QActs, QBLOCK};
+use crate::pool::{split, Pool};
+use rooftop_quant::fp8::e8m0_to_f32;
+use rooftop_quant::{DType, QuantMode, QuantView, WeightView};
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Instruction set of the kernels, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+    /// Every ISA this CPU can run (for tests and A/B benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let best = detect();
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| *i <= best)
+            .collect()
+    }
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("bmi2");
+        let vnni = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni");
+        if vnni {
+            return Isa::Avx512Vnni;
+        }
+        if avx2 {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// The ISA in use: the best this CPU has, or `ROOFTOP_ISA=portable|avx2|avx512-vnni`
+/// if that is lower (for A/B measurements).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detect();
+        match std::env::var("ROOFTOP_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => best.min(Isa::Avx2),
+            _ => best,
+        }
+    })
+}
+
+/// Which kernel family a weight runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// int8 activations in this layout.
+    Int(ActLayout),
+    /// f32 activations (dense, MXFP8).
+    Float,
+    /// Dequantize rows to f32 (no SIMD, or a shape the SIMD kernels do not cover).
+    Portable,
+}
+
+pub fn plan(w: &WeightView, isa: Isa) -> Plan {
+    if isa == Isa::Portable {
+        return Plan::Portable;
+    }
+    match w {
+        WeightView::Dense { .. } => Plan::Float,
+        WeightView::Quant(q) => match q.spec.mode {
+            QuantMode::Affine if q.spec.bits == 4 && q.cols % 64 == 0 => {
+                Plan::Int(ActLayout::Nibble { fp4: false })
+            }
+            QuantMode::Affine => Plan::Int(ActLayout::Natural),
+            QuantMode::Nvfp4 | QuantMode::Mxfp4 if q.cols % 64 == 0 => {
+                Plan::Int(ActLayout::Nibble { fp4: true })
+            }
+            QuantMode::Mxfp8 => Plan::Float,
+            _ => Plan::Portable,
+        },
+    }
+}
+
+/// Activations prepared for one weight format; reuse across weights of that format.
+pub enum Prepared<'a> {
+    Int(&'a QActs),
+    Float(&'a [f32]),
+}
+
+/// Quantize `x` `[n, cols]` as `w`'s kernel wants (no-op for float plans).
+pub fn prepare<'a>(w: &WeightView, plan: Plan, x: &'a [f32], n: usize, acts: &'a mut QActs) -> Prepared<'a> {
+    match (plan, w) {
+        (Plan::Int(layout), WeightView::Quant(q)) => {
+            acts.quantize(x, n, q.cols, q.spec, layout);
+            Prepared::Int(acts)
+        }
+        _ => Prepared::Float(x),
+    }
+}
+
+/// Where a row range writes: `y[t·stride + row − row0]`, either stored or
+/// accumulated as `y += alpha·v` (the MoE's weighted expert sum).
+pub(crate) struct RowArgs<'a> {
+    pub w: WeightView<'a>,
+    pub rows: Range<usize>,
+    pub y: *mut f32,
+    pub stride: usize,
+    pub row0: usize,
+    pub alpha: Option<f32>,
+}
+
+impl RowArgs<'_> {
+    #[inline(always)]
+    pub(crate) fn q(&self) -> &QuantView<'_> {
+        match &self.w {
+            WeightView::Quant(q) => q,
+            WeightView::Dense { .. } => unreachable!("int kernels take quantized weights"),
+        }
+    }
+    #[inline(always)]
+    pub(crate) unsafe fn put(&self, t: usize, row: usize, v: f32) {
+        let p = self.y.add(t * self.stride + row - self.row0);
+        match self.alpha {
+            None => *p = v,
+            Some(a) => *p += a * v,
+        }
+    }
+    /// Store a tile of tokens `t0..` for `row`, adding affine bias·Σx.
+    #[inline(always)]
+    pub(crate) unsafe fn store(&self, a: &QActs, row: usize, t0: usize, tile: &[f32], wb: &[f32]) {
+        let affine = self.q().spec.mode == QuantMode::Affine;
+        let ng = a.cols / a.group;
+        for (t, &v) in tile.iter().enumerate() {
+            let mut v = v;
+            if affine {
+                let gs = &a.gsum[(t0 + t) * ng..(t0 + t + 1) * ng];
+                v += wb[..ng].iter().zip(gs).map(|(b, s)| b * s).sum::<f32>();
+            }
+            self.put(t0 + t, row, v);
+        }
+    }
+}
+
+fn e4m3_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(rooftop_quant::fp8::e4m3_table)
+}
+
+/// Row `row`'s scales as f32 into `ws` (fp4: halved, for the doubled E2M1 table) and
+/// affine biases into `wb`.
+pub(crate) fn row_scales(w: &QuantView, row: usize, fp4: bool, ws: &mut [f32], wb: &mut [f32]) {
+    let ng = w.cols / w.spec.group_size;
+    match w.spec.mode {
+        QuantMode::Affine => {
+            let sb = w.scale_dtype.size();
+            let r = row * ng * sb..(row + 1) * ng * sb;
+            rooftop_quant::dtype::bytes_to_f32(w.scale_dtype, &w.scales[r.clone()], &mut ws[..ng]);
+            rooftop_quant::dtype::bytes_to_f32(w.scale_dtype, &w.biases.unwrap_or(&[])[r], &mut wb[..ng]);
+        }
+        QuantMode::Nvfp4 => {
+            let t = e4m3_table();
+            let k = if fp4 { 0.5 } else { 1.0 }
+                * w.global_scale.map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
+            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
+                *o = t[c as usize] * k;
+            }
+        }
+        QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
+            let k = if fp4 { 0.5 } else { 1.0 };
+            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
+                *o = e8m0_to_f32(c) * k;
+            }
+        }
+    }
+}
+
+/// Dense tail elements as f32 (`kind`: 0 f32, 1 f16, 2 bf16).
+pub(crate) unsafe fn dense_tail(kind: u8, wrow: *const u8, start: usize, len: usize, out: &mut [f32]) {
+    let (dt, sz) = match kind {
+        0 => (DType::F32, 4),
+        1 => (DType::F16, 2),
+        _ => (DType::BF16, 2),
+    };
+    let bytes = std::slice::from_raw_parts(wrow.add(start * sz), len * sz);
+    rooftop_quant::dtype::bytes_to_f32(dt, bytes, &mut out[..len]);
+}
+
+/// Single-threaded kernel over a row range. `scratch` is per-thread.
+///
+/// # Safety
+/// `r.y` must be valid for every `(t, row)` written, and not written by another
+/// thread concurrently for the same indices.
+pub(crate) unsafe fn rows_kernel(isa: Isa, plan: Plan, r: &RowArgs, p: &Prepared, n: usize, scratch: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    match (plan, p, isa) {
+        (Plan::Int(_), Prepared::Int(a), Isa::Avx512Vnni) => return x86::int_rows_vnni(r, a, scratch),
+        (Plan::Int(_), Prepared::Int(a), Isa::Avx2) => return x86::int_rows_avx2(r, a, scratch),
+        (Plan::Float, Prepared::Float(x), Isa::Avx2 | Isa::Avx512Vnni) => {
+            return x86::float_rows_avx2(r, x, n, scratch)
+        }
+        _ => {}
+    }
+    let x = match p {
+        Prepared::Float(x) => x,
+        Prepared::Int(_) => unreachable!("portable plan gets f32 activations"),
+    };
+    portable_rows(r, x, n, scratch);
+}
+
+/// Portable: dequantize each row to f32 once, dot with every token.
+unsafe fn portable_rows(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>) {
+    let cols = r.w.cols();
+    scratch.resize(cols, 0.0);
+    for row in r.rows.clone() {
+        r.w.row_f32(row, scratch);
+        for t in 0..n {
+            r.put(t, row, dot(scratch, &x[t * cols..(t + 1) * cols]));
+        }
+    }
+}
+
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorize without reassociating.
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: threads write disjoint indices (row ranges from `split`).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// Rows below this many weights run on one thread: a region's wake-up costs more.
+const PAR_MIN_WEIGHTS: usize = 1 << 15;
+
+/// `y = x·Wᵀ` on `pool` with an explicit ISA (tests and A/B benchmarks).
+pub fn matmul_on(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], n: usize, y: &mut [f32], acts: &mut QActs) {
+    let (out, inp) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n * inp, "x must be [n, in]");
+    assert_eq!(y.len(), n * out, "y must be [n, out]");
+    let plan = plan(w, isa);
+    let p = prepare(w, plan, x, n, acts);
+    let yp = SyncPtr(y.as_mut_ptr());
+    let body = |tid: usize, nth: usize| {
+        let (s, e) = split(out, tid, nth, 8);
+        if s == e {
+            return;
+        }
+        let r = RowArgs {
+            w: *w,
+            rows: s..e,
+            y: { yp }.0,
+            stride: out,
+            row0: 0,
+            alpha: None,
+        };
+        let mut scratch = Vec::new();
+        // SAFETY: `y` is [n, out]; this thread owns rows s..e.
+        unsafe { rows_kernel(isa, plan, &r, &p, n, &mut scratch) }
+    };
+    if out * inp < PAR_MIN_WEIGHTS {
+        body(0, 1);
+    } else {
+        pool.run(&|c| body(c.tid, c.nth));
+    }
+}
+
+/// Rows per MoE work item are aligned to this (int8 activation chunks are 64 wide).
+pub const ROW_ALIGN: usize = 64;
+
+#[allow(dead_code)]
+const _: () = assert!(ROW_ALIGN % QBLOCK == 0);
