@@ -24,7 +24,9 @@ pub enum ActLayout {
     Natural,
     /// `fp4`: the kernel's E2M1 lookup adds 12 to each (doubled) value to make it
     /// unsigned; `lane_init` holds the −12·Σq correction per lane.
-    Nibble { fp4: bool },
+    Nibble {
+        fp4: bool,
+    },
 }
 
 /// Quantized activations `[n, cols]`; buffers are reused across calls.
@@ -53,7 +55,14 @@ impl QActs {
     }
 
     /// Quantize `x` `[n, cols]` for weights of `spec` in `layout`.
-    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize, spec: QuantSpec, layout: ActLayout) {
+    pub fn quantize(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+        spec: QuantSpec,
+        layout: ActLayout,
+    ) {
         debug_assert_eq!(x.len(), n * cols);
         debug_assert_eq!(cols % QBLOCK, 0);
         self.layout = Some(layout);
@@ -101,7 +110,13 @@ impl QActs {
     ///
     /// # Safety
     /// `self` must have been `reset` for this shape, ranges of concurrent callers disjoint.
-    pub(crate) unsafe fn quantize_range(this: *mut QActs, x: &[f32], t: usize, c0: usize, c1: usize) {
+    pub(crate) unsafe fn quantize_range(
+        this: *mut QActs,
+        x: &[f32],
+        t: usize,
+        c0: usize,
+        c1: usize,
+    ) {
         let s = &mut *this;
         s.quantize_blocks_raw(x, t, c0 / QBLOCK, c1 / QBLOCK);
         if !s.gsum.is_empty() {
@@ -157,6 +172,32 @@ impl QActs {
                     }
                 }
             }
+        }
+    }
+
+    /// The rows `tokens` as their own activations (MoE: tokens routed to one expert).
+    pub fn gather(&self, tokens: &[u32]) -> QActs {
+        fn rows<T: Copy>(v: &[T], per: usize, tokens: &[u32]) -> Vec<T> {
+            if v.is_empty() {
+                return Vec::new();
+            }
+            let mut o = Vec::with_capacity(tokens.len() * per);
+            for &t in tokens {
+                o.extend_from_slice(&v[t as usize * per..(t as usize + 1) * per]);
+            }
+            o
+        }
+        let c = self.cols;
+        QActs {
+            layout: self.layout,
+            n: tokens.len(),
+            cols: c,
+            group: self.group,
+            q: rows(&self.q, c, tokens),
+            dx: rows(&self.dx, c / QBLOCK, tokens),
+            lane_dx: rows(&self.lane_dx, c / 8, tokens),
+            lane_init: rows(&self.lane_init, c / 8, tokens),
+            gsum: rows(&self.gsum, c / self.group.max(1), tokens),
         }
     }
 

@@ -3,12 +3,26 @@
 //!
 //! - [`matmul`]: `y = x·Wᵀ` on any weight format (AVX-512 VNNI / AVX2 / portable,
 //!   chosen at run time).
+//! - [`moe::moe_forward`]: the fused MoE step (router, top-k, experts, weighted sum).
+//! - [`attention::attention`], [`ops`]: attention over a KV cache, RMSNorm, RoPE.
 //! - [`pool::Pool`]: the persistent thread pool every parallel region runs on.
+//! - [`bandwidth::measure`]: the machine's streaming-read bandwidth (the roofline).
 
 pub mod acts;
+pub mod attention;
+pub mod bandwidth;
 pub mod gemv;
 pub mod matmul;
+pub mod moe;
+pub mod ops;
 pub mod pool;
 
 pub use gemv::{isa, Isa};
 pub use matmul::{matmul, matmul_ref};
+
+/// Errors of the CPU ops: bad shapes, named.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("{0}")]
+    Shape(String),
+}

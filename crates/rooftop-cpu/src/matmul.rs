@@ -44,9 +44,17 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rooftop_quant::{quantize, DType, Float, QuantSpec, QuantizeOptions, Quantized};
 
-    fn weights<T: Float>(spec: QuantSpec, out: usize, inp: usize, seed: u64, gs: Option<f32>) -> Quantized {
+    fn weights<T: Float>(
+        spec: QuantSpec,
+        out: usize,
+        inp: usize,
+        seed: u64,
+        gs: Option<f32>,
+    ) -> Quantized {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let w: Vec<T> = (0..out * inp).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect();
+        let w: Vec<T> = (0..out * inp)
+            .map(|_| T::from_f32(rng.random_range(-1.0..1.0)))
+            .collect();
         let opts = QuantizeOptions {
             global_scale: gs,
             ..Default::default()
@@ -108,9 +116,18 @@ mod tests {
                 let spec = QuantSpec::affine(bits, g).unwrap();
                 for (i, inp) in [256usize, 384].into_iter().enumerate() {
                     let seed = (bits * 1000 + g as u32) as u64 + i as u64;
-                    check_quant(&weights::<f32>(spec, 40, inp, seed, None), &format!("{spec} f32 in={inp}"));
-                    check_quant(&weights::<f16>(spec, 40, inp, seed, None), &format!("{spec} f16 in={inp}"));
-                    check_quant(&weights::<bf16>(spec, 40, inp, seed, None), &format!("{spec} bf16 in={inp}"));
+                    check_quant(
+                        &weights::<f32>(spec, 40, inp, seed, None),
+                        &format!("{spec} f32 in={inp}"),
+                    );
+                    check_quant(
+                        &weights::<f16>(spec, 40, inp, seed, None),
+                        &format!("{spec} f16 in={inp}"),
+                    );
+                    check_quant(
+                        &weights::<bf16>(spec, 40, inp, seed, None),
+                        &format!("{spec} bf16 in={inp}"),
+                    );
                 }
             }
         }
@@ -122,10 +139,22 @@ mod tests {
     #[test]
     fn fp_modes() {
         for inp in [256usize, 96] {
-            check_quant(&weights::<bf16>(QuantSpec::nvfp4(), 40, inp, 1, None), "nvfp4");
-            check_quant(&weights::<f32>(QuantSpec::nvfp4(), 40, inp, 2, Some(3.5)), "nvfp4+global");
-            check_quant(&weights::<bf16>(QuantSpec::mxfp4(), 40, inp, 3, None), "mxfp4");
-            check_quant(&weights::<f16>(QuantSpec::mxfp8(), 40, inp, 4, None), "mxfp8");
+            check_quant(
+                &weights::<bf16>(QuantSpec::nvfp4(), 40, inp, 1, None),
+                "nvfp4",
+            );
+            check_quant(
+                &weights::<f32>(QuantSpec::nvfp4(), 40, inp, 2, Some(3.5)),
+                "nvfp4+global",
+            );
+            check_quant(
+                &weights::<bf16>(QuantSpec::mxfp4(), 40, inp, 3, None),
+                "mxfp4",
+            );
+            check_quant(
+                &weights::<f16>(QuantSpec::mxfp8(), 40, inp, 4, None),
+                "mxfp8",
+            );
         }
     }
 
@@ -137,8 +166,14 @@ mod tests {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 let data: Vec<u8> = match dt {
                     DType::F32 => bytemuck::cast_slice(&v).to_vec(),
-                    DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-                    DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+                    DType::F16 => v
+                        .iter()
+                        .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                    DType::BF16 => v
+                        .iter()
+                        .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                        .collect(),
                 };
                 let w = WeightView::Dense {
                     dtype: dt,

@@ -166,7 +166,9 @@ impl Pool {
         // SAFETY: the reference outlives the region: we wait for `remaining == 0`
         // below before returning, and workers drop it before decrementing.
         unsafe {
-            *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(&Ctx) + Sync), &'static Job>(f));
+            *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(&Ctx) + Sync), &'static Job>(
+                f,
+            ));
         }
         s.remaining.store(self.nth - 1, Ordering::Relaxed);
         // SeqCst pairs with the worker's `sleepers` increment (store→load on both sides).

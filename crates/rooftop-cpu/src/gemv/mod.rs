@@ -115,7 +115,13 @@ pub enum Prepared<'a> {
 }
 
 /// Quantize `x` `[n, cols]` as `w`'s kernel wants (no-op for float plans).
-pub fn prepare<'a>(w: &WeightView, plan: Plan, x: &'a [f32], n: usize, acts: &'a mut QActs) -> Prepared<'a> {
+pub fn prepare<'a>(
+    w: &WeightView,
+    plan: Plan,
+    x: &'a [f32],
+    n: usize,
+    acts: &'a mut QActs,
+) -> Prepared<'a> {
     match (plan, w) {
         (Plan::Int(layout), WeightView::Quant(q)) => {
             acts.quantize(x, n, q.cols, q.spec, layout);
@@ -133,7 +139,10 @@ pub(crate) struct RowArgs<'a> {
     pub y: *mut f32,
     pub stride: usize,
     pub row0: usize,
-    pub alpha: Option<f32>,
+    /// Per local token: accumulate `y += alpha[t]·v` instead of storing.
+    pub alpha: Option<&'a [f32]>,
+    /// Per local token: the output row of `y` it writes (default: `t`).
+    pub tok_map: Option<&'a [u32]>,
 }
 
 impl RowArgs<'_> {
@@ -146,24 +155,14 @@ impl RowArgs<'_> {
     }
     #[inline(always)]
     pub(crate) unsafe fn put(&self, t: usize, row: usize, v: f32) {
-        let p = self.y.add(t * self.stride + row - self.row0);
+        let tt = match self.tok_map {
+            Some(m) => m[t] as usize,
+            None => t,
+        };
+        let p = self.y.add(tt * self.stride + row - self.row0);
         match self.alpha {
             None => *p = v,
-            Some(a) => *p += a * v,
-        }
-    }
-    /// Store a tile of tokens `t0..` for `row`, adding affine bias·Σx.
-    #[inline(always)]
-    pub(crate) unsafe fn store(&self, a: &QActs, row: usize, t0: usize, tile: &[f32], wb: &[f32]) {
-        let affine = self.q().spec.mode == QuantMode::Affine;
-        let ng = a.cols / a.group;
-        for (t, &v) in tile.iter().enumerate() {
-            let mut v = v;
-            if affine {
-                let gs = &a.gsum[(t0 + t) * ng..(t0 + t + 1) * ng];
-                v += wb[..ng].iter().zip(gs).map(|(b, s)| b * s).sum::<f32>();
-            }
-            self.put(t0 + t, row, v);
+            Some(a) => *p += a[t] * v,
         }
     }
 }
@@ -182,12 +181,17 @@ pub(crate) fn row_scales(w: &QuantView, row: usize, fp4: bool, ws: &mut [f32], w
             let sb = w.scale_dtype.size();
             let r = row * ng * sb..(row + 1) * ng * sb;
             rooftop_quant::dtype::bytes_to_f32(w.scale_dtype, &w.scales[r.clone()], &mut ws[..ng]);
-            rooftop_quant::dtype::bytes_to_f32(w.scale_dtype, &w.biases.unwrap_or(&[])[r], &mut wb[..ng]);
+            rooftop_quant::dtype::bytes_to_f32(
+                w.scale_dtype,
+                &w.biases.unwrap_or(&[])[r],
+                &mut wb[..ng],
+            );
         }
         QuantMode::Nvfp4 => {
             let t = e4m3_table();
             let k = if fp4 { 0.5 } else { 1.0 }
-                * w.global_scale.map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
+                * w.global_scale
+                    .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
             for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
                 *o = t[c as usize] * k;
             }
@@ -202,7 +206,13 @@ pub(crate) fn row_scales(w: &QuantView, row: usize, fp4: bool, ws: &mut [f32], w
 }
 
 /// Dense tail elements as f32 (`kind`: 0 f32, 1 f16, 2 bf16).
-pub(crate) unsafe fn dense_tail(kind: u8, wrow: *const u8, start: usize, len: usize, out: &mut [f32]) {
+pub(crate) unsafe fn dense_tail(
+    kind: u8,
+    wrow: *const u8,
+    start: usize,
+    len: usize,
+    out: &mut [f32],
+) {
     let (dt, sz) = match kind {
         0 => (DType::F32, 4),
         1 => (DType::F16, 2),
@@ -217,10 +227,19 @@ pub(crate) unsafe fn dense_tail(kind: u8, wrow: *const u8, start: usize, len: us
 /// # Safety
 /// `r.y` must be valid for every `(t, row)` written, and not written by another
 /// thread concurrently for the same indices.
-pub(crate) unsafe fn rows_kernel(isa: Isa, plan: Plan, r: &RowArgs, p: &Prepared, n: usize, scratch: &mut Vec<f32>) {
+pub(crate) unsafe fn rows_kernel(
+    isa: Isa,
+    plan: Plan,
+    r: &RowArgs,
+    p: &Prepared,
+    n: usize,
+    scratch: &mut Vec<f32>,
+) {
     #[cfg(target_arch = "x86_64")]
     match (plan, p, isa) {
-        (Plan::Int(_), Prepared::Int(a), Isa::Avx512Vnni) => return x86::int_rows_vnni(r, a, scratch),
+        (Plan::Int(_), Prepared::Int(a), Isa::Avx512Vnni) => {
+            return x86::int_rows_vnni(r, a, scratch)
+        }
         (Plan::Int(_), Prepared::Int(a), Isa::Avx2) => return x86::int_rows_avx2(r, a, scratch),
         (Plan::Float, Prepared::Float(x), Isa::Avx2 | Isa::Avx512Vnni) => {
             return x86::float_rows_avx2(r, x, n, scratch)
@@ -275,7 +294,15 @@ unsafe impl Sync for SyncPtr {}
 const PAR_MIN_WEIGHTS: usize = 1 << 15;
 
 /// `y = x·Wᵀ` on `pool` with an explicit ISA (tests and A/B benchmarks).
-pub fn matmul_on(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], n: usize, y: &mut [f32], acts: &mut QActs) {
+pub fn matmul_on(
+    pool: &Pool,
+    isa: Isa,
+    w: &WeightView,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    acts: &mut QActs,
+) {
     let (out, inp) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * inp, "x must be [n, in]");
     assert_eq!(y.len(), n * out, "y must be [n, out]");
@@ -294,12 +321,98 @@ pub fn matmul_on(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], n: usize, y: 
             stride: out,
             row0: 0,
             alpha: None,
+            tok_map: None,
         };
         let mut scratch = Vec::new();
         // SAFETY: `y` is [n, out]; this thread owns rows s..e.
         unsafe { rows_kernel(isa, plan, &r, &p, n, &mut scratch) }
     };
     if out * inp < PAR_MIN_WEIGHTS {
+        body(0, 1);
+    } else {
+        pool.run(&|c| body(c.tid, c.nth));
+    }
+}
+
+/// `ys[i] = x·Wᵢᵀ` for several weights sharing one input (q/k/v, gate/up) in one
+/// parallel region: rows of all weights are split evenly across threads.
+pub fn matmul_multi_on(
+    pool: &Pool,
+    isa: Isa,
+    ws: &[WeightView],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+    acts: &mut [QActs],
+) {
+    assert_eq!(ws.len(), ys.len());
+    let plans: Vec<Plan> = ws.iter().map(|w| plan(w, isa)).collect();
+    // One prepared activation per distinct plan and format (scales differ by group).
+    let mut keys: Vec<(Plan, Option<rooftop_quant::QuantSpec>)> = Vec::new();
+    let mut which = Vec::with_capacity(ws.len());
+    for (w, p) in ws.iter().zip(&plans) {
+        let spec = match w {
+            WeightView::Quant(q) => Some(q.spec),
+            _ => None,
+        };
+        let k = (
+            *p,
+            if matches!(p, Plan::Int(_)) {
+                spec
+            } else {
+                None
+            },
+        );
+        let i = keys.iter().position(|e| *e == k).unwrap_or_else(|| {
+            keys.push(k);
+            keys.len() - 1
+        });
+        which.push(i);
+    }
+    assert!(
+        acts.len() >= keys.len(),
+        "need one QActs per distinct format"
+    );
+    let mut first = vec![usize::MAX; keys.len()];
+    for (i, &k) in which.iter().enumerate() {
+        if first[k] == usize::MAX {
+            first[k] = i;
+        }
+    }
+    let mut preps = Vec::with_capacity(keys.len());
+    for (a, (k, &fi)) in acts.iter_mut().zip(keys.iter().zip(&first)) {
+        preps.push(prepare(&ws[fi], k.0, x, n, a));
+    }
+    let total: usize = ws.iter().map(|w| w.rows()).sum();
+    let yps: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(y.len(), n * w.rows(), "y must be [n, out]");
+        assert_eq!(w.cols() * n, x.len(), "x must be [n, in]");
+    }
+    let body = |tid: usize, nth: usize| {
+        let (s, e) = split(total, tid, nth, 8);
+        let mut scratch = Vec::new();
+        let mut base = 0;
+        for (i, w) in ws.iter().enumerate() {
+            let (lo, hi) = (s.max(base), e.min(base + w.rows()));
+            if lo < hi {
+                let r = RowArgs {
+                    w: *w,
+                    rows: lo - base..hi - base,
+                    y: { yps[i] }.0,
+                    stride: w.rows(),
+                    row0: 0,
+                    alpha: None,
+                    tok_map: None,
+                };
+                // SAFETY: row ranges are disjoint across threads.
+                unsafe { rows_kernel(isa, plans[i], &r, &preps[which[i]], n, &mut scratch) }
+            }
+            base += w.rows();
+        }
+    };
+    let weights: usize = ws.iter().map(|w| w.rows() * w.cols()).sum();
+    if weights < PAR_MIN_WEIGHTS {
         body(0, 1);
     } else {
         pool.run(&|c| body(c.tid, c.nth));

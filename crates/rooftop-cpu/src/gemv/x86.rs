@@ -69,9 +69,108 @@ unsafe fn hsum(v: __m256) -> f32 {
 #[inline(always)]
 unsafe fn fp4_lut() -> __m256i {
     _mm256_setr_epi8(
-        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20,
-        24, 12, 11, 10, 9, 8, 6, 4, 0,
+        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24,
+        12, 11, 10, 9, 8, 6, 4, 0,
     )
+}
+
+// ---------------------------------------------------------------------------------
+// Per-row scales and the affine bias term, vectorized: a 2048-wide 4-bit row is only
+// 1 KiB, so per-row scalar work would cost as much as streaming the row.
+
+/// 8 scale elements of `dt` at `p` → f32.
+#[inline(always)]
+unsafe fn load8_dtype(dt: DType, p: *const u8) -> __m256 {
+    match dt {
+        DType::F32 => _mm256_loadu_ps(p as *const f32),
+        DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+            16,
+        )),
+    }
+}
+
+#[inline(always)]
+unsafe fn row_scales(
+    w: &rooftop_quant::QuantView,
+    row: usize,
+    fp4: bool,
+    ws: &mut [f32],
+    wb: &mut [f32],
+) {
+    let ng = w.cols / w.spec.group_size;
+    if ng % 8 != 0 {
+        return super::row_scales(w, row, fp4, ws, wb);
+    }
+    let half = if fp4 { 0.5 } else { 1.0 };
+    match w.spec.mode {
+        QuantMode::Nvfp4 => {
+            let k = half
+                * 256.0
+                * w.global_scale
+                    .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
+            let k = _mm256_set1_ps(k);
+            let s = w.scales.as_ptr().add(row * ng);
+            for i in (0..ng).step_by(8) {
+                let v = load8::<3>(s.add(i));
+                _mm256_storeu_ps(ws.as_mut_ptr().add(i), _mm256_mul_ps(v, k));
+            }
+            return;
+        }
+        QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
+            let k = _mm256_set1_ps(half);
+            let s = w.scales.as_ptr().add(row * ng);
+            for i in (0..ng).step_by(8) {
+                let e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(s.add(i) as *const __m128i));
+                // 2^(e−127) as f32 bits; e = 0 is the subnormal 2^−127 (MLX's exp2).
+                let bits = _mm256_slli_epi32(e, 23);
+                let zero = _mm256_cmpeq_epi32(e, _mm256_setzero_si256());
+                let bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x0040_0000), zero);
+                let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), k);
+                _mm256_storeu_ps(ws.as_mut_ptr().add(i), v);
+            }
+            return;
+        }
+        QuantMode::Affine => {}
+    }
+    let dt = w.scale_dtype;
+    let sz = dt.size();
+    let s = w.scales.as_ptr().add(row * ng * sz);
+    let b = w.biases.unwrap_or(&[]).as_ptr().add(row * ng * sz);
+    for i in (0..ng).step_by(8) {
+        _mm256_storeu_ps(ws.as_mut_ptr().add(i), load8_dtype(dt, s.add(i * sz)));
+        _mm256_storeu_ps(wb.as_mut_ptr().add(i), load8_dtype(dt, b.add(i * sz)));
+    }
+}
+
+/// Store a tile of tokens `t0..` for `row`, adding affine bias·Σx.
+#[inline(always)]
+unsafe fn store(r: &RowArgs, a: &QActs, row: usize, t0: usize, tile: &[f32], wb: &[f32]) {
+    let affine = r.q().spec.mode == QuantMode::Affine;
+    let ng = a.cols / a.group;
+    for (t, &v) in tile.iter().enumerate() {
+        let mut v = v;
+        if affine {
+            let gs = a.gsum.as_ptr().add((t0 + t) * ng);
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= ng {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(wb.as_ptr().add(i)),
+                    _mm256_loadu_ps(gs.add(i)),
+                    acc,
+                );
+                i += 8;
+            }
+            v += hsum(acc);
+            while i < ng {
+                v += wb[i] * *gs.add(i);
+                i += 1;
+            }
+        }
+        r.put(t0 + t, row, v);
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -147,19 +246,47 @@ unsafe fn nibble_rows<D: Dot, const FP4: bool>(r: &RowArgs, a: &QActs, scratch: 
     scratch.resize(2 * ng + 8, 0.0);
     for row in r.rows.clone() {
         let (ws, wb) = scratch.split_at_mut(ng + 8);
-        super::row_scales(w, row, FP4, ws, wb);
+        row_scales(w, row, FP4, ws, wb);
         let wrow = w.weight.as_ptr().add(row * row_bytes);
         let mut t0 = 0;
         while t0 < a.n {
             let nt = (a.n - t0).min(4);
             let mut tile = [0f32; 4];
             match nt {
-                1 => tile[..1].copy_from_slice(&nibble_tile::<D, FP4, 1>(wrow, ws.as_ptr(), a, t0, g, idx)),
-                2 => tile[..2].copy_from_slice(&nibble_tile::<D, FP4, 2>(wrow, ws.as_ptr(), a, t0, g, idx)),
-                3 => tile[..3].copy_from_slice(&nibble_tile::<D, FP4, 3>(wrow, ws.as_ptr(), a, t0, g, idx)),
-                _ => tile.copy_from_slice(&nibble_tile::<D, FP4, 4>(wrow, ws.as_ptr(), a, t0, g, idx)),
+                1 => tile[..1].copy_from_slice(&nibble_tile::<D, FP4, 1>(
+                    wrow,
+                    ws.as_ptr(),
+                    a,
+                    t0,
+                    g,
+                    idx,
+                )),
+                2 => tile[..2].copy_from_slice(&nibble_tile::<D, FP4, 2>(
+                    wrow,
+                    ws.as_ptr(),
+                    a,
+                    t0,
+                    g,
+                    idx,
+                )),
+                3 => tile[..3].copy_from_slice(&nibble_tile::<D, FP4, 3>(
+                    wrow,
+                    ws.as_ptr(),
+                    a,
+                    t0,
+                    g,
+                    idx,
+                )),
+                _ => tile.copy_from_slice(&nibble_tile::<D, FP4, 4>(
+                    wrow,
+                    ws.as_ptr(),
+                    a,
+                    t0,
+                    g,
+                    idx,
+                )),
             }
-            r.store(a, row, t0, &tile[..nt], wb);
+            store(r, a, row, t0, &tile[..nt], wb);
             t0 += nt;
         }
     }
@@ -177,9 +304,20 @@ unsafe fn unpack32<const B: usize>(p: *const u8) -> __m256i {
     }
     let mut v = [0i64; 4];
     for (k, o) in v.iter_mut().enumerate() {
-        let mut buf = [0u8; 8];
-        std::ptr::copy_nonoverlapping(p.add(k * B), buf.as_mut_ptr(), B);
-        *o = _pdep_u64(u64::from_le_bytes(buf), mask(B)) as i64;
+        let q = p.add(k * B);
+        // Exactly B bytes: never read past the row (the last row ends the buffer).
+        let raw: u64 = match B {
+            1 => *q as u64,
+            2 => (q as *const u16).read_unaligned() as u64,
+            3 => (q as *const u16).read_unaligned() as u64 | (*q.add(2) as u64) << 16,
+            4 => (q as *const u32).read_unaligned() as u64,
+            5 => (q as *const u32).read_unaligned() as u64 | (*q.add(4) as u64) << 32,
+            _ => {
+                (q as *const u32).read_unaligned() as u64
+                    | ((q.add(4) as *const u16).read_unaligned() as u64) << 32
+            }
+        };
+        *o = _pdep_u64(raw, mask(B)) as i64;
     }
     _mm256_setr_epi64x(v[0], v[1], v[2], v[3])
 }
@@ -213,7 +351,11 @@ unsafe fn natural_tile<D: Dot, const B: usize, const NT: usize>(
             for t in 0..NT {
                 let xq = _mm256_loadu_si256(q.add(t * cols + bb * QBLOCK) as *const __m256i);
                 let z = _mm256_setzero_si256();
-                let d = if B == 8 { D::dp_full(z, codes, xq) } else { D::dp(z, codes, xq) };
+                let d = if B == 8 {
+                    D::dp_full(z, codes, xq)
+                } else {
+                    D::dp(z, codes, xq)
+                };
                 let sc = _mm256_set1_ps(s * *dx.add(t * nb + bb));
                 acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[t][u]);
             }
@@ -237,19 +379,25 @@ unsafe fn natural_rows<D: Dot, const B: usize>(r: &RowArgs, a: &QActs, scratch: 
     scratch.resize(2 * ng + 8, 0.0);
     for row in r.rows.clone() {
         let (ws, wb) = scratch.split_at_mut(ng + 8);
-        super::row_scales(w, row, false, ws, wb);
+        row_scales(w, row, false, ws, wb);
         let wrow = w.weight.as_ptr().add(row * row_bytes);
         let mut t0 = 0;
         while t0 < a.n {
             let nt = (a.n - t0).min(4);
             let mut tile = [0f32; 4];
             match nt {
-                1 => tile[..1].copy_from_slice(&natural_tile::<D, B, 1>(wrow, ws.as_ptr(), a, t0, g)),
-                2 => tile[..2].copy_from_slice(&natural_tile::<D, B, 2>(wrow, ws.as_ptr(), a, t0, g)),
-                3 => tile[..3].copy_from_slice(&natural_tile::<D, B, 3>(wrow, ws.as_ptr(), a, t0, g)),
+                1 => {
+                    tile[..1].copy_from_slice(&natural_tile::<D, B, 1>(wrow, ws.as_ptr(), a, t0, g))
+                }
+                2 => {
+                    tile[..2].copy_from_slice(&natural_tile::<D, B, 2>(wrow, ws.as_ptr(), a, t0, g))
+                }
+                3 => {
+                    tile[..3].copy_from_slice(&natural_tile::<D, B, 3>(wrow, ws.as_ptr(), a, t0, g))
+                }
                 _ => tile.copy_from_slice(&natural_tile::<D, B, 4>(wrow, ws.as_ptr(), a, t0, g)),
             }
-            r.store(a, row, t0, &tile[..nt], wb);
+            store(r, a, row, t0, &tile[..nt], wb);
             t0 += nt;
         }
     }
@@ -447,9 +595,3 @@ pub(crate) unsafe fn int_rows_avx2(r: &RowArgs, a: &QActs, scratch: &mut Vec<f32
 pub(crate) unsafe fn float_rows_avx2(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>) {
     float_rows(r, x, n, scratch)
 }
-
-/// Is `mode` one that the nibble kernel handles with the E2M1 table?
-pub(crate) fn is_fp4(mode: QuantMode) -> bool {
-    matches!(mode, QuantMode::Nvfp4 | QuantMode::Mxfp4)
-}
-
