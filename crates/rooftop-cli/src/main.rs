@@ -26,12 +26,18 @@ struct Cli {
 enum Command {
     /// Round-trip error of every weight format on a tensor or on generated data.
     Fidelity(cmd::fidelity::Args),
+    /// Prefill/decode speed and % of this machine's memory-bandwidth roofline.
+    Bench(cmd::bench::Args),
+    /// Bytes per token, the tok/s ceiling, and experts read when verifying K tokens.
+    Roofline(cmd::roofline::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fidelity(a) => cmd::fidelity::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Roofline(a) => cmd::roofline::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

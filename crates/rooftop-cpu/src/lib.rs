@@ -16,6 +16,7 @@ pub mod matmul;
 pub mod moe;
 pub mod ops;
 pub mod pool;
+pub mod synth;
 
 pub use gemv::{isa, Isa};
 pub use matmul::{matmul, matmul_ref};

@@ -1,1 +1,3 @@
+pub mod bench;
 pub mod fidelity;
+pub mod roofline;
