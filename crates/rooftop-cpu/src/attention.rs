@@ -11,10 +11,12 @@ pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Score scale, usually `1/√head_dim`.
+    pub scale: f32,
 }
 
 /// `out[n, Hq·D]` for queries `q[n, Hq·D]` at positions `L−n .. L` over
-/// `k`, `v` `[L, Hk·D]` (f32 cache rows). `scale` is usually `1/√D`.
+/// `k`, `v` `[L, Hk·D]` (f32 cache rows).
 pub fn attention(
     pool: &Pool,
     q: &[f32],
@@ -22,13 +24,13 @@ pub fn attention(
     v: &[f32],
     n: usize,
     shape: AttnShape,
-    scale: f32,
     out: &mut [f32],
 ) {
     let AttnShape {
         n_heads: hq,
         n_kv_heads: hk,
         head_dim: d,
+        scale,
     } = shape;
     let kvw = hk * d;
     let len = k.len() / kvw;
@@ -70,16 +72,8 @@ pub fn attention(
 }
 
 /// Reference: the same math, one query at a time, no threads.
-pub fn attention_ref(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    n: usize,
-    shape: AttnShape,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let (hq, hk, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], n: usize, shape: AttnShape, out: &mut [f32]) {
+    let (hq, hk, d, scale) = (shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.scale);
     let len = k.len() / (hk * d);
     for t in 0..n {
         for h in 0..hq {
@@ -112,6 +106,7 @@ mod tests {
             n_heads: 8,
             n_kv_heads: 2,
             head_dim: 64,
+            scale: 0.125,
         };
         let (n, len) = (3, 40);
         let f = |i: usize| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0;
@@ -120,8 +115,8 @@ mod tests {
         let v: Vec<f32> = (0..len * 2 * 64).map(|i| f(i + 13)).collect();
         let mut a = vec![0f32; q.len()];
         let mut b = vec![0f32; q.len()];
-        attention_ref(&q, &k, &v, n, shape, 0.125, &mut a);
-        attention(&Pool::new(2), &q, &k, &v, n, shape, 0.125, &mut b);
+        attention_ref(&q, &k, &v, n, shape, &mut a);
+        attention(&Pool::new(2), &q, &k, &v, n, shape, &mut b);
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
         }

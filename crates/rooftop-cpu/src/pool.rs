@@ -221,7 +221,7 @@ fn worker(s: Arc<Shared>, tid: usize, nth: usize) {
                 break;
             }
             i += 1;
-            if i % 64 == 0 && t0.elapsed() > SPIN {
+            if i.is_multiple_of(64) && t0.elapsed() > SPIN {
                 let mut l = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
                 while s.epoch.load(Ordering::SeqCst) == seen {

@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     Portable,
     Avx2,
+    /// AVX-512 VNNI + VBMI (Ice Lake, Zen 4 and later) on 256-bit vectors.
     Avx512Vnni,
 }
 
@@ -52,7 +53,8 @@ fn detect() -> Isa {
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni");
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vbmi");
         if vnni {
             return Isa::Avx512Vnni;
         }
@@ -423,4 +425,4 @@ pub fn matmul_multi_on(
 pub const ROW_ALIGN: usize = 64;
 
 #[allow(dead_code)]
-const _: () = assert!(ROW_ALIGN % QBLOCK == 0);
+const _: () = assert!(ROW_ALIGN.is_multiple_of(QBLOCK));

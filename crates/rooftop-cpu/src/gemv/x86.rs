@@ -12,6 +12,9 @@
 //!    bytes (the LSB-first stream makes this exact), int8 dot per block of 32.
 //! 3. `float`: dense f32/f16/bf16 and MXFP8 (E4M3 → f16 bits → `vcvtph2ps`), f32 FMAs.
 
+// Tiles are const-generic arrays indexed by token and unroll slot: index loops are the point.
+#![allow(clippy::needless_range_loop)]
+
 use super::RowArgs;
 use crate::acts::{QActs, QBLOCK};
 use rooftop_quant::{DType, QuantMode};
@@ -23,6 +26,8 @@ pub(crate) trait Dot {
     unsafe fn dp(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
     /// As `dp` for any u8 `u`.
     unsafe fn dp_full(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    /// 32 codes of `B` bits from the `4·B` bytes at `p` (reads no further).
+    unsafe fn unpack<const B: usize>(p: *const u8) -> __m256i;
 }
 
 pub(crate) struct Vnni;
@@ -37,6 +42,35 @@ impl Dot for Vnni {
     unsafe fn dp_full(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, u, s)
     }
+    /// VBMI: a masked load (never past the row), `vpermb` puts the B bytes of codes
+    /// 8k..8k+8 in qword k, `vpmultishiftqb` pulls each code's bits into its own byte.
+    #[inline(always)]
+    unsafe fn unpack<const B: usize>(p: *const u8) -> __m256i {
+        let raw = _mm256_maskz_loadu_epi8(((1u64 << (4 * B)) - 1) as u32, p as *const i8);
+        let idx = _mm256_setr_epi64x(
+            qword_bytes(0, B),
+            qword_bytes(B, B),
+            qword_bytes(2 * B, B),
+            qword_bytes(3 * B, B),
+        );
+        let v = _mm256_permutexvar_epi8(idx, raw);
+        let b = B as i64;
+        let shifts = (0..8).fold(0i64, |a, j| a | ((j * b) << (8 * j)));
+        let m = _mm256_multishift_epi64_epi8(_mm256_set1_epi64x(shifts), v);
+        _mm256_and_si256(m, _mm256_set1_epi8(((1u32 << B) - 1) as i8))
+    }
+}
+
+/// Byte indices `start..start+8` packed little-endian in a qword (for `vpermb`).
+#[inline(always)]
+const fn qword_bytes(start: usize, _b: usize) -> i64 {
+    let mut v = 0i64;
+    let mut j = 0;
+    while j < 8 {
+        v |= ((start + j) as i64 & 63) << (8 * j);
+        j += 1;
+    }
+    v
 }
 
 impl Dot for Avx2 {
@@ -54,6 +88,10 @@ impl Dot for Avx2 {
         let a = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, s), _mm256_set1_epi16(2));
         let b = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, s), _mm256_set1_epi16(1));
         _mm256_add_epi32(acc, _mm256_add_epi32(a, b))
+    }
+    #[inline(always)]
+    unsafe fn unpack<const B: usize>(p: *const u8) -> __m256i {
+        unpack32::<B>(p)
     }
 }
 
@@ -100,7 +138,7 @@ unsafe fn row_scales(
     wb: &mut [f32],
 ) {
     let ng = w.cols / w.spec.group_size;
-    if ng % 8 != 0 {
+    if !ng.is_multiple_of(8) {
         return super::row_scales(w, row, fp4, ws, wb);
     }
     let half = if fp4 { 0.5 } else { 1.0 };
@@ -345,7 +383,7 @@ unsafe fn natural_tile<D: Dot, const B: usize, const NT: usize>(
             let codes = if B == 8 {
                 _mm256_loadu_si256(wrow.add(bb * 32) as *const __m256i)
             } else {
-                unpack32::<B>(wrow.add(bb * 4 * B))
+                D::unpack::<B>(wrow.add(bb * 4 * B))
             };
             let s = *ws.add(bb * QBLOCK / g);
             for t in 0..NT {
@@ -581,7 +619,7 @@ unsafe fn int_rows<D: Dot>(r: &RowArgs, a: &QActs, scratch: &mut Vec<f32>) {
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c,bmi2,avx512f,avx512vl,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,bmi2,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi")]
 pub(crate) unsafe fn int_rows_vnni(r: &RowArgs, a: &QActs, scratch: &mut Vec<f32>) {
     int_rows::<Vnni>(r, a, scratch)
 }

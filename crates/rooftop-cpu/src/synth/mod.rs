@@ -215,3 +215,72 @@ pub fn expected_unique_experts(experts: usize, top_k: usize, k: usize) -> f64 {
     let e = experts as f64;
     e * (1.0 - (1.0 - top_k as f64 / e).powi(k as i32))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rooftop_quant::{DType, QuantSpec};
+
+    /// The bytes the decode step counts as it runs must match the count from the
+    /// config alone (issue 6: within 2%), for plain and mixed recipes.
+    #[test]
+    fn measured_bytes_agree_with_config_count() {
+        let tiny = Preset {
+            name: "tiny",
+            hidden: 256,
+            layers: 3,
+            experts: 16,
+            top_k: 4,
+            moe_inter: 128,
+            dense_layers: 1,
+            dense_inter: 384,
+            shared_experts: 1,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            vocab: 1000,
+            partial_rotary: 0.5,
+            qk_norm: true,
+            scoring: Scoring::Sigmoid,
+            norm_topk: true,
+            rope_theta: 1e4,
+        };
+        let pool = crate::pool::Pool::new(2);
+        for recipe in [
+            Recipe::new(
+                Format::Quant(QuantSpec::affine(4, 64).unwrap(), DType::BF16),
+                None,
+            )
+            .unwrap(),
+            Recipe::new(
+                Format::Quant(QuantSpec::nvfp4(), DType::BF16),
+                Some("mixed_3_6".into()),
+            )
+            .unwrap(),
+            Recipe::new(Format::Dense(DType::BF16), Some("router8".into())).unwrap(),
+        ] {
+            let mut m = SynthModel::new(&tiny, &recipe);
+            let mut tok = m.step(&pool, &[1, 2, 3]).unwrap();
+            for _ in 0..3 {
+                tok = m.step(&pool, &[tok]).unwrap();
+                let uniq = m.last_unique_experts.iter().sum::<usize>() as f64 / 2.0;
+                assert_eq!(uniq, 4.0, "one token reads top_k experts per layer");
+                let want = token_bytes(&tiny, &recipe, m.pos, uniq).total();
+                let rel = (m.last_bytes - want).abs() / want;
+                assert!(
+                    rel < 0.02,
+                    "{}: measured {} vs config {want}",
+                    recipe.describe(),
+                    m.last_bytes
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unique_experts_formula() {
+        assert!((expected_unique_experts(128, 8, 1) - 8.0).abs() < 1e-9);
+        let e4 = expected_unique_experts(128, 8, 4);
+        assert!(e4 > 29.0 && e4 < 30.0, "{e4}");
+    }
+}

@@ -40,21 +40,25 @@ struct Layer {
     mlp: Mlp,
 }
 
+// One per layer: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Mlp {
     Dense {
         gate: OwnedWeight,
         up: OwnedWeight,
         down: OwnedWeight,
     },
-    Moe {
-        router: OwnedWeight,
-        /// Stacked `[E·I, H]`, `[E·I, H]`, `[E·H, I]`.
-        gate: OwnedWeight,
-        up: OwnedWeight,
-        down: OwnedWeight,
-        shared: Option<(OwnedWeight, OwnedWeight, OwnedWeight)>,
-        correction: Vec<f32>,
-    },
+    Moe(MoeLayer),
+}
+
+struct MoeLayer {
+    router: OwnedWeight,
+    /// Stacked `[E·I, H]`, `[E·I, H]`, `[E·H, I]`.
+    gate: OwnedWeight,
+    up: OwnedWeight,
+    down: OwnedWeight,
+    shared: Option<(OwnedWeight, OwnedWeight, OwnedWeight)>,
+    correction: Vec<f32>,
 }
 
 pub struct SynthModel {
@@ -102,7 +106,7 @@ impl SynthModel {
                     }
                 } else {
                     let si = p.moe_inter * p.shared_experts;
-                    Mlp::Moe {
+                    Mlp::Moe(MoeLayer {
                         router: gen("router", l, p.experts, h),
                         gate: gen("gate_proj", l, p.experts * p.moe_inter, h),
                         up: gen("up_proj", l, p.experts * p.moe_inter, h),
@@ -115,7 +119,7 @@ impl SynthModel {
                             )
                         }),
                         correction: vec![0.0; p.experts],
-                    }
+                    })
                 };
                 Layer { q, k, v, o, mlp }
             })
@@ -151,14 +155,15 @@ impl SynthModel {
                 Mlp::Dense { gate, up, down } => {
                     gate.view().nbytes() + up.view().nbytes() + down.view().nbytes()
                 }
-                Mlp::Moe {
-                    router,
-                    gate,
-                    up,
-                    down,
-                    shared,
-                    ..
-                } => {
+                Mlp::Moe(m) => {
+                    let MoeLayer {
+                        router,
+                        gate,
+                        up,
+                        down,
+                        shared,
+                        ..
+                    } = m;
                     router.view().nbytes()
                         + gate.view().nbytes()
                         + up.view().nbytes()
@@ -234,8 +239,8 @@ impl SynthModel {
                 n_heads: p.heads,
                 n_kv_heads: p.kv_heads,
                 head_dim: p.head_dim,
+                scale: 1.0 / (p.head_dim as f32).sqrt(),
             };
-            let scale = 1.0 / (p.head_dim as f32).sqrt();
             attention(
                 pool,
                 &q,
@@ -243,7 +248,6 @@ impl SynthModel {
                 &self.v_cache[li],
                 n,
                 shape,
-                scale,
                 &mut att,
             );
             bytes += 2.0 * self.k_cache[li].len() as f64 * 4.0;
@@ -276,14 +280,15 @@ impl SynthModel {
                         (gate.view().nbytes() + up.view().nbytes() + down.view().nbytes()) as f64;
                     clock.lap(&mut times.experts);
                 }
-                Mlp::Moe {
-                    router,
-                    gate,
-                    up,
-                    down,
-                    shared,
-                    correction,
-                } => {
+                Mlp::Moe(m) => {
+                    let MoeLayer {
+                        router,
+                        gate,
+                        up,
+                        down,
+                        shared,
+                        correction,
+                    } = m;
                     let (ne, inter) = (p.experts, p.moe_inter);
                     let (gv, uv, dv) = (gate.view(), up.view(), down.view());
                     let experts: Vec<Expert> = (0..ne)
