@@ -3,7 +3,7 @@
 //! Legend: Hq query heads, Hk kv heads, D head_dim, L cached positions (including the
 //! new tokens, which the caller appended first).
 
-use crate::pool::{split, Pool};
+use crate::pool::Pool;
 
 /// Head counts and size.
 #[derive(Clone, Copy, Debug)]
@@ -64,10 +64,7 @@ pub fn attention(
     if work * len * d < 1 << 16 {
         body(0, work);
     } else {
-        pool.run(&|c| {
-            let (s, e) = split(work, c.tid, c.nth, 1);
-            body(s, e);
-        });
+        pool.run(work, &|i| body(i, i + 1));
     }
 }
 

@@ -1,7 +1,7 @@
 //! Streaming-read bandwidth: the decode roofline's denominator, measured on this
 //! machine in the same run as the benchmark it judges (the machine is shared).
 
-use crate::pool::{split, Pool};
+use crate::pool::Pool;
 use std::time::Instant;
 
 /// Result of [`measure`].
@@ -20,11 +20,13 @@ pub fn measure(pool: &Pool, bytes: usize, reps: usize) -> Bandwidth {
     let words = bytes / 8;
     let buf = vec![0u64; words];
     // Touch every page (and make the contents non-trivial) before timing.
-    pool.run(&|c| {
-        let (s, e) = split(words, c.tid, c.nth, 512);
-        let p = buf.as_ptr() as *mut u64;
-        for i in s..e {
-            // SAFETY: disjoint ranges per thread.
+    let chunk = 1 << 17; // 1 MiB of u64 per item
+    let items = words.div_ceil(chunk);
+    let p = crate::gemv::SyncPtr(buf.as_ptr() as *mut f32);
+    pool.run(items, &|it| {
+        let p = { p }.0 as *mut u64;
+        for i in it * chunk..((it + 1) * chunk).min(words) {
+            // SAFETY: disjoint ranges per item.
             unsafe { *p.add(i) = i as u64 };
         }
     });
@@ -33,9 +35,8 @@ pub fn measure(pool: &Pool, bytes: usize, reps: usize) -> Bandwidth {
         bytes
     });
     let all = best(reps, || {
-        pool.run(&|c| {
-            let (s, e) = split(words, c.tid, c.nth, 512);
-            std::hint::black_box(read_sum(&buf[s..e]));
+        pool.run(items, &|it| {
+            std::hint::black_box(read_sum(&buf[it * chunk..((it + 1) * chunk).min(words)]));
         });
         bytes
     });

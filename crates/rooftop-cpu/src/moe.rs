@@ -1,17 +1,20 @@
 //! The fused MoE step: router → top-k → gate/up of every selected expert → SiLU·mul →
-//! down → weighted sum (+ shared expert), as one parallel region with three barriers.
+//! down → weighted sum (+ shared expert), as two parallel regions (gate/up, down).
 //!
 //! Legend: T = tokens in the step, H = hidden, I = expert intermediate, E = experts,
 //! K = experts per token, A = experts active in the step (≤ min(E, T·K)).
 //!
-//! Why one region: at batch 1 each expert matrix is ~1 MB, a few tens of µs to stream;
-//! a region per matrix would pay a wake-up and a join per matrix. Here gate/up rows of
-//! all active experts are dealt evenly to threads, and down rows likewise, so the work
-//! per thread is balanced no matter how many tokens picked each expert.
+//! Why fused: at batch 1 each expert matrix is ~1 MB, a few tens of µs to stream; a
+//! region per matrix would pay a wake-up and a join per matrix (24 per layer for
+//! top-8). Here the gate/up row blocks of all active experts are one region's items,
+//! and the down row blocks (each covering every active expert) the next one's, so the
+//! work is balanced no matter how many tokens picked each expert.
 
 use crate::acts::QActs;
-use crate::gemv::{isa, plan, prepare, rows_kernel, Plan, Prepared, RowArgs, SyncPtr};
-use crate::pool::{split, Pool};
+use crate::gemv::{
+    isa, plan, prepare, rows_kernel, with_scratch, Plan, Prepared, RowArgs, SyncPtr,
+};
+use crate::pool::Pool;
 use crate::CpuError;
 use rooftop_quant::WeightView;
 use std::time::{Duration, Instant};
@@ -280,7 +283,6 @@ pub fn moe_forward_on(
         h_off += a.tokens.len() * inter;
         row_off += inter;
     }
-    let total_rows = row_off;
     s.h.resize(h_off, 0.0);
     s.acts_h.resize_with(nact.max(s.acts_h.len()), QActs::new);
     let dspec = match &w.experts[0].down {
@@ -302,87 +304,87 @@ pub fn moe_forward_on(
     let hp = SyncPtr(s.h.as_mut_ptr());
     let outp = SyncPtr(out.as_mut_ptr());
     let acts_h = SyncQ(s.acts_h.as_mut_ptr());
-    let x_all = x;
-    pool.run(&|c| {
-        let mut scr = Vec::new();
-        let mut g = Vec::new();
-        let mut u = Vec::new();
-        // Phase 1: gate/up rows [lo, hi) of the concatenated active experts.
-        let (lo, hi) = split(total_rows, c.tid, c.nth, align);
+    // Gathered once per expert (prefill); decode uses the step's activations as is.
+    let subs: Vec<SubTokens> = active
+        .iter()
+        .map(|a| SubTokens::new(&pg, &a.tokens, n))
+        .collect();
+    // Region 1 items: `align`-row blocks of each active expert's gate/up.
+    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    for (ai, a) in active.iter().enumerate() {
+        let inter = expert(a.expert).gate.rows();
+        let mut r = 0;
+        while r < inter {
+            items.push((ai, r, (r + align).min(inter)));
+            r += align;
+        }
+    }
+    pool.run(items.len(), &|it| {
+        let (ai, r0, r1) = items[it];
+        let a = &active[ai];
+        let ex = expert(a.expert);
+        let inter = ex.gate.rows();
+        let nt = a.tokens.len();
+        let mut g = vec![0f32; nt * (r1 - r0)];
+        let mut u = vec![0f32; nt * (r1 - r0)];
+        for (wv, buf) in [(&ex.gate, &mut g), (&ex.up, &mut u)] {
+            let r = RowArgs {
+                w: *wv,
+                rows: r0..r1,
+                y: buf.as_mut_ptr(),
+                stride: r1 - r0,
+                row0: r0,
+                alpha: None,
+                tok_map: None,
+            };
+            with_scratch(|scr| subs[ai].run(isa, gplan, &r, nt, scr));
+        }
+        // SiLU(gate)·up into h, then quantize these columns of h for down.
+        // SAFETY: this item owns columns [r0, r1) of expert slot ai.
+        let hrow = unsafe { std::slice::from_raw_parts_mut({ hp }.0.add(a.h_off), nt * inter) };
+        for t in 0..nt {
+            for j in 0..r1 - r0 {
+                let gv = g[t * (r1 - r0) + j];
+                hrow[t * inter + r0 + j] = gv / (1.0 + (-gv).exp()) * u[t * (r1 - r0) + j];
+            }
+        }
+        if let Plan::Int(_) = dplan {
+            for t in 0..nt {
+                unsafe { QActs::quantize_range({ acts_h }.0.add(ai), hrow, t, r0, r1) };
+            }
+        }
+    });
+    // Region 2 items: row blocks of out; each runs down of every active expert.
+    let step = crate::gemv::rows_per_item(w.experts[0].down.cols() * nact.max(1));
+    let blocks = hid.div_ceil(step);
+    pool.run(blocks, &|b| {
+        let (lo, hi) = (b * step, ((b + 1) * step).min(hid));
+        for t in 0..n {
+            // SAFETY: rows lo..hi of out belong to this item.
+            let o =
+                unsafe { std::slice::from_raw_parts_mut({ outp }.0.add(t * hid + lo), hi - lo) };
+            o.fill(0.0);
+        }
         for (ai, a) in active.iter().enumerate() {
             let ex = expert(a.expert);
-            let inter = ex.gate.rows();
-            let (r0, r1) = (lo.max(a.row_off), hi.min(a.row_off + inter));
-            if r0 >= r1 {
-                continue;
-            }
-            let (r0, r1) = (r0 - a.row_off, r1 - a.row_off);
             let nt = a.tokens.len();
-            g.resize(nt * (r1 - r0), 0.0);
-            u.resize(nt * (r1 - r0), 0.0);
-            // Gate/up take the whole step's activations, indexed by token.
-            let sub = SubTokens::new(&pg, &a.tokens, n);
-            for (wv, buf) in [(&ex.gate, &mut g), (&ex.up, &mut u)] {
-                let r = RowArgs {
-                    w: *wv,
-                    rows: r0..r1,
-                    y: buf.as_mut_ptr(),
-                    stride: r1 - r0,
-                    row0: r0,
-                    alpha: None,
-                    tok_map: None,
-                };
-                sub.run(isa, gplan, &r, nt, &mut scr);
-            }
-            // SiLU(gate)·up into h, then quantize this thread's columns of h.
-            let hrow = unsafe { std::slice::from_raw_parts_mut({ hp }.0.add(a.h_off), nt * inter) };
-            for t in 0..nt {
-                for j in 0..r1 - r0 {
-                    let gv = g[t * (r1 - r0) + j];
-                    hrow[t * inter + r0 + j] = gv / (1.0 + (-gv).exp()) * u[t * (r1 - r0) + j];
-                }
-            }
-            if let Plan::Int(_) = dplan {
-                for t in 0..nt {
-                    // SAFETY: this thread owns columns [r0, r1) of expert slot ai.
-                    unsafe { QActs::quantize_range({ acts_h }.0.add(ai), hrow, t, r0, r1) };
-                }
-            }
+            let inter = ex.down.cols();
+            let hslice = unsafe { std::slice::from_raw_parts({ hp }.0.add(a.h_off), nt * inter) };
+            let p = match dplan {
+                Plan::Int(_) => Prepared::Int(unsafe { &*{ acts_h }.0.add(ai) }),
+                _ => Prepared::Float(hslice),
+            };
+            let r = RowArgs {
+                w: ex.down,
+                rows: lo..hi,
+                y: { outp }.0,
+                stride: hid,
+                row0: 0,
+                alpha: Some(&a.weights),
+                tok_map: Some(&a.tokens),
+            };
+            with_scratch(|scr| unsafe { rows_kernel(isa, dplan, &r, &p, nt, scr) });
         }
-        c.barrier();
-        // Phase 2: down rows [lo, hi) of every active expert, weighted into out.
-        let (lo, hi) = split(hid, c.tid, c.nth, 8);
-        if lo < hi {
-            for t in 0..n {
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut({ outp }.0.add(t * hid + lo), hi - lo)
-                };
-                o.fill(0.0);
-            }
-            for (ai, a) in active.iter().enumerate() {
-                let ex = expert(a.expert);
-                let nt = a.tokens.len();
-                let inter = ex.down.cols();
-                let hslice =
-                    unsafe { std::slice::from_raw_parts({ hp }.0.add(a.h_off), nt * inter) };
-                let p = match dplan {
-                    Plan::Int(_) => Prepared::Int(unsafe { &*{ acts_h }.0.add(ai) }),
-                    _ => Prepared::Float(hslice),
-                };
-                let r = RowArgs {
-                    w: ex.down,
-                    rows: lo..hi,
-                    y: { outp }.0,
-                    stride: hid,
-                    row0: 0,
-                    alpha: Some(&a.weights),
-                    tok_map: Some(&a.tokens),
-                };
-                // SAFETY: rows lo..hi of out belong to this thread.
-                unsafe { rows_kernel(isa, dplan, &r, &p, nt, &mut scr) };
-            }
-        }
-        let _ = x_all;
     });
     if s.timing {
         s.times.router += t_router;
@@ -393,7 +395,7 @@ pub fn moe_forward_on(
 
 #[derive(Clone, Copy)]
 struct SyncQ(*mut QActs);
-// SAFETY: threads touch disjoint column ranges, then read after a barrier.
+// SAFETY: items touch disjoint column ranges; region 2 reads after region 1 ends.
 unsafe impl Send for SyncQ {}
 unsafe impl Sync for SyncQ {}
 

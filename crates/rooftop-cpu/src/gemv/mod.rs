@@ -9,7 +9,7 @@
 mod x86;
 
 use crate::acts::{ActLayout, QActs, QBLOCK};
-use crate::pool::{split, Pool};
+use crate::pool::Pool;
 use rooftop_quant::fp8::e8m0_to_f32;
 use rooftop_quant::{DType, QuantMode, QuantView, WeightView};
 use std::ops::Range;
@@ -295,6 +295,23 @@ unsafe impl Sync for SyncPtr {}
 /// Rows below this many weights run on one thread: a region's wake-up costs more.
 const PAR_MIN_WEIGHTS: usize = 1 << 15;
 
+/// Rows per work item: about 64K weights (32 KiB at 4 bits), a multiple of 8.
+pub(crate) fn rows_per_item(cols: usize) -> usize {
+    ((1usize << 16) / cols.max(1)).clamp(8, 1024) & !7
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's kernel scratch buffer.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// `y = x·Wᵀ` on `pool` with an explicit ISA (tests and A/B benchmarks).
 pub fn matmul_on(
     pool: &Pool,
@@ -305,39 +322,19 @@ pub fn matmul_on(
     y: &mut [f32],
     acts: &mut QActs,
 ) {
-    let (out, inp) = (w.rows(), w.cols());
-    assert_eq!(x.len(), n * inp, "x must be [n, in]");
-    assert_eq!(y.len(), n * out, "y must be [n, out]");
-    let plan = plan(w, isa);
-    let p = prepare(w, plan, x, n, acts);
-    let yp = SyncPtr(y.as_mut_ptr());
-    let body = |tid: usize, nth: usize| {
-        let (s, e) = split(out, tid, nth, 8);
-        if s == e {
-            return;
-        }
-        let r = RowArgs {
-            w: *w,
-            rows: s..e,
-            y: { yp }.0,
-            stride: out,
-            row0: 0,
-            alpha: None,
-            tok_map: None,
-        };
-        let mut scratch = Vec::new();
-        // SAFETY: `y` is [n, out]; this thread owns rows s..e.
-        unsafe { rows_kernel(isa, plan, &r, &p, n, &mut scratch) }
-    };
-    if out * inp < PAR_MIN_WEIGHTS {
-        body(0, 1);
-    } else {
-        pool.run(&|c| body(c.tid, c.nth));
-    }
+    matmul_multi_on(
+        pool,
+        isa,
+        std::slice::from_ref(w),
+        x,
+        n,
+        &mut [y],
+        std::slice::from_mut(acts),
+    )
 }
 
 /// `ys[i] = x·Wᵢᵀ` for several weights sharing one input (q/k/v, gate/up) in one
-/// parallel region: rows of all weights are split evenly across threads.
+/// parallel region: row blocks of all weights are the region's items.
 pub fn matmul_multi_on(
     pool: &Pool,
     isa: Isa,
@@ -381,43 +378,46 @@ pub fn matmul_multi_on(
             first[k] = i;
         }
     }
-    let mut preps = Vec::with_capacity(keys.len());
-    for (a, (k, &fi)) in acts.iter_mut().zip(keys.iter().zip(&first)) {
-        preps.push(prepare(&ws[fi], k.0, x, n, a));
-    }
-    let total: usize = ws.iter().map(|w| w.rows()).sum();
-    let yps: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
     for (w, y) in ws.iter().zip(ys.iter()) {
         assert_eq!(y.len(), n * w.rows(), "y must be [n, out]");
         assert_eq!(w.cols() * n, x.len(), "x must be [n, in]");
     }
-    let body = |tid: usize, nth: usize| {
-        let (s, e) = split(total, tid, nth, 8);
-        let mut scratch = Vec::new();
-        let mut base = 0;
-        for (i, w) in ws.iter().enumerate() {
-            let (lo, hi) = (s.max(base), e.min(base + w.rows()));
-            if lo < hi {
-                let r = RowArgs {
-                    w: *w,
-                    rows: lo - base..hi - base,
-                    y: { yps[i] }.0,
-                    stride: w.rows(),
-                    row0: 0,
-                    alpha: None,
-                    tok_map: None,
-                };
-                // SAFETY: row ranges are disjoint across threads.
-                unsafe { rows_kernel(isa, plans[i], &r, &preps[which[i]], n, &mut scratch) }
-            }
-            base += w.rows();
+    let mut preps = Vec::with_capacity(keys.len());
+    for (a, (k, &fi)) in acts.iter_mut().zip(keys.iter().zip(&first)) {
+        preps.push(prepare(&ws[fi], k.0, x, n, a));
+    }
+    // Items: (weight, row block).
+    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let step = rows_per_item(w.cols());
+        let mut r = 0;
+        while r < w.rows() {
+            let e = (r + step).min(w.rows());
+            items.push((i, r, e));
+            r = e;
         }
+    }
+    let yps: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    let body = |it: usize| {
+        let (i, s, e) = items[it];
+        let w = &ws[i];
+        let r = RowArgs {
+            w: *w,
+            rows: s..e,
+            y: { yps[i] }.0,
+            stride: w.rows(),
+            row0: 0,
+            alpha: None,
+            tok_map: None,
+        };
+        // SAFETY: row blocks are disjoint across items.
+        with_scratch(|scr| unsafe { rows_kernel(isa, plans[i], &r, &preps[which[i]], n, scr) })
     };
     let weights: usize = ws.iter().map(|w| w.rows() * w.cols()).sum();
     if weights < PAR_MIN_WEIGHTS {
-        body(0, 1);
+        (0..items.len()).for_each(body);
     } else {
-        pool.run(&|c| body(c.tid, c.nth));
+        pool.run(items.len(), &body);
     }
 }
 
