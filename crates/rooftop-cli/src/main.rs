@@ -30,6 +30,9 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Bytes per token, the tok/s ceiling, and experts read when verifying K tokens.
     Roofline(cmd::roofline::Args),
+    /// Generate text from a model directory (HF or MLX, quantized or not) on the CPU.
+    #[command(alias = "run")]
+    Generate(cmd::generate::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Fidelity(a) => cmd::fidelity::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Roofline(a) => cmd::roofline::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
