@@ -206,13 +206,10 @@ pub fn moe_forward_on(
 
     // Router (small: E rows) on the calling thread, then top-k.
     let rplan = plan(&w.router, isa);
-    let gplan = plan(&w.experts[0].gate, isa);
-    let dplan = plan(&w.experts[0].down, isa);
     s.acts_x.resize_with(2, QActs::new);
-    let (ax_r, ax_g) = s.acts_x.split_at_mut(1);
     s.logits.resize(n * ne, 0.0);
     {
-        let p = prepare(&w.router, rplan, x, n, &mut ax_r[0]);
+        let p = prepare(&w.router, rplan, x, n, &mut s.acts_x[0]);
         let r = RowArgs {
             w: w.router,
             rows: 0..ne,
@@ -230,15 +227,58 @@ pub fn moe_forward_on(
     for t in 0..n {
         route(&s.logits[t * ne..(t + 1) * ne], cfg, &mut s.chosen);
     }
-    s.last_routing.clear();
-    s.last_routing.extend(s.chosen.iter().map(|c| c.0));
+    let t_router = t_start.elapsed();
+    let chosen = std::mem::take(&mut s.chosen);
+    let r = experts_forward_on(pool, w.experts, w.shared.as_ref(), x, n, cfg.top_k.min(ne), &chosen, out, s);
+    s.chosen = chosen;
+    if s.timing {
+        s.times.router += t_router;
+    }
+    r
+}
 
+/// The expert half of the MoE step with routing chosen by the caller (models whose
+/// router this module does not implement, e.g. grouped top-k): `chosen` is `[T, K]`
+/// (expert, weight) pairs. `out[T, H] = Σ_k weight·expert(x) (+ shared(x))`.
+#[allow(clippy::too_many_arguments)]
+pub fn experts_forward_on(
+    pool: &Pool,
+    experts: &[Expert],
+    shared: Option<&Expert>,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    chosen: &[(u32, f32)],
+    out: &mut [f32],
+    s: &mut MoeScratch,
+) -> Result<(), CpuError> {
+    let ne = experts.len();
+    if ne == 0 || chosen.len() != n * k || chosen.iter().any(|c| c.0 as usize >= ne) {
+        return Err(CpuError::Shape(format!(
+            "moe: routing must be [{n}, {k}] pairs of experts below {ne}, got {} pairs",
+            chosen.len()
+        )));
+    }
+    let hid = experts[0].gate.cols();
+    if x.len() != n * hid || out.len() != n * hid {
+        return Err(CpuError::Shape(format!(
+            "moe: x and out must be [{n}, {hid}], got {} and {} elements",
+            x.len(),
+            out.len()
+        )));
+    }
+    let t_start = Instant::now();
+    let isa = isa();
+    let gplan = plan(&experts[0].gate, isa);
+    let dplan = plan(&experts[0].down, isa);
+    s.acts_x.resize_with(2, QActs::new);
+    s.last_routing.clear();
+    s.last_routing.extend(chosen.iter().map(|c| c.0));
     // Group tokens by expert.
-    let k = cfg.top_k.min(ne);
     let mut slot_of = vec![usize::MAX; ne + 1];
     let mut nact = 0;
     for t in 0..n {
-        for &(e, wt) in &s.chosen[t * k..(t + 1) * k] {
+        for &(e, wt) in &chosen[t * k..(t + 1) * k] {
             let e = e as usize;
             if slot_of[e] == usize::MAX {
                 slot_of[e] = nact;
@@ -256,7 +296,7 @@ pub fn moe_forward_on(
             a.weights.push(wt);
         }
     }
-    if w.shared.is_some() {
+    if shared.is_some() {
         if s.active.len() <= nact {
             s.active.push(Active::default());
         }
@@ -270,9 +310,9 @@ pub fn moe_forward_on(
     }
     let expert = |e: usize| {
         if e == ne {
-            w.shared.as_ref().unwrap()
+            shared.expect("slot ne is the shared expert")
         } else {
-            &w.experts[e]
+            &experts[e]
         }
     };
     let (mut h_off, mut row_off) = (0, 0);
@@ -285,7 +325,7 @@ pub fn moe_forward_on(
     }
     s.h.resize(h_off, 0.0);
     s.acts_h.resize_with(nact.max(s.acts_h.len()), QActs::new);
-    let dspec = match &w.experts[0].down {
+    let dspec = match &experts[0].down {
         WeightView::Quant(q) => Some(q.spec),
         _ => None,
     };
@@ -296,10 +336,9 @@ pub fn moe_forward_on(
             qa.reset(a.tokens.len(), expert(a.expert).down.cols(), spec, layout);
         }
     }
-    let t_router = t_start.elapsed();
 
     // Gathered x rows per active expert for gate/up (decode: T = 1, no gather).
-    let pg = prepare(&w.experts[0].gate, gplan, x, n, &mut ax_g[0]);
+    let pg = prepare(&experts[0].gate, gplan, x, n, &mut s.acts_x[1]);
     let active = &s.active[..nact];
     let hp = SyncPtr(s.h.as_mut_ptr());
     let outp = SyncPtr(out.as_mut_ptr());
@@ -355,7 +394,7 @@ pub fn moe_forward_on(
         }
     });
     // Region 2 items: row blocks of out; each runs down of every active expert.
-    let step = crate::gemv::rows_per_item(w.experts[0].down.cols() * nact.max(1));
+    let step = crate::gemv::rows_per_item(experts[0].down.cols() * nact.max(1));
     let blocks = hid.div_ceil(step);
     pool.run(blocks, &|b| {
         let (lo, hi) = (b * step, ((b + 1) * step).min(hid));
@@ -387,8 +426,7 @@ pub fn moe_forward_on(
         }
     });
     if s.timing {
-        s.times.router += t_router;
-        s.times.experts += t_start.elapsed() - t_router;
+        s.times.experts += t_start.elapsed();
     }
     Ok(())
 }
