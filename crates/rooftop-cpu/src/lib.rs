@@ -18,7 +18,7 @@ pub mod ops;
 pub mod pool;
 pub mod synth;
 
-pub use gemv::{isa, Isa};
+pub use gemv::{int8_activations, isa, set_int8_activations, Isa};
 pub use matmul::{matmul, matmul_ref};
 
 /// Errors of the CPU ops: bad shapes, named.

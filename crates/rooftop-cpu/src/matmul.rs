@@ -66,6 +66,8 @@ mod tests {
     /// activations can reach but a wrong layout or scale cannot: per element, the
     /// error of x is at most half a step of its block.
     fn check(w: &WeightView, n: usize, seed: u64, label: &str) {
+        // Every test here wants the int8 kernels (the exact path is `Isa::Portable`).
+        crate::gemv::set_int8_activations(true);
         let (out, inp) = (w.rows(), w.cols());
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let x: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-2.0..2.0)).collect();

@@ -122,6 +122,9 @@ pub struct Args {
     /// Size of the bandwidth test's buffer in MiB.
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
+    /// f32 activations for quantized weights (exact, slower) instead of int8.
+    #[arg(long)]
+    exact: bool,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -129,6 +132,7 @@ pub struct Args {
 
 #[derive(Serialize)]
 struct Report {
+    activations: &'static str,
     model: String,
     layers: usize,
     layers_of: usize,
@@ -187,6 +191,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--gen-tokens must be at least 1");
     }
     let recipe = args.recipe.recipe()?;
+    rooftop_cpu::set_int8_activations(!args.exact);
     let (preset, scaled) = sized_preset(&args.synthetic, args.layers, &recipe)?;
     let full = synth::preset(&args.synthetic).expect("checked").layers;
     let pool = match args.threads {
@@ -245,6 +250,7 @@ pub fn run(args: Args) -> Result<()> {
     let achieved = bpt * tok_s / 1e9;
     let roof = bw0.all_threads.max(bw1.all_threads);
     let r = Report {
+        activations: if args.exact { "f32" } else { "int8 per 32" },
         model: format!("synthetic {}", preset.name),
         layers: preset.layers,
         layers_of: full,
@@ -287,6 +293,7 @@ pub fn run(args: Args) -> Result<()> {
         "           weights random, {:.2} GB; routing {}",
         r.weight_gb, r.routing
     );
+    println!("kernels    activations {}", r.activations);
     println!("machine    {} threads, {}; read bandwidth {:.1} GB/s ({} threads; runs {:.1} / {:.1}), {:.1} GB/s (1 thread)",
         r.threads, r.isa, roof, r.threads, bw0.all_threads, bw1.all_threads, r.read_bw_1thread_gb_s);
     println!(

@@ -1,4 +1,4 @@
 pub mod bench;
 pub mod fidelity;
-pub mod roofline;
 pub mod generate;
+pub mod roofline;

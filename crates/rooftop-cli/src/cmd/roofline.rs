@@ -117,6 +117,7 @@ pub fn run(args: Args) -> Result<()> {
         ks.sort();
     }
     let measured_uniq = if args.measure_routing {
+        rooftop_cpu::set_int8_activations(true);
         let mut m = SynthModel::new(&preset, &recipe);
         let pool = Pool::global();
         let mut out = Vec::new();

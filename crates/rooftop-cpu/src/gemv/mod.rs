@@ -90,9 +90,39 @@ pub enum Plan {
     Portable,
 }
 
+static INT8: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Whether quantized weights run with int8 activations (fast, ~1/250 relative error per
+/// activation block, like llama.cpp's q8) or f32 activations (exact up to f32 rounding,
+/// what MLX computes; the engine's oracle tests need it). Default: exact, unless
+/// `ROOFTOP_ACTIVATIONS=int8`.
+pub fn int8_activations() -> bool {
+    use std::sync::atomic::Ordering;
+    match INT8.load(Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => {
+            let on = std::env::var("ROOFTOP_ACTIVATIONS").is_ok_and(|v| v == "int8");
+            INT8.store(u8::from(on), Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Choose int8 (fast) or f32 (exact) activations for quantized weights, process-wide.
+pub fn set_int8_activations(on: bool) {
+    INT8.store(u8::from(on), std::sync::atomic::Ordering::Relaxed);
+}
+
 pub fn plan(w: &WeightView, isa: Isa) -> Plan {
     if isa == Isa::Portable {
         return Plan::Portable;
+    }
+    if !int8_activations() {
+        return match w {
+            WeightView::Quant(q) if q.spec.mode != QuantMode::Mxfp8 => Plan::Portable,
+            _ => Plan::Float,
+        };
     }
     match w {
         WeightView::Dense { .. } => Plan::Float,

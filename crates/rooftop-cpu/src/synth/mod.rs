@@ -225,6 +225,8 @@ mod tests {
     /// config alone (issue 6: within 2%), for plain and mixed recipes.
     #[test]
     fn measured_bytes_agree_with_config_count() {
+        // Every test here wants the int8 kernels (the exact path is `Isa::Portable`).
+        crate::gemv::set_int8_activations(true);
         let tiny = Preset {
             name: "tiny",
             hidden: 256,
