@@ -30,6 +30,10 @@ enum Command {
     Quantize(cmd::quantize::Args),
     /// Perplexity and KL divergence of quantized models against a reference.
     Eval(cmd::eval::Args),
+    /// Prefill/decode speed and % of this machine's memory-bandwidth roofline.
+    Bench(cmd::bench::Args),
+    /// Bytes per token, the tok/s ceiling, and experts read when verifying K tokens.
+    Roofline(cmd::roofline::Args),
     /// Generate text from a model directory (HF or MLX, quantized or not) on the CPU.
     #[command(alias = "run")]
     Generate(cmd::generate::Args),
@@ -41,6 +45,8 @@ fn main() -> std::process::ExitCode {
         Command::Fidelity(a) => cmd::fidelity::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Roofline(a) => cmd::roofline::run(a),
         Command::Generate(a) => cmd::generate::run(a),
     };
     match result {

@@ -1,6 +1,29 @@
-//! CPU kernels. Every op has a plain reference beside its fast version, and the fast
-//! one is tested against it.
+//! CPU kernels for batch-1 and small-batch decode. Every op has a plain reference
+//! beside its fast version, and the fast one is tested against it.
+//!
+//! - [`matmul`]: `y = x·Wᵀ` on any weight format (AVX-512 VNNI / AVX2 / portable,
+//!   chosen at run time).
+//! - [`moe::moe_forward`]: the fused MoE step (router, top-k, experts, weighted sum).
+//! - [`attention::attention`], [`ops`]: attention over a KV cache, RMSNorm, RoPE.
+//! - [`pool::Pool`]: the persistent thread pool every parallel region runs on.
+//! - [`bandwidth::measure`]: the machine's streaming-read bandwidth (the roofline).
 
+pub mod acts;
+pub mod attention;
+pub mod bandwidth;
+pub mod gemv;
 pub mod matmul;
+pub mod moe;
+pub mod ops;
+pub mod pool;
+pub mod synth;
 
+pub use gemv::{int8_activations, isa, set_int8_activations, Isa};
 pub use matmul::{matmul, matmul_ref};
+
+/// Errors of the CPU ops: bad shapes, named.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("{0}")]
+    Shape(String),
+}

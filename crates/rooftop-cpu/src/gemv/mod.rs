@@ -1,0 +1,458 @@
+//! `y = x · Wᵀ` for small batches (decode: 1–16 rows of x) on every weight format.
+//!
+//! The instruction set is chosen once at run time ([`isa`]); each weight format maps to
+//! one kernel family ([`Plan`]). Quantized weights with 4-bit or affine codes use int8
+//! activations ([`QActs`]); float formats use f32 activations. The portable path
+//! dequantizes rows to f32 and is what non-x86 machines run.
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::acts::{ActLayout, QActs, QBLOCK};
+use crate::pool::Pool;
+use rooftop_quant::fp8::e8m0_to_f32;
+use rooftop_quant::{DType, QuantMode, QuantView, WeightView};
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Instruction set of the kernels, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    /// AVX-512 VNNI + VBMI (Ice Lake, Zen 4 and later) on 256-bit vectors.
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+    /// Every ISA this CPU can run (for tests and A/B benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let best = detect();
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| *i <= best)
+            .collect()
+    }
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("bmi2");
+        let vnni = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vbmi");
+        if vnni {
+            return Isa::Avx512Vnni;
+        }
+        if avx2 {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// The ISA in use: the best this CPU has, or `ROOFTOP_ISA=portable|avx2|avx512-vnni`
+/// if that is lower (for A/B measurements).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detect();
+        match std::env::var("ROOFTOP_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => best.min(Isa::Avx2),
+            _ => best,
+        }
+    })
+}
+
+/// Which kernel family a weight runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// int8 activations in this layout.
+    Int(ActLayout),
+    /// f32 activations (dense, MXFP8).
+    Float,
+    /// Dequantize rows to f32 (no SIMD, or a shape the SIMD kernels do not cover).
+    Portable,
+}
+
+static INT8: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Whether quantized weights run with int8 activations (fast, ~1/250 relative error per
+/// activation block, like llama.cpp's q8) or f32 activations (exact up to f32 rounding,
+/// what MLX computes; the engine's oracle tests need it). Default: exact, unless
+/// `ROOFTOP_ACTIVATIONS=int8`.
+pub fn int8_activations() -> bool {
+    use std::sync::atomic::Ordering;
+    match INT8.load(Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => {
+            let on = std::env::var("ROOFTOP_ACTIVATIONS").is_ok_and(|v| v == "int8");
+            INT8.store(u8::from(on), Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Choose int8 (fast) or f32 (exact) activations for quantized weights, process-wide.
+pub fn set_int8_activations(on: bool) {
+    INT8.store(u8::from(on), std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn plan(w: &WeightView, isa: Isa) -> Plan {
+    if isa == Isa::Portable {
+        return Plan::Portable;
+    }
+    if !int8_activations() {
+        return match w {
+            WeightView::Quant(q) if q.spec.mode != QuantMode::Mxfp8 => Plan::Portable,
+            _ => Plan::Float,
+        };
+    }
+    match w {
+        WeightView::Dense { .. } => Plan::Float,
+        WeightView::Quant(q) => match q.spec.mode {
+            QuantMode::Affine if q.spec.bits == 4 && q.cols % 64 == 0 => {
+                Plan::Int(ActLayout::Nibble { fp4: false })
+            }
+            QuantMode::Affine => Plan::Int(ActLayout::Natural),
+            QuantMode::Nvfp4 | QuantMode::Mxfp4 if q.cols % 64 == 0 => {
+                Plan::Int(ActLayout::Nibble { fp4: true })
+            }
+            QuantMode::Mxfp8 => Plan::Float,
+            _ => Plan::Portable,
+        },
+    }
+}
+
+/// Activations prepared for one weight format; reuse across weights of that format.
+pub enum Prepared<'a> {
+    Int(&'a QActs),
+    Float(&'a [f32]),
+}
+
+/// Quantize `x` `[n, cols]` as `w`'s kernel wants (no-op for float plans).
+pub fn prepare<'a>(
+    w: &WeightView,
+    plan: Plan,
+    x: &'a [f32],
+    n: usize,
+    acts: &'a mut QActs,
+) -> Prepared<'a> {
+    match (plan, w) {
+        (Plan::Int(layout), WeightView::Quant(q)) => {
+            acts.quantize(x, n, q.cols, q.spec, layout);
+            Prepared::Int(acts)
+        }
+        _ => Prepared::Float(x),
+    }
+}
+
+/// Where a row range writes: `y[t·stride + row − row0]`, either stored or
+/// accumulated as `y += alpha·v` (the MoE's weighted expert sum).
+pub(crate) struct RowArgs<'a> {
+    pub w: WeightView<'a>,
+    pub rows: Range<usize>,
+    pub y: *mut f32,
+    pub stride: usize,
+    pub row0: usize,
+    /// Per local token: accumulate `y += alpha[t]·v` instead of storing.
+    pub alpha: Option<&'a [f32]>,
+    /// Per local token: the output row of `y` it writes (default: `t`).
+    pub tok_map: Option<&'a [u32]>,
+}
+
+impl RowArgs<'_> {
+    #[inline(always)]
+    pub(crate) fn q(&self) -> &QuantView<'_> {
+        match &self.w {
+            WeightView::Quant(q) => q,
+            WeightView::Dense { .. } => unreachable!("int kernels take quantized weights"),
+        }
+    }
+    #[inline(always)]
+    pub(crate) unsafe fn put(&self, t: usize, row: usize, v: f32) {
+        let tt = match self.tok_map {
+            Some(m) => m[t] as usize,
+            None => t,
+        };
+        let p = self.y.add(tt * self.stride + row - self.row0);
+        match self.alpha {
+            None => *p = v,
+            Some(a) => *p += a[t] * v,
+        }
+    }
+}
+
+fn e4m3_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(rooftop_quant::fp8::e4m3_table)
+}
+
+/// Row `row`'s scales as f32 into `ws` (fp4: halved, for the doubled E2M1 table) and
+/// affine biases into `wb`.
+pub(crate) fn row_scales(w: &QuantView, row: usize, fp4: bool, ws: &mut [f32], wb: &mut [f32]) {
+    let ng = w.cols / w.spec.group_size;
+    match w.spec.mode {
+        QuantMode::Affine => {
+            let sb = w.scale_dtype.size();
+            let r = row * ng * sb..(row + 1) * ng * sb;
+            rooftop_quant::dtype::bytes_to_f32(w.scale_dtype, &w.scales[r.clone()], &mut ws[..ng]);
+            rooftop_quant::dtype::bytes_to_f32(
+                w.scale_dtype,
+                &w.biases.unwrap_or(&[])[r],
+                &mut wb[..ng],
+            );
+        }
+        QuantMode::Nvfp4 => {
+            let t = e4m3_table();
+            let k = if fp4 { 0.5 } else { 1.0 }
+                * w.global_scale
+                    .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
+            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
+                *o = t[c as usize] * k;
+            }
+        }
+        QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
+            let k = if fp4 { 0.5 } else { 1.0 };
+            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
+                *o = e8m0_to_f32(c) * k;
+            }
+        }
+    }
+}
+
+/// Dense tail elements as f32 (`kind`: 0 f32, 1 f16, 2 bf16).
+pub(crate) unsafe fn dense_tail(
+    kind: u8,
+    wrow: *const u8,
+    start: usize,
+    len: usize,
+    out: &mut [f32],
+) {
+    let (dt, sz) = match kind {
+        0 => (DType::F32, 4),
+        1 => (DType::F16, 2),
+        _ => (DType::BF16, 2),
+    };
+    let bytes = std::slice::from_raw_parts(wrow.add(start * sz), len * sz);
+    rooftop_quant::dtype::bytes_to_f32(dt, bytes, &mut out[..len]);
+}
+
+/// Single-threaded kernel over a row range. `scratch` is per-thread.
+///
+/// # Safety
+/// `r.y` must be valid for every `(t, row)` written, and not written by another
+/// thread concurrently for the same indices.
+pub(crate) unsafe fn rows_kernel(
+    isa: Isa,
+    plan: Plan,
+    r: &RowArgs,
+    p: &Prepared,
+    n: usize,
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match (plan, p, isa) {
+        (Plan::Int(_), Prepared::Int(a), Isa::Avx512Vnni) => {
+            return x86::int_rows_vnni(r, a, scratch)
+        }
+        (Plan::Int(_), Prepared::Int(a), Isa::Avx2) => return x86::int_rows_avx2(r, a, scratch),
+        (Plan::Float, Prepared::Float(x), Isa::Avx2 | Isa::Avx512Vnni) => {
+            return x86::float_rows_avx2(r, x, n, scratch)
+        }
+        _ => {}
+    }
+    let x = match p {
+        Prepared::Float(x) => x,
+        Prepared::Int(_) => unreachable!("portable plan gets f32 activations"),
+    };
+    portable_rows(r, x, n, scratch);
+}
+
+/// Portable: dequantize each row to f32 once, dot with every token.
+unsafe fn portable_rows(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>) {
+    let cols = r.w.cols();
+    scratch.resize(cols, 0.0);
+    for row in r.rows.clone() {
+        r.w.row_f32(row, scratch);
+        for t in 0..n {
+            r.put(t, row, dot(scratch, &x[t * cols..(t + 1) * cols]));
+        }
+    }
+}
+
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorize without reassociating.
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: threads write disjoint indices (row ranges from `split`).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// Rows below this many weights run on one thread: a region's wake-up costs more.
+const PAR_MIN_WEIGHTS: usize = 1 << 15;
+
+/// Rows per work item: about 64K weights (32 KiB at 4 bits), a multiple of 8.
+pub(crate) fn rows_per_item(cols: usize) -> usize {
+    ((1usize << 16) / cols.max(1)).clamp(8, 1024) & !7
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's kernel scratch buffer.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// `y = x·Wᵀ` on `pool` with an explicit ISA (tests and A/B benchmarks).
+pub fn matmul_on(
+    pool: &Pool,
+    isa: Isa,
+    w: &WeightView,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    acts: &mut QActs,
+) {
+    matmul_multi_on(
+        pool,
+        isa,
+        std::slice::from_ref(w),
+        x,
+        n,
+        &mut [y],
+        std::slice::from_mut(acts),
+    )
+}
+
+/// `ys[i] = x·Wᵢᵀ` for several weights sharing one input (q/k/v, gate/up) in one
+/// parallel region: row blocks of all weights are the region's items.
+pub fn matmul_multi_on(
+    pool: &Pool,
+    isa: Isa,
+    ws: &[WeightView],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+    acts: &mut [QActs],
+) {
+    assert_eq!(ws.len(), ys.len());
+    let plans: Vec<Plan> = ws.iter().map(|w| plan(w, isa)).collect();
+    // One prepared activation per distinct plan and format (scales differ by group).
+    let mut keys: Vec<(Plan, Option<rooftop_quant::QuantSpec>)> = Vec::new();
+    let mut which = Vec::with_capacity(ws.len());
+    for (w, p) in ws.iter().zip(&plans) {
+        let spec = match w {
+            WeightView::Quant(q) => Some(q.spec),
+            _ => None,
+        };
+        let k = (
+            *p,
+            if matches!(p, Plan::Int(_)) {
+                spec
+            } else {
+                None
+            },
+        );
+        let i = keys.iter().position(|e| *e == k).unwrap_or_else(|| {
+            keys.push(k);
+            keys.len() - 1
+        });
+        which.push(i);
+    }
+    assert!(
+        acts.len() >= keys.len(),
+        "need one QActs per distinct format"
+    );
+    let mut first = vec![usize::MAX; keys.len()];
+    for (i, &k) in which.iter().enumerate() {
+        if first[k] == usize::MAX {
+            first[k] = i;
+        }
+    }
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(y.len(), n * w.rows(), "y must be [n, out]");
+        assert_eq!(w.cols() * n, x.len(), "x must be [n, in]");
+    }
+    let mut preps = Vec::with_capacity(keys.len());
+    for (a, (k, &fi)) in acts.iter_mut().zip(keys.iter().zip(&first)) {
+        preps.push(prepare(&ws[fi], k.0, x, n, a));
+    }
+    // Items: (weight, row block).
+    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let step = rows_per_item(w.cols());
+        let mut r = 0;
+        while r < w.rows() {
+            let e = (r + step).min(w.rows());
+            items.push((i, r, e));
+            r = e;
+        }
+    }
+    let yps: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    let body = |it: usize| {
+        let (i, s, e) = items[it];
+        let w = &ws[i];
+        let r = RowArgs {
+            w: *w,
+            rows: s..e,
+            y: { yps[i] }.0,
+            stride: w.rows(),
+            row0: 0,
+            alpha: None,
+            tok_map: None,
+        };
+        // SAFETY: row blocks are disjoint across items.
+        with_scratch(|scr| unsafe { rows_kernel(isa, plans[i], &r, &preps[which[i]], n, scr) })
+    };
+    let weights: usize = ws.iter().map(|w| w.rows() * w.cols()).sum();
+    if weights < PAR_MIN_WEIGHTS {
+        (0..items.len()).for_each(body);
+    } else {
+        pool.run(items.len(), &body);
+    }
+}
+
+/// Rows per MoE work item are aligned to this (int8 activation chunks are 64 wide).
+pub const ROW_ALIGN: usize = 64;
+
+#[allow(dead_code)]
+const _: () = assert!(ROW_ALIGN.is_multiple_of(QBLOCK));
