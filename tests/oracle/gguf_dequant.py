@@ -4,9 +4,10 @@
       Writes a GGUF with gguf-py's writer: every metadata value type (arrays included)
       and one tensor per type gguf-py can quantize, quantized by gguf.quants.quantize
       from seeded random data.
-  gguf_dequant.py dequant IN.gguf OUT_DIR
+  gguf_dequant.py dequant IN.gguf OUT_DIR [TENSOR...]
       Reads IN.gguf with gguf-py's reader and writes OUT_DIR/<tensor>.f32 (raw
-      little-endian float32) from gguf.quants.dequantize, plus OUT_DIR/meta.txt with
+      little-endian float32) from gguf.quants.dequantize (all tensors, or those
+      named), plus OUT_DIR/meta.txt with
       each metadata key and its gguf-py value types.
 """
 import sys
@@ -49,7 +50,7 @@ def make(out: str) -> None:
     w.close()
 
 
-def dequant(path: str, out_dir: str) -> None:
+def dequant(path: str, out_dir: str, *names: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     r = gguf.GGUFReader(path)
@@ -60,6 +61,8 @@ def dequant(path: str, out_dir: str) -> None:
         lines.append(f"{k}\t{','.join(t.name for t in f.types)}")
     (out / "meta.txt").write_text("\n".join(lines) + "\n")
     for t in r.tensors:
+        if names and t.name not in names:
+            continue
         y = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         (out / f"{t.name}.f32").write_bytes(np.ascontiguousarray(y).tobytes())
 
@@ -69,6 +72,6 @@ if __name__ == "__main__":
     if cmd == "make":
         make(sys.argv[2])
     elif cmd == "dequant":
-        dequant(sys.argv[2], sys.argv[3])
+        dequant(sys.argv[2], sys.argv[3], *sys.argv[4:])
     else:
         raise SystemExit(f"unknown command {cmd}")
