@@ -30,6 +30,7 @@
 //! # Ok::<(), rooftop_gguf::GgufError>(())
 //! ```
 
+pub mod arch;
 pub mod blocks;
 mod error;
 pub mod kernels;
@@ -39,6 +40,7 @@ mod types;
 mod value;
 mod writer;
 
+pub use arch::Hparams;
 pub use error::{GgufError, Result};
 pub use kernels::GgufMatrix;
 pub use reader::{GgufFile, TensorInfo, DEFAULT_ALIGNMENT};

@@ -155,3 +155,77 @@ fn requests_against_a_good_file_fail_cleanly() {
         Err(GgufError::Unsupported { .. })
     ));
 }
+
+fn tiny_llama(arch: &str, heads_kv: u32) -> Vec<u8> {
+    let mut w = GgufWriter::new();
+    let f32s = |n: usize| vec![0u8; n * 4];
+    w.kv("general.architecture", Value::String(arch.into()))
+        .kv(&format!("{arch}.block_count"), Value::U32(1))
+        .kv(&format!("{arch}.embedding_length"), Value::U32(32))
+        .kv(&format!("{arch}.feed_forward_length"), Value::U32(64))
+        .kv(&format!("{arch}.attention.head_count"), Value::U32(2))
+        .kv(
+            &format!("{arch}.attention.head_count_kv"),
+            Value::U32(heads_kv),
+        )
+        .kv(&format!("{arch}.vocab_size"), Value::U32(4));
+    w.tensor("token_embd.weight", GgmlType::F32, &[32, 4], f32s(128))
+        .tensor("output_norm.weight", GgmlType::F32, &[32], f32s(32))
+        .tensor("blk.0.attn_norm.weight", GgmlType::F32, &[32], f32s(32))
+        .tensor("blk.0.attn_q.weight", GgmlType::F32, &[32, 32], f32s(1024))
+        .tensor("blk.0.attn_k.weight", GgmlType::F32, &[32, 16], f32s(512))
+        .tensor("blk.0.attn_v.weight", GgmlType::F32, &[32, 16], f32s(512))
+        .tensor(
+            "blk.0.attn_output.weight",
+            GgmlType::F32,
+            &[32, 32],
+            f32s(1024),
+        )
+        .tensor("blk.0.ffn_norm.weight", GgmlType::F32, &[32], f32s(32))
+        .tensor(
+            "blk.0.ffn_gate.weight",
+            GgmlType::F32,
+            &[32, 64],
+            f32s(2048),
+        )
+        .tensor("blk.0.ffn_up.weight", GgmlType::F32, &[32, 64], f32s(2048))
+        .tensor(
+            "blk.0.ffn_down.weight",
+            GgmlType::F32,
+            &[64, 32],
+            f32s(2048),
+        );
+    w.to_bytes()
+}
+
+#[test]
+fn architecture_errors_are_clear() {
+    use rooftop_gguf::Hparams;
+    let ok = GgufFile::from_bytes(tiny_llama("llama", 1)).unwrap();
+    let hp = Hparams::from_file(&ok).unwrap();
+    assert_eq!(
+        (hp.kv_heads, hp.head_dim, hp.tied_embeddings),
+        (1, 16, true)
+    );
+    // Unknown architecture.
+    let f = GgufFile::from_bytes(tiny_llama("mamba9", 1)).unwrap();
+    let e = Hparams::from_file(&f).unwrap_err().to_string();
+    assert!(e.contains("mamba9") && e.contains("not supported"), "{e}");
+    // Metadata says 2 kv heads: attn_k [32, 16] contradicts [32, 32].
+    let f = GgufFile::from_bytes(tiny_llama("llama", 2)).unwrap();
+    let e = Hparams::from_file(&f).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.0.attn_k.weight") && e.contains("contradicts"),
+        "{e}"
+    );
+    // kv heads that do not divide the heads.
+    let f = GgufFile::from_bytes(tiny_llama("llama", 3)).unwrap();
+    assert!(Hparams::from_file(&f).is_err());
+    // A tensor the architecture needs is missing (qwen3 wants qk-norm weights).
+    let f = GgufFile::from_bytes(tiny_llama("qwen3", 1)).unwrap();
+    let e = Hparams::from_file(&f).unwrap_err();
+    assert!(
+        matches!(e, GgufError::MissingTensor(ref n) if n == "blk.0.attn_q_norm.weight"),
+        "{e}"
+    );
+}

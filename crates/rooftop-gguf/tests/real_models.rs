@@ -223,3 +223,32 @@ fn tokenizers_round_trip_and_know_their_special_tokens() {
     assert_eq!(ids[0], 2);
     assert_eq!(tk.decode(&ids[1..]).unwrap(), text);
 }
+
+#[test]
+fn hyper_parameters_of_real_models() {
+    if rooftop_oracle::skip_requested() {
+        return;
+    }
+    use rooftop_gguf::arch::{Activation, Arch, RopeStyle};
+    use rooftop_gguf::Hparams;
+    let smol = Hparams::from_file(&GgufFile::open(models().join(SMOLLM2)).unwrap()).unwrap();
+    assert_eq!(smol.arch, Arch::Llama);
+    assert_eq!((smol.layers, smol.embd, smol.ff), (30, 576, 1536));
+    assert_eq!((smol.heads, smol.kv_heads, smol.head_dim), (9, 3, 64));
+    assert_eq!((smol.vocab, smol.rope_base), (49152, 100000.0));
+    assert_eq!(smol.rope_style, RopeStyle::Interleaved);
+    assert!(smol.tied_embeddings && !smol.qk_norm && smol.sliding_window.is_none());
+
+    let gemma = Hparams::from_file(&GgufFile::open(models().join(GEMMA3)).unwrap()).unwrap();
+    assert_eq!(gemma.arch, Arch::Gemma3);
+    assert_eq!((gemma.layers, gemma.embd, gemma.ff), (18, 640, 2048));
+    assert_eq!((gemma.heads, gemma.kv_heads, gemma.head_dim), (4, 1, 256));
+    assert_eq!(gemma.vocab, 262144);
+    assert_eq!(gemma.activation, Activation::GeluTanh);
+    assert_eq!(gemma.sliding_window, Some(512));
+    assert!(gemma.qk_norm && gemma.sandwich_norms && gemma.tied_embeddings);
+    assert_eq!(gemma.embed_scale, Some(640f32.sqrt()));
+    // Layers 5, 11, 17 are global; the rest slide.
+    let global: Vec<usize> = (0..18).filter(|&l| !gemma.is_local(l)).collect();
+    assert_eq!(global, [5, 11, 17]);
+}
