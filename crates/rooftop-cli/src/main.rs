@@ -26,12 +26,16 @@ struct Cli {
 enum Command {
     /// Round-trip error of every weight format on a tensor or on generated data.
     Fidelity(cmd::fidelity::Args),
+    /// Generate text from a model directory (HF or MLX, quantized or not) on the CPU.
+    #[command(alias = "run")]
+    Generate(cmd::generate::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fidelity(a) => cmd::fidelity::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

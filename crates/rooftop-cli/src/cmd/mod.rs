@@ -1,1 +1,2 @@
 pub mod fidelity;
+pub mod generate;
