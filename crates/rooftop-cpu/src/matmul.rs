@@ -24,6 +24,10 @@ pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * inp, "x must be [n, in]");
     assert_eq!(y.len(), n * out, "y must be [n, out]");
+    if let WeightView::Gguf(g) = w {
+        // ggml blocks have their own kernels (rooftop_gguf::kernels); sizes checked above.
+        return rooftop_gguf::kernels::matmul(g, x, n, y).expect("GGUF matmul sizes");
+    }
     const BLOCK: usize = 16;
     // Compute into a transposed buffer [out, n] so row blocks are disjoint slices.
     let mut yt = vec![0f32; out * n];

@@ -31,6 +31,7 @@
 mod config;
 mod error;
 mod generate;
+pub mod gguf;
 pub mod layers;
 pub mod model;
 mod models;

@@ -141,10 +141,19 @@ pub struct Model {
 }
 
 impl Model {
-    /// Load `dir` (config.json + safetensors shards). Weights stay memory-mapped.
+    /// Load `dir` (config.json + safetensors shards) or a lone `.gguf` file. Weights stay
+    /// memory-mapped.
     pub fn load(dir: &Path) -> Result<Self> {
+        if dir.extension().is_some_and(|e| e == "gguf") {
+            let src = crate::gguf::GgufSource::open(dir)?;
+            return Self::from_store(src.config()?, Store::from_gguf(src));
+        }
         let config = Config::load(&dir.join("config.json"))?;
-        let store = Arc::new(Store::open(dir)?);
+        Self::from_store(config, Store::open(dir)?)
+    }
+
+    fn from_store(config: Config, store: Store) -> Result<Self> {
+        let store = Arc::new(store);
         let loader = Loader {
             store: &store,
             quant: QuantConfig::parse(&config)?,

@@ -153,12 +153,16 @@ impl Block for BlockQ2K {
     const QK: usize = QK_K;
     fn dequantize(&self, y: &mut [f32]) {
         let (d, min) = (h(self.d), h(self.dmin));
-        for (e, v) in y[..QK_K].iter_mut().enumerate() {
-            let (hf, s, l) = (e / 128, (e / 32) % 4, e % 32);
-            let sc = self.scales[e / 16];
+        // Contiguous runs of 16 values share a scale: loops the compiler vectorizes.
+        for (g, yg) in y[..QK_K].chunks_exact_mut(16).enumerate() {
+            let (hf, s, l0) = (g / 8, (g / 2) % 4, 16 * (g % 2));
+            let sc = self.scales[g];
             let dl = d * (sc & 0x0F) as f32;
             let ml = min * (sc >> 4) as f32;
-            *v = dl * ((self.qs[32 * hf + l] >> (2 * s)) & 3) as f32 - ml;
+            let qs = &self.qs[32 * hf + l0..32 * hf + l0 + 16];
+            for (v, &q) in yg.iter_mut().zip(qs) {
+                *v = dl * ((q >> (2 * s)) & 3) as f32 - ml;
+            }
         }
     }
 }
@@ -195,16 +199,17 @@ impl Block for BlockQ3K {
     fn dequantize(&self, y: &mut [f32]) {
         let d = h(self.d);
         let sc = self.sub_scales();
-        for (e, v) in y[..QK_K].iter_mut().enumerate() {
-            let (hf, s, l) = (e / 128, (e / 32) % 4, e % 32);
-            let dl = d * sc[e / 16] as f32;
-            let low = ((self.qs[32 * hf + l] >> (2 * s)) & 3) as i8;
-            let minus4 = if (self.hmask[l] >> (e / 32)) & 1 == 1 {
-                0
-            } else {
-                4
-            };
-            *v = dl * (low - minus4) as f32;
+        for (g, yg) in y[..QK_K].chunks_exact_mut(16).enumerate() {
+            let (hf, s, l0) = (g / 8, (g / 2) % 4, 16 * (g % 2));
+            let dl = d * sc[g] as f32;
+            let bit = g / 2; // value 32·bit + l takes its third bit from hmask[l] bit `bit`
+            let qs = &self.qs[32 * hf + l0..32 * hf + l0 + 16];
+            let hm = &self.hmask[l0..l0 + 16];
+            for ((v, &q), &m) in yg.iter_mut().zip(qs).zip(hm) {
+                let low = ((q >> (2 * s)) & 3) as i8;
+                let minus4 = (((m >> bit) & 1) ^ 1) as i8 * 4;
+                *v = dl * (low - minus4) as f32;
+            }
         }
     }
 }
@@ -296,12 +301,15 @@ impl Block for BlockQ6K {
     const QK: usize = QK_K;
     fn dequantize(&self, y: &mut [f32]) {
         let d = h(self.d);
-        for (e, v) in y[..QK_K].iter_mut().enumerate() {
-            let (hf, s, l) = (e / 128, (e / 32) % 4, e % 32);
-            let lo = (self.ql[64 * hf + 32 * (s % 2) + l] >> (4 * (s / 2))) & 0x0F;
-            let hi = (self.qh[32 * hf + l] >> (2 * s)) & 3;
-            let q = (lo | (hi << 4)) as i8 - 32;
-            *v = d * (self.scales[e / 16] as i8) as f32 * q as f32;
+        for (g, yg) in y[..QK_K].chunks_exact_mut(16).enumerate() {
+            let (hf, s, l0) = (g / 8, (g / 2) % 4, 16 * (g % 2));
+            let dl = d * (self.scales[g] as i8) as f32;
+            let ql = &self.ql[64 * hf + 32 * (s % 2) + l0..][..16];
+            let qh = &self.qh[32 * hf + l0..][..16];
+            for ((v, &lo), &hi) in yg.iter_mut().zip(ql).zip(qh) {
+                let q = (((lo >> (4 * (s / 2))) & 0x0F) | (((hi >> (2 * s)) & 3) << 4)) as i8 - 32;
+                *v = dl * q as f32;
+            }
         }
     }
 }
