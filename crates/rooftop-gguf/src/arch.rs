@@ -112,7 +112,7 @@ impl Hparams {
 
     /// Whether layer `il` attends within the sliding window only.
     pub fn is_local(&self, il: usize) -> bool {
-        self.sliding_window.is_some() && (il + 1) % self.swa_period != 0
+        self.sliding_window.is_some() && !(il + 1).is_multiple_of(self.swa_period)
     }
 
     fn from_metadata(md: &Metadata, tied: bool) -> Result<Self> {
