@@ -33,7 +33,7 @@ fn gg(path: &Path, e: rooftop_gguf::GgufError) -> EngineError {
 }
 
 /// The GGUF name of a Hugging Face tensor name, for the tensors these models read.
-pub fn gguf_name(hf: &str) -> Option<String> {
+pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     let top = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -46,8 +46,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?; // kind = weight | bias
+    let gemma = arch == Arch::Gemma3;
     let g = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "post_attention_layernorm" => "ffn_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
@@ -86,14 +90,7 @@ impl GgufSource {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Qwen3Moe => "qwen3_moe",
-            Arch::Gemma3 => {
-                return Err(EngineError::Config {
-                    path: self.path.clone(),
-                    msg: "gemma3 GGUF: sliding-window layers, sandwich norms and GeGLU are not \
-                          in the engine yet"
-                        .into(),
-                })
-            }
+            Arch::Gemma3 => "gemma3_text",
         };
         let md = &self.file.metadata;
         let id = |k: &str| md.u64(k).ok();
@@ -118,6 +115,13 @@ impl GgufSource {
         if h.context > 0 {
             v["max_position_embeddings"] = h.context.into();
         }
+        if h.arch == Arch::Gemma3 {
+            v["sliding_window"] = h.sliding_window.into();
+            v["sliding_window_pattern"] = h.swa_period.into();
+            v["rope_local_base_freq"] = h.rope_base_local.map(|b| b as f64).into();
+            // llama.cpp scales scores by 1/√head_dim for every size but 27B.
+            v["query_pre_attn_scalar"] = (h.head_dim as f64).into();
+        }
         if let Some(m) = h.moe {
             v["num_experts"] = m.experts.into();
             v["num_experts_per_tok"] = m.experts_used.into();
@@ -133,7 +137,7 @@ impl GgufSource {
     }
 
     pub fn contains(&self, hf: &str) -> bool {
-        gguf_name(hf).is_some_and(|g| self.file.info(&g).is_ok())
+        gguf_name(self.hparams.arch, hf).is_some_and(|g| self.file.info(&g).is_ok())
     }
 
     fn info(&self, hf: &str) -> Result<(String, &rooftop_gguf::TensorInfo)> {
@@ -141,7 +145,7 @@ impl GgufSource {
             tensor: hf.into(),
             dir: self.path.clone(),
         };
-        let g = gguf_name(hf).ok_or_else(missing)?;
+        let g = gguf_name(self.hparams.arch, hf).ok_or_else(missing)?;
         let t = self.file.info(&g).map_err(|_| missing())?;
         Ok((g, t))
     }
@@ -162,7 +166,13 @@ impl GgufSource {
         if t.shape != [len as u64] {
             return Err(self.shape_err(hf, vec![len], &t.shape));
         }
-        self.file.tensor_f32(&g).map_err(|e| gg(&self.path, e))
+        let mut v = self.file.tensor_f32(&g).map_err(|e| gg(&self.path, e))?;
+        // llama.cpp's converter stores gemma's `1 + w` norms with the 1 added; present
+        // the checkpoint's `w` so the model file serves both sources.
+        if self.hparams.arch == Arch::Gemma3 && g.ends_with("norm.weight") {
+            v.iter_mut().for_each(|w| *w -= 1.0);
+        }
+        Ok(v)
     }
 
     /// `{path}.weight` as `lead × [rows, cols]` matrices in the file's block format.
