@@ -30,6 +30,12 @@ thread_local! {
 /// activations per block of 32 (see [`crate::acts`]): relative error ~1/250 of each
 /// block's largest |x|, like llama.cpp's q8 activations.
 pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
+    if let WeightView::Gguf(g) = w {
+        // ggml blocks have their own kernels (rooftop_gguf::kernels).
+        assert_eq!(x.len(), n * g.cols, "x must be [n, in]");
+        assert_eq!(y.len(), n * g.rows, "y must be [n, out]");
+        return rooftop_gguf::kernels::matmul(g, x, n, y).expect("GGUF matmul sizes");
+    }
     ACTS.with(|a| match a.try_borrow_mut() {
         Ok(mut a) => matmul_on(Pool::global(), isa(), w, x, n, y, &mut a),
         Err(_) => matmul_on(Pool::global(), isa(), w, x, n, y, &mut QActs::new()),

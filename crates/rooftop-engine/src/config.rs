@@ -50,6 +50,11 @@ pub struct Config {
     pub topk_method: Option<String>,
     pub eos_token_id: Option<Value>,
     pub bos_token_id: Option<Value>,
+    // Gemma 3: local (sliding-window) layers with their own rope base; every
+    // `sliding_window_pattern`-th layer is global (`sliding_window` above).
+    pub sliding_window_pattern: Option<usize>,
+    pub rope_local_base_freq: Option<f64>,
+    pub query_pre_attn_scalar: Option<f64>,
     /// MLX quantization: global `group_size`/`bits`/`mode` plus per-module overrides.
     pub quantization: Option<Value>,
     pub quantization_config: Option<Value>,

@@ -45,7 +45,8 @@
 mod config;
 mod error;
 mod generate;
-mod layers;
+pub mod gguf;
+pub mod layers;
 pub mod model;
 mod models;
 pub mod npy;

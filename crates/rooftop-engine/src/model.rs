@@ -26,6 +26,9 @@ pub struct Block {
     pub mixer: Mixer,
     pub post_norm: RmsNorm,
     pub ffn: Ffn,
+    /// Gemma's sandwich norms on the mixer's and the ffn's outputs (before the residual).
+    pub post_mixer_norm: Option<RmsNorm>,
+    pub post_ffn_norm: Option<RmsNorm>,
 }
 
 /// Embedding → blocks → final norm → lm_head (or the tied embedding).
@@ -35,6 +38,8 @@ pub struct Transformer {
     pub norm: RmsNorm,
     /// `None` = tied to the embedding.
     pub lm_head: Option<Linear>,
+    /// Embeddings are multiplied by this (gemma: √hidden).
+    pub embed_scale: Option<f32>,
 }
 
 /// Reusable activations, grown to the largest step seen and never shrunk, so decode
@@ -146,10 +151,19 @@ pub struct Model {
 }
 
 impl Model {
-    /// Load `dir` (config.json + safetensors shards). Weights stay memory-mapped.
+    /// Load `dir` (config.json + safetensors shards) or a lone `.gguf` file. Weights stay
+    /// memory-mapped.
     pub fn load(dir: &Path) -> Result<Self> {
+        if dir.extension().is_some_and(|e| e == "gguf") {
+            let src = crate::gguf::GgufSource::open(dir)?;
+            return Self::from_store(src.config()?, Store::from_gguf(src));
+        }
         let config = Config::load(&dir.join("config.json"))?;
-        let store = Arc::new(Store::open(dir)?);
+        Self::from_store(config, Store::open(dir)?)
+    }
+
+    fn from_store(config: Config, store: Store) -> Result<Self> {
+        let store = Arc::new(store);
         let loader = Loader {
             store: &store,
             quant: QuantConfig::parse(&config)?,
@@ -242,16 +256,25 @@ impl Model {
         let mut y = std::mem::take(&mut s.y);
         let (h_, xn_, y_) = (&mut h[..t * d], &mut xn[..t * d], &mut y[..t * d]);
         self.net.embed.forward(tokens, h_); // [T, D]
+        if let Some(sc) = self.net.embed_scale {
+            h_.iter_mut().for_each(|v| *v *= sc);
+        }
         for (b, kv) in self.net.blocks.iter().zip(cache.layers.iter_mut()) {
             b.input_norm.forward(h_, xn_);
             match (&b.mixer, kv) {
                 (Mixer::Gqa(a), LayerCache::Kv(kv)) => a.forward(xn_, t, pos, kv, s, y_),
+            }
+            if let Some(n) = &b.post_mixer_norm {
+                n.forward_inplace(y_);
             }
             h_.iter_mut().zip(y_.iter()).for_each(|(h, y)| *h += y);
             b.post_norm.forward(h_, xn_);
             match &b.ffn {
                 Ffn::Dense(m) => m.forward(xn_, t, s, y_),
                 Ffn::Moe(m) => m.forward(xn_, t, s, y_),
+            }
+            if let Some(n) = &b.post_ffn_norm {
+                n.forward_inplace(y_);
             }
             h_.iter_mut().zip(y_.iter()).for_each(|(h, y)| *h += y);
         }

@@ -28,6 +28,8 @@ pub struct Store {
     dir: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, Entry>,
+    /// Set when the model is one `.gguf` file instead of safetensors shards.
+    pub gguf: Option<crate::gguf::GgufSource>,
 }
 
 /// A tensor's bytes and metadata.
@@ -110,13 +112,27 @@ impl Store {
             dir: dir.into(),
             files,
             tensors,
+            gguf: None,
         })
+    }
+
+    /// A store serving one GGUF file's tensors under Hugging Face names.
+    pub fn from_gguf(src: crate::gguf::GgufSource) -> Self {
+        Store {
+            dir: src.path.clone(),
+            files: vec![],
+            tensors: HashMap::new(),
+            gguf: Some(src),
+        }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(g) = &self.gguf {
+            return g.contains(name);
+        }
         self.tensors.contains_key(name)
     }
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -124,6 +140,9 @@ impl Store {
     }
     /// Total bytes mapped.
     pub fn nbytes(&self) -> usize {
+        if let Some(g) = &self.gguf {
+            return g.nbytes();
+        }
         self.files.iter().map(|(_, m)| m.len()).sum()
     }
 
@@ -291,6 +310,9 @@ fn extend(b: &[u8]) -> &'static [u8] {
 impl<'s> Loader<'s> {
     /// A float vector `[len]` (norm weight, bias), decoded to f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        if let Some(g) = &self.store.gguf {
+            return g.vector(name, len);
+        }
         let t = self.store.get(name)?;
         t.expect_shape(&[len])?;
         let dt = t.float_dtype()?;
@@ -325,6 +347,9 @@ impl<'s> Loader<'s> {
         } else {
             key
         };
+        if let Some(g) = &self.store.gguf {
+            return g.weight(path_for_tensors, lead, rows, cols);
+        }
         let wname = format!("{path_for_tensors}.weight");
         let t = self.store.get(&wname)?;
         let n: usize = lead.iter().product();

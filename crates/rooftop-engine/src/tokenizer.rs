@@ -40,8 +40,11 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 }
 
 impl Tokenizer {
-    /// Load from a model directory.
+    /// Load from a model directory, or from a `.gguf` file's metadata.
     pub fn load(dir: &Path) -> Result<Self> {
+        if dir.extension().is_some_and(|e| e == "gguf") {
+            return Self::from_gguf(dir);
+        }
         let path = dir.join("tokenizer.json");
         let inner =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::Tokenizer {
@@ -86,6 +89,26 @@ impl Tokenizer {
             bos_token,
             eos_token,
             eos_ids,
+        })
+    }
+
+    /// The tokenizer llama.cpp would build from `path`'s `tokenizer.ggml.*` metadata.
+    fn from_gguf(path: &Path) -> Result<Self> {
+        let err = |msg: String| EngineError::Tokenizer {
+            path: path.into(),
+            msg,
+        };
+        let file = rooftop_gguf::GgufFile::open(path).map_err(|e| err(e.to_string()))?;
+        let t = rooftop_gguf::tokenizer::from_metadata(&file.metadata)
+            .map_err(|e| err(e.to_string()))?;
+        let name = |id: Option<u32>| id.and_then(|i| t.tokenizer.id_to_token(i));
+        Ok(Self {
+            bos_token: name(t.bos),
+            eos_token: name(t.eos),
+            eos_ids: t.eog,
+            chat_template: t.chat_template,
+            inner: t.tokenizer,
+            path: path.into(),
         })
     }
 

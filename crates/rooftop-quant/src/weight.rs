@@ -14,6 +14,9 @@ pub enum WeightView<'a> {
         data: &'a [u8],
     },
     Quant(QuantView<'a>),
+    /// A ggml block format straight from a GGUF file (llama.cpp's Q4_K, Q8_0, ...),
+    /// multiplied on its own blocks by `rooftop_gguf::kernels`.
+    Gguf(rooftop_gguf::GgufMatrix<'a>),
 }
 
 impl<'a> WeightView<'a> {
@@ -21,12 +24,14 @@ impl<'a> WeightView<'a> {
         match self {
             WeightView::Dense { rows, .. } => *rows,
             WeightView::Quant(q) => q.rows,
+            WeightView::Gguf(g) => g.rows,
         }
     }
     pub fn cols(&self) -> usize {
         match self {
             WeightView::Dense { cols, .. } => *cols,
             WeightView::Quant(q) => q.cols,
+            WeightView::Gguf(g) => g.cols,
         }
     }
     /// Bytes streamed to multiply by this weight once (the decode roofline's unit).
@@ -36,6 +41,7 @@ impl<'a> WeightView<'a> {
             WeightView::Quant(q) => {
                 q.weight.len() + q.scales.len() + q.biases.map_or(0, |b| b.len())
             }
+            WeightView::Gguf(g) => g.data.len(),
         }
     }
     pub fn check(&self) -> Result<(), QuantError> {
@@ -56,6 +62,7 @@ impl<'a> WeightView<'a> {
                 Ok(())
             }
             WeightView::Quant(q) => q.check(),
+            WeightView::Gguf(g) => g.check().map_err(|e| QuantError::Shape(e.to_string())),
         }
     }
 
@@ -85,6 +92,7 @@ impl<'a> WeightView<'a> {
                     ..q
                 })
             }
+            WeightView::Gguf(g) => WeightView::Gguf(g.slice_rows(start, n)),
         }
     }
 
@@ -98,6 +106,7 @@ impl<'a> WeightView<'a> {
                 crate::dtype::bytes_to_f32(*dtype, &data[r * rb..(r + 1) * rb], out)
             }
             WeightView::Quant(q) => q.dequantize_row_f32(r, out),
+            WeightView::Gguf(g) => g.row_f32(r, out),
         }
     }
 }

@@ -118,6 +118,10 @@ pub fn plan(w: &WeightView, isa: Isa) -> Plan {
     if isa == Isa::Portable {
         return Plan::Portable;
     }
+    if let WeightView::Gguf(_) = w {
+        // ggml blocks: rows dequantized by rooftop_gguf, then the f32 dot.
+        return Plan::Portable;
+    }
     if !int8_activations() {
         return match w {
             WeightView::Quant(q) if q.spec.mode != QuantMode::Mxfp8 => Plan::Portable,
@@ -126,6 +130,7 @@ pub fn plan(w: &WeightView, isa: Isa) -> Plan {
     }
     match w {
         WeightView::Dense { .. } => Plan::Float,
+        WeightView::Gguf(_) => Plan::Portable,
         WeightView::Quant(q) => match q.spec.mode {
             QuantMode::Affine if q.spec.bits == 4 && q.cols % 64 == 0 => {
                 Plan::Int(ActLayout::Nibble { fp4: false })
@@ -182,7 +187,9 @@ impl RowArgs<'_> {
     pub(crate) fn q(&self) -> &QuantView<'_> {
         match &self.w {
             WeightView::Quant(q) => q,
-            WeightView::Dense { .. } => unreachable!("int kernels take quantized weights"),
+            WeightView::Dense { .. } | WeightView::Gguf(_) => {
+                unreachable!("int kernels take MLX-format quantized weights (see plan())")
+            }
         }
     }
     #[inline(always)]

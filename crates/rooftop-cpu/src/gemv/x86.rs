@@ -558,6 +558,7 @@ unsafe fn float_rows_k<const K: u8>(r: &RowArgs, x: &[f32], n: usize, scratch: &
     let base = match r.w {
         rooftop_quant::WeightView::Dense { data, .. } => data.as_ptr(),
         rooftop_quant::WeightView::Quant(q) => q.weight.as_ptr(),
+        rooftop_quant::WeightView::Gguf(_) => unreachable!("GGUF weights take the portable plan"),
     };
     scratch.resize(ng + 8, 0.0);
     for row in r.rows.clone() {
@@ -597,6 +598,7 @@ unsafe fn float_rows(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>) {
             DType::BF16 => FKind::BF16,
         },
         rooftop_quant::WeightView::Quant(_) => FKind::Mxfp8,
+        rooftop_quant::WeightView::Gguf(_) => unreachable!("GGUF weights take the portable plan"),
     };
     match k {
         FKind::F32 => float_rows_k::<0>(r, x, n, scratch),

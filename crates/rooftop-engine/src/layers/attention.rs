@@ -36,6 +36,8 @@ pub struct Attention {
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
+    /// Attend to at most this many most recent positions (sliding-window layers).
+    window: Option<usize>,
 }
 
 /// Keys and values of one layer, allocated once for the whole context.
@@ -77,7 +79,26 @@ impl Attention {
             kv_heads: kv,
             head_dim: hd,
             scale: (hd as f32).powf(-0.5),
+            window: None,
         })
+    }
+
+    /// Norms that scale by `offset + w` (gemma's `1 + w`).
+    pub fn with_qk_norm_offset(mut self, offset: f32) -> Self {
+        for n in [&mut self.q_norm, &mut self.k_norm].into_iter().flatten() {
+            n.w.iter_mut().for_each(|w| *w += offset);
+        }
+        self
+    }
+
+    /// A sliding-window layer: each query sees the last `w` positions, itself included.
+    pub fn with_window(self, w: Option<usize>) -> Self {
+        Self { window: w, ..self }
+    }
+
+    /// Scores scaled by `s` instead of `head_dim^-0.5` (gemma's `query_pre_attn_scalar`).
+    pub fn with_scale(self, s: f32) -> Self {
+        Self { scale: s, ..self }
     }
 
     pub fn new_cache(&self, max_seq: usize) -> KvCache {
@@ -136,9 +157,10 @@ impl Attention {
                 let kv = head / group;
                 let qv = &q[idx * hd..(idx + 1) * hd];
                 let len = pos + i + 1;
+                let first = self.window.map_or(0, |w| len.saturating_sub(w));
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
-                for p in 0..len {
+                for p in first..len {
                     let kr = &ck[p * row + kv * hd..p * row + (kv + 1) * hd];
                     let sc = qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale;
                     max = max.max(sc);
@@ -150,7 +172,7 @@ impl Attention {
                     sum += *sc;
                 }
                 o.fill(0.0);
-                for (p, w) in scores.iter().enumerate() {
+                for (p, w) in (first..).zip(scores.iter()) {
                     let vr = &cv[p * row + kv * hd..p * row + (kv + 1) * hd];
                     let w = w / sum;
                     o.iter_mut().zip(vr).for_each(|(o, v)| *o += w * v);

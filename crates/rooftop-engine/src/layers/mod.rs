@@ -81,6 +81,13 @@ impl RmsNorm {
     }
 }
 
+/// GELU, tanh approximation (gemma's `gelu_pytorch_tanh`, ggml's `gelu`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())

@@ -4,16 +4,17 @@
 //! Experts are a list of [`W`] views: slices of a stacked `switch_mlp` tensor
 //! `[E, out, in]` or the Hub's separate `experts.{e}` tensors — no copy either way.
 
-use super::{silu, Linear};
+use super::{gelu_tanh, silu, Linear};
 use crate::model::Scratch;
 use crate::store::{Loader, W};
 use crate::Result;
 
-/// `down(silu(gate(x)) · up(x))`.
+/// `down(silu(gate(x)) · up(x))` (or GeGLU with [`Mlp::gelu`]).
 pub struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    gelu: bool,
 }
 
 impl Mlp {
@@ -23,7 +24,12 @@ impl Mlp {
             gate: Linear::load(l, &format!("{prefix}.gate_proj"), inter, hidden, bias)?,
             up: Linear::load(l, &format!("{prefix}.up_proj"), inter, hidden, bias)?,
             down: Linear::load(l, &format!("{prefix}.down_proj"), hidden, inter, bias)?,
+            gelu: false,
         })
+    }
+    /// GeGLU: `down(gelu_tanh(gate(x)) · up(x))` (gemma).
+    pub fn gelu(self) -> Self {
+        Self { gelu: true, ..self }
     }
     pub fn inter(&self) -> usize {
         self.gate.out_dim()
@@ -34,9 +40,10 @@ impl Mlp {
         let (g, u) = (&mut s.g[..t * i], &mut s.u[..t * i]);
         self.gate.forward(x, t, g);
         self.up.forward(x, t, u);
+        let act = if self.gelu { gelu_tanh } else { silu };
         g.iter_mut()
             .zip(u.iter())
-            .for_each(|(g, u)| *g = silu(*g) * u);
+            .for_each(|(g, u)| *g = act(*g) * u);
         self.down.forward(g, t, out);
     }
 }

@@ -1,6 +1,7 @@
 //! One file per `model_type`, each mirroring mlx-lm's `mlx_lm/models/<type>.py`:
 //! read the config with that file's defaults, then assemble shared layers.
 
+mod gemma3_text;
 mod glm4_moe;
 mod llama;
 mod mixtral;
@@ -15,6 +16,7 @@ use crate::{Config, EngineError, Result};
 
 /// The `model_type`s this engine loads.
 pub const SUPPORTED: &[&str] = &[
+    "gemma3_text",
     "glm4_moe",
     "llama",
     "mistral",
@@ -55,6 +57,7 @@ pub fn build(c: &Config, l: &Loader) -> Result<Transformer> {
         "qwen3" => qwen3::build(c, l),
         "mixtral" => mixtral::build(c, l),
         "glm4_moe" => glm4_moe::build(c, l),
+        "gemma3_text" => gemma3_text::build(c, l),
         other => Err(EngineError::UnknownModelType(other.into())),
     }
 }
@@ -86,6 +89,8 @@ impl Decoder<'_> {
                 )?),
                 post_norm: RmsNorm::load(l, &format!("{p}.post_attention_layernorm"), d, eps)?,
                 ffn: (self.ffn)(i, &p)?,
+                post_mixer_norm: None,
+                post_ffn_norm: None,
             });
         }
         Ok(Transformer {
@@ -99,6 +104,7 @@ impl Decoder<'_> {
             } else {
                 Some(Linear::load(l, "lm_head", c.vocab_size, d, false)?)
             },
+            embed_scale: None,
         })
     }
 }

@@ -1,0 +1,245 @@
+//! Kernels that work on GGUF weights in place: row dequantization (reference) and
+//! `y = x · Wᵀ` computed block by block — each weight block is decoded into registers
+//! once and dotted with every input row, so the weight is streamed once in its own
+//! format (the decode roofline's unit) and never converted to another one.
+
+use crate::blocks::*;
+use crate::{GgmlType, GgufError, Result};
+use rayon::prelude::*;
+
+/// A weight matrix `[rows(out), cols(in)]` in a ggml format, row-major, each row a whole
+/// number of blocks: GGUF's `ne = [cols, rows]`.
+#[derive(Clone, Copy, Debug)]
+pub struct GgufMatrix<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> GgufMatrix<'a> {
+    /// Checks type support and that `data` holds exactly `rows` rows of `cols`.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self> {
+        let m = GgufMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        };
+        m.check()?;
+        Ok(m)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        if !self.ty.is_supported() {
+            return Err(GgufError::Unsupported {
+                op: "matmul",
+                ty: self.ty,
+            });
+        }
+        let need = self
+            .ty
+            .row_bytes(self.cols as u64)
+            .and_then(|r| r.checked_mul(self.rows as u64));
+        match need {
+            Some(n) if n == self.data.len() as u64 => Ok(()),
+            _ => Err(GgufError::Shape {
+                tensor: format!("{} matrix", self.ty),
+                msg: format!(
+                    "[{}, {}] needs whole {}-value blocks, {:?} bytes; has {}",
+                    self.rows,
+                    self.cols,
+                    self.ty.block_size(),
+                    need,
+                    self.data.len()
+                ),
+            }),
+        }
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_size() * self.ty.type_size()
+    }
+
+    /// Rows `[start, start+n)` (an expert of a stacked `[E·out, in]` weight).
+    pub fn slice_rows(&self, start: usize, n: usize) -> GgufMatrix<'a> {
+        let rb = self.row_bytes();
+        GgufMatrix {
+            rows: n,
+            data: &self.data[start * rb..(start + n) * rb],
+            ..*self
+        }
+    }
+
+    /// Row `r` dequantized exactly as ggml does.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        dequantize_row(self.ty, &self.data[r * rb..(r + 1) * rb], out)
+            .expect("GgufMatrix was checked at construction");
+    }
+}
+
+/// Dequantize `data` (whole blocks of `ty`) into `out` exactly as ggml / gguf-py do.
+pub fn dequantize_row(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
+    let n = data.len() / ty.type_size() * ty.block_size();
+    if !data.len().is_multiple_of(ty.type_size()) || out.len() != n {
+        return Err(GgufError::Shape {
+            tensor: format!("{ty} row"),
+            msg: format!(
+                "{} bytes is not a whole number of blocks for {} values",
+                data.len(),
+                out.len()
+            ),
+        });
+    }
+    fn blocks<B: Block>(data: &[u8], out: &mut [f32]) {
+        let bs: &[B] = bytemuck::cast_slice(data);
+        for (b, o) in bs.iter().zip(out.chunks_exact_mut(B::QK)) {
+            b.dequantize(o);
+        }
+    }
+    use GgmlType as T;
+    match ty {
+        T::F32 => f32_from_le(data, out),
+        T::F16 => f16_to_f32(data, out),
+        T::BF16 => bf16_to_f32(data, out),
+        T::Q4_0 => blocks::<BlockQ4_0>(data, out),
+        T::Q4_1 => blocks::<BlockQ4_1>(data, out),
+        T::Q5_0 => blocks::<BlockQ5_0>(data, out),
+        T::Q5_1 => blocks::<BlockQ5_1>(data, out),
+        T::Q8_0 => blocks::<BlockQ8_0>(data, out),
+        T::Q2_K => blocks::<BlockQ2K>(data, out),
+        T::Q3_K => blocks::<BlockQ3K>(data, out),
+        T::Q4_K => blocks::<BlockQ4K>(data, out),
+        T::Q5_K => blocks::<BlockQ5K>(data, out),
+        T::Q6_K => blocks::<BlockQ6K>(data, out),
+        T::MXFP4 => blocks::<BlockMxfp4>(data, out),
+        _ => {
+            return Err(GgufError::Unsupported {
+                op: "dequantize",
+                ty,
+            })
+        }
+    }
+    Ok(())
+}
+
+/// `Σ a·b` in eight independent lanes so it vectorizes without reassociation flags.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Rows per rayon task: enough work to amortize scheduling, small enough to balance.
+const ROWS_PER_TASK: usize = 16;
+
+/// `y = x · Wᵀ`: x `[n, cols]`, y `[n, rows]`. Parallel over output rows.
+pub fn matmul(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    w.check()?;
+    if x.len() != n * w.cols || y.len() != n * w.rows {
+        return Err(GgufError::Shape {
+            tensor: format!("{} matmul", w.ty),
+            msg: format!(
+                "W [{}, {}] needs x [{n}, {}] and y [{n}, {}]; got {} and {}",
+                w.rows,
+                w.cols,
+                w.cols,
+                w.rows,
+                x.len(),
+                y.len()
+            ),
+        });
+    }
+    use GgmlType as T;
+    match w.ty {
+        T::F32 | T::F16 | T::BF16 => matmul_dense(w, x, n, y),
+        T::Q4_0 => matmul_blocks::<BlockQ4_0>(w, x, n, y),
+        T::Q4_1 => matmul_blocks::<BlockQ4_1>(w, x, n, y),
+        T::Q5_0 => matmul_blocks::<BlockQ5_0>(w, x, n, y),
+        T::Q5_1 => matmul_blocks::<BlockQ5_1>(w, x, n, y),
+        T::Q8_0 => matmul_blocks::<BlockQ8_0>(w, x, n, y),
+        T::Q2_K => matmul_blocks::<BlockQ2K>(w, x, n, y),
+        T::Q3_K => matmul_blocks::<BlockQ3K>(w, x, n, y),
+        T::Q4_K => matmul_blocks::<BlockQ4K>(w, x, n, y),
+        T::Q5_K => matmul_blocks::<BlockQ5K>(w, x, n, y),
+        T::Q6_K => matmul_blocks::<BlockQ6K>(w, x, n, y),
+        T::MXFP4 => matmul_blocks::<BlockMxfp4>(w, x, n, y),
+        ty => return Err(GgufError::Unsupported { op: "matmul", ty }),
+    }
+    Ok(())
+}
+
+/// Reference: dequantize each row, dot in f32. Slow and obviously right.
+pub fn matmul_ref(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    w.check()?;
+    let mut row = vec![0f32; w.cols];
+    for o in 0..w.rows {
+        w.row_f32(o, &mut row);
+        for t in 0..n {
+            let xr = &x[t * w.cols..(t + 1) * w.cols];
+            y[t * w.rows + o] = row.iter().zip(xr).map(|(a, b)| a * b).sum();
+        }
+    }
+    Ok(())
+}
+
+/// Writes through a transposed `[rows, n]` buffer so each task owns disjoint rows.
+fn for_rows(w: &GgufMatrix, n: usize, y: &mut [f32], row: impl Fn(usize, &mut [f32]) + Sync) {
+    let mut yt = vec![0f32; w.rows * n];
+    yt.par_chunks_mut(ROWS_PER_TASK * n)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (i, yo) in chunk.chunks_mut(n).enumerate() {
+                row(t * ROWS_PER_TASK + i, yo);
+            }
+        });
+    for o in 0..w.rows {
+        for t in 0..n {
+            y[t * w.rows + o] = yt[o * n + t];
+        }
+    }
+}
+
+fn matmul_blocks<B: Block + Sync>(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+    let rb = w.row_bytes();
+    let cols = w.cols;
+    for_rows(w, n, y, |r, yo| {
+        let blocks: &[B] = bytemuck::cast_slice(&w.data[r * rb..(r + 1) * rb]);
+        // One block decoded into registers/L1, then used for all n inputs.
+        let mut buf = [0f32; QK_K];
+        let wb = &mut buf[..B::QK];
+        yo.fill(0.0);
+        for (b, blk) in blocks.iter().enumerate() {
+            blk.dequantize(wb);
+            for (t, acc) in yo.iter_mut().enumerate() {
+                let xs = &x[t * cols + b * B::QK..t * cols + (b + 1) * B::QK];
+                *acc += dot_f32(wb, xs);
+            }
+        }
+    });
+}
+
+fn matmul_dense(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+    let rb = w.row_bytes();
+    let cols = w.cols;
+    for_rows(w, n, y, |r, yo| {
+        let mut row = vec![0f32; cols];
+        dequantize_row(w.ty, &w.data[r * rb..(r + 1) * rb], &mut row).expect("checked");
+        for (t, acc) in yo.iter_mut().enumerate() {
+            *acc = dot_f32(&row, &x[t * cols..(t + 1) * cols]);
+        }
+    });
+}
