@@ -26,12 +26,15 @@ struct Cli {
 enum Command {
     /// Round-trip error of every weight format on a tensor or on generated data.
     Fidelity(cmd::fidelity::Args),
+    /// Check every CUDA kernel against the CPU reference; benchmark against the roofline.
+    CudaCheck(cmd::cuda_check::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fidelity(a) => cmd::fidelity::run(a),
+        Command::CudaCheck(a) => cmd::cuda_check::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,9 +6,10 @@ use crate::nvrtc::{arch_for, compile, ModuleSource};
 use crate::{Bytes, CudaError};
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::sys::CUfunction_attribute as FnAttr;
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
@@ -29,6 +30,8 @@ pub struct CudaDevice {
     /// Largest dynamic shared memory a block may opt in to.
     pub max_smem: usize,
     arch: &'static str,
+    /// Launch with programmatic dependent launch (Hopper+; `ROOFTOP_PDL=0` turns it off).
+    pdl: std::sync::atomic::AtomicBool,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(String, String), CudaFunction>>,
 }
@@ -39,7 +42,7 @@ fn probe_driver() -> Result<(), CudaError> {
     for name in ["libcuda.so.1", "libcuda.so"] {
         match unsafe { libloading::Library::new(name) } {
             Ok(_) => return Ok(()),
-            Err(e) => errs.push(e.to_string()),
+            Err(e) => errs.push(format!("{name}: {e}")),
         }
     }
     Err(CudaError::NoDriver(format!(
@@ -66,7 +69,8 @@ impl CudaDevice {
         // One stream, ordered: cudarc's per-buffer event tracking would only add work
         // (and events inside graph capture).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A created stream, not the legacy default one: only those can be captured.
+        let stream = ctx.new_stream().op("creating a stream")?;
         let attr = |a| ctx.attribute(a).op("cuDeviceGetAttribute");
         let cc = ctx.compute_capability().op("compute capability")?;
         let dev = CudaDevice {
@@ -75,6 +79,7 @@ impl CudaDevice {
             max_smem: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
             total_mem: ctx.total_mem().op("total memory")?,
             arch: arch_for(cc),
+            pdl: (cc.0 >= 9 && std::env::var("ROOFTOP_PDL").map_or(true, |v| v != "0")).into(),
             cc,
             ordinal,
             ctx,
@@ -180,11 +185,16 @@ impl CudaDevice {
             .load_function(kernel)
             .op(&format!("kernel {kernel} in {}", m.name))?;
         if self.max_smem > 48 * 1024 {
+            // Opt in to the device's full shared memory, less what the kernel declares
+            // statically.
+            let fixed = f.shared_size_bytes().op("static shared memory size")? as usize;
             f.set_attribute(
                 FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                (self.max_smem - 1024) as i32,
+                (self.max_smem - 1024).saturating_sub(fixed) as i32,
             )
-            .op("raising the dynamic shared memory limit")?;
+            .op(&format!(
+                "raising the dynamic shared memory limit of {kernel}"
+            ))?;
         }
         self.functions.lock().unwrap().insert(key, f.clone());
         Ok(f)
@@ -198,6 +208,56 @@ impl CudaDevice {
             .unwrap_or(1)
             .max(1) as usize;
         (self.sms * per_sm).min(needed.max(1)) as u32
+    }
+
+    /// Whether kernels are launched with programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Turn programmatic dependent launch on or off (on only takes effect on sm_90+).
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl
+            .store(on && self.cc.0 >= 9, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Launch `f` on the device's stream. `params` point at each kernel argument, in
+    /// order (see the `launch!` macro). With PDL on, the launch may overlap the previous
+    /// kernel's tail; every kernel calls `pdl_wait()` before reading earlier results.
+    pub(crate) fn launch_raw(
+        &self,
+        f: &CudaFunction,
+        c: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+        name: &str,
+    ) -> Result<(), CudaError> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().op("binding the context")?;
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = self.pdl();
+        let lc = sys::CUlaunchConfig {
+            gridDimX: c.grid_dim.0,
+            gridDimY: c.grid_dim.1,
+            gridDimZ: c.grid_dim.2,
+            blockDimX: c.block_dim.0,
+            blockDimY: c.block_dim.1,
+            blockDimZ: c.block_dim.2,
+            sharedMemBytes: c.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &lc,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .op(name)
     }
 
     pub(crate) fn check_smem(&self, op: &str, smem: usize) -> Result<(), CudaError> {
@@ -216,6 +276,67 @@ impl CudaDevice {
         p
     }
 }
+
+/// Device-side timing of a stream region (CUDA events).
+pub struct Timer {
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+impl Timer {
+    pub fn start(&self, dev: &CudaDevice) -> Result<(), CudaError> {
+        self.start.record(&dev.stream).op("event record")
+    }
+    /// Record the end and wait for it; milliseconds since `start`.
+    pub fn stop_ms(&self, dev: &CudaDevice) -> Result<f32, CudaError> {
+        self.end.record(&dev.stream).op("event record")?;
+        self.end.synchronize().op("event synchronize")?;
+        self.start.elapsed_ms(&self.end).op("event elapsed")
+    }
+}
+
+impl CudaDevice {
+    pub fn timer(&self) -> Result<Timer, CudaError> {
+        let mk = || {
+            self.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .op("cuEventCreate")
+        };
+        Ok(Timer {
+            start: mk()?,
+            end: mk()?,
+        })
+    }
+
+    /// Capture what `f` enqueues into a CUDA graph (one host launch per replay). Kernels
+    /// must already be compiled (run `f` once before capturing).
+    pub fn capture(
+        &self,
+        f: impl FnOnce() -> Result<(), CudaError>,
+    ) -> Result<CudaGraph, CudaError> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .op("cuStreamBeginCapture")?;
+        let r = f();
+        let g = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .op("cuStreamEndCapture")?;
+        r?;
+        g.ok_or_else(|| CudaError::Unsupported("captured an empty graph".into()))
+    }
+}
+
+/// `launch!(dev, function, config, "name", arg, arg, ...)`: each arg is a local whose
+/// address is passed to the kernel (it must match the kernel's parameter type).
+macro_rules! launch {
+    ($dev:expr, $f:expr, $cfg:expr, $name:expr, $($arg:expr),* $(,)?) => {{
+        let mut params: Vec<*mut std::ffi::c_void> =
+            vec![$((&$arg) as *const _ as *mut std::ffi::c_void),*];
+        $dev.launch_raw(&$f, $cfg, &mut params, $name)
+    }};
+}
+pub(crate) use launch;
 
 pub(crate) fn cfg(grid: (u32, u32), block: u32, smem: usize) -> LaunchConfig {
     LaunchConfig {

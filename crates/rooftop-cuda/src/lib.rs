@@ -33,8 +33,8 @@ mod ops;
 pub mod reference;
 mod weight;
 
-pub use cudarc::driver::CudaSlice;
-pub use device::CudaDevice;
+pub use cudarc::driver::{CudaGraph, CudaSlice};
+pub use device::{CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
 pub use moe::{CudaMoe, MoeScratch, Routing, RoutingKind};
 pub use ops::AttnShape;

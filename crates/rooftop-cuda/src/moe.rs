@@ -8,12 +8,12 @@
 //! ```
 //! Expert indices never leave the device, so the step can be captured in a CUDA graph.
 
-use crate::device::{cfg, CudaDevice};
-use crate::error::{shape, DriverResult};
+use crate::device::{cfg, launch, CudaDevice};
+use crate::error::shape;
 use crate::nvrtc::ModuleSource;
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
 use crate::CudaError;
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr};
 
 /// How the router's logits become expert weights.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -206,6 +206,17 @@ impl CudaMoe {
         })
     }
 
+    /// Bytes each launch streams: router, gate/up (+ shared), down (+ shared).
+    pub fn part_bytes(&self) -> [usize; 3] {
+        let k = self.routing.top_k;
+        let sh = |i: usize| self.shared.as_ref().map_or(0, |s| s[i].nbytes());
+        [
+            self.router.nbytes(),
+            k * (self.gate.rows_nbytes(self.inter) + self.up.rows_nbytes(self.inter)) + sh(0) + sh(1),
+            k * self.down.rows_nbytes(self.hidden) + sh(2),
+        ]
+    }
+
     /// Bytes one step streams: the router, K experts' three projections, the shared
     /// expert (activations are negligible and stay in L2).
     pub fn bytes_per_step(&self) -> usize {
@@ -252,6 +263,19 @@ impl CudaMoe {
         x: u64,
         out: u64,
     ) -> Result<(), CudaError> {
+        self.step_parts(dev, s, x, out, [true; 3])
+    }
+
+    /// Enqueue only the chosen launches (router, gate/up, down), for per-kernel timing;
+    /// a part reads what earlier parts of a previous step left in the scratch.
+    pub fn step_parts(
+        &self,
+        dev: &CudaDevice,
+        s: &mut MoeScratch,
+        x: u64,
+        out: u64,
+        parts: [bool; 3],
+    ) -> Result<(), CudaError> {
         let k = self.routing.top_k;
         let (h, inter, ish) = (self.hidden, self.inter, self.inter_shared());
         let (p_logits, p_ids, p_wts, p_h, p_cnt) = (
@@ -276,7 +300,8 @@ impl CudaMoe {
             topk_group: self.routing.topk_group as i32,
             scale: self.routing.routed_scaling_factor,
         };
-        let lpr = lanes_per_row(h);
+        let lpr = lanes_per_row(h, self.router.format.unroll());
+        let lpr_e = lanes_per_row(h, self.gate.format.unroll());
         let smem = stage_bytes(1, h);
         dev.check_smem("moe router", smem)?;
         let grid = dev.grid_for(
@@ -285,16 +310,22 @@ impl CudaMoe {
             smem,
             self.n_experts.div_ceil(32 / lpr as usize).div_ceil(8),
         );
-        let mut a = dev.stream().launch_builder(&f);
-        a.arg(&rarg)
-            .arg(&x)
-            .arg(&p_logits)
-            .arg(&p_ids)
-            .arg(&p_wts)
-            .arg(&p_cnt)
-            .arg(&rt)
-            .arg(&lpr);
-        unsafe { a.launch(cfg((grid, 1), 256, smem)) }.op("moe_router")?;
+        if parts[0] {
+            launch!(
+                dev,
+                f,
+                cfg((grid, 1), 256, smem),
+                "moe_router",
+                rarg,
+                x,
+                p_logits,
+                p_ids,
+                p_wts,
+                p_cnt,
+                rt,
+                lpr
+            )?;
+        }
 
         // 2. Gate/up of the selected experts and the shared expert.
         let m = ModuleSource::gemv(self.gate.format);
@@ -307,48 +338,74 @@ impl CudaMoe {
         let (g, u) = (self.gate.arg(dev), self.up.arg(dev));
         let (ki, ii, si) = (k as i32, inter as i32, ish as i32);
         let items = k * inter + ish;
-        let grid = dev.grid_for(&f, 256, smem, items.div_ceil(32 / lpr as usize).div_ceil(8));
-        let mut a = dev.stream().launch_builder(&f);
-        a.arg(&g)
-            .arg(&u)
-            .arg(&sg)
-            .arg(&su)
-            .arg(&x)
-            .arg(&p_ids)
-            .arg(&p_h)
-            .arg(&ki)
-            .arg(&ii)
-            .arg(&si)
-            .arg(&lpr);
-        unsafe { a.launch(cfg((grid, 1), 256, smem)) }.op("moe_gate_up")?;
+        let grid = dev.grid_for(
+            &f,
+            256,
+            smem,
+            items.div_ceil(32 / lpr_e as usize).div_ceil(8),
+        );
+        if parts[1] {
+            launch!(
+                dev,
+                f,
+                cfg((grid, 1), 256, smem),
+                "moe_gate_up",
+                g,
+                u,
+                sg,
+                su,
+                x,
+                p_ids,
+                p_h,
+                ki,
+                ii,
+                si,
+                lpr_e
+            )?;
+        }
 
         // 3. Down projection, weighted sum into the residual stream.
         let f = dev.function(&m, "moe_down")?;
         let d = self.down.arg(dev);
-        let lpr_d = lanes_per_row(inter);
-        let smem_d = stage_bytes(k, inter) + stage_bytes(1, ish);
-        dev.check_smem("moe down", smem_d)?;
+        let lpr_d = lanes_per_row(inter, self.gate.format.unroll());
         let hi = h as i32;
         let items = (k + (ish > 0) as usize) * h;
+        // Blocks take contiguous item ranges; size the grid for full occupancy at the
+        // shared memory of two staged slots, then stage what each range touches.
+        let cm = inter.max(ish);
+        let two = 2 * (cm * 4 + cm / 32 * 4);
+        dev.check_smem("moe down", two)?;
         let grid = dev.grid_for(
             &f,
             256,
-            smem_d,
+            two,
             items.div_ceil(32 / lpr_d as usize).div_ceil(8),
         );
-        let mut a = dev.stream().launch_builder(&f);
-        a.arg(&d)
-            .arg(&sd)
-            .arg(&p_h)
-            .arg(&p_ids)
-            .arg(&p_wts)
-            .arg(&out)
-            .arg(&ki)
-            .arg(&hi)
-            .arg(&ii)
-            .arg(&si)
-            .arg(&lpr_d);
-        unsafe { a.launch(cfg((grid, 1), 256, smem_d)) }.op("moe_down")?;
+        let per = items.div_ceil(grid as usize);
+        let slots = (k + (ish > 0) as usize).min(per.div_ceil(h) + 1);
+        let smem_d = slots * (cm * 4 + cm / 32 * 4);
+        dev.check_smem("moe down", smem_d)?;
+        let per_i = per as i32;
+        if parts[2] {
+            launch!(
+                dev,
+                f,
+                cfg((grid, 1), 256, smem_d),
+                "moe_down",
+                d,
+                sd,
+                p_h,
+                p_ids,
+                p_wts,
+                out,
+                ki,
+                hi,
+                ii,
+                si,
+                lpr_d,
+                per_i
+            )?;
+        }
         Ok(())
     }
 }

@@ -93,6 +93,10 @@ impl KernelFormat {
             _ => "mxfp8".into(),
         }
     }
+    /// Chunks each lane loads before using any (`UNROLL` in gemv.cu).
+    pub fn unroll(&self) -> usize {
+        (16 / self.bits as usize).max(1)
+    }
     /// Bytes of one 32-weight chunk (the kernels' unit of work).
     pub fn chunk_bytes(&self) -> usize {
         4 * self.bits as usize

@@ -1,11 +1,11 @@
 //! The decode ops around the MoE (RMSNorm, RoPE, KV append, decode attention) and the
 //! read-bandwidth probe that serves as the roofline.
 
-use crate::device::{cfg, CudaDevice};
-use crate::error::{shape, DriverResult};
+use crate::device::{cfg, launch, CudaDevice};
+use crate::error::shape;
 use crate::nvrtc::ModuleSource;
 use crate::CudaError;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 /// Attention geometry for one layer's decode step.
 #[derive(Clone, Copy, Debug)]
@@ -64,11 +64,17 @@ impl CudaDevice {
         }
         let f = self.function(&ModuleSource::ops(), "rmsnorm")?;
         let (px, pw, py, di) = (self.ptr(x), self.ptr(w), self.ptr(y), d as i32);
-        let mut a = self.stream().launch_builder(&f);
-        a.arg(&px).arg(&pw).arg(&py).arg(&di).arg(&eps);
-        unsafe { a.launch(cfg((rows as u32, 1), 256, 0)) }
-            .map(|_| ())
-            .op("rmsnorm")
+        launch!(
+            self,
+            f,
+            cfg((rows as u32, 1), 256, 0),
+            "rmsnorm",
+            px,
+            pw,
+            py,
+            di,
+            eps
+        )
     }
 
     /// Rotate `x[heads, head_dim]` in place at position `pos[0]` (device memory).
@@ -95,12 +101,19 @@ impl CudaDevice {
         let f = self.function(&ModuleSource::ops(), "rope")?;
         let (px, pp) = (self.ptr(x), self.ptr(pos));
         let (hd, rd, tr) = (head_dim as i32, rot_dim as i32, traditional as i32);
-        let mut a = self.stream().launch_builder(&f);
-        a.arg(&px).arg(&pp).arg(&hd).arg(&rd).arg(&theta).arg(&tr);
         let block = (rot_dim as u32 / 2).div_ceil(32) * 32;
-        unsafe { a.launch(cfg((heads as u32, 1), block, 0)) }
-            .map(|_| ())
-            .op("rope")
+        launch!(
+            self,
+            f,
+            cfg((heads as u32, 1), block, 0),
+            "rope",
+            px,
+            pp,
+            hd,
+            rd,
+            theta,
+            tr
+        )
     }
 
     /// Store `k, v [n_kv, head_dim]` at position `pos[0]` of the f16 caches.
@@ -130,17 +143,19 @@ impl CudaDevice {
             self.ptr(pos),
         );
         let (hd, ms) = (s.head_dim as i32, s.max_seq as i32);
-        let mut a = self.stream().launch_builder(&f);
-        a.arg(&pk)
-            .arg(&pv)
-            .arg(&pkc)
-            .arg(&pvc)
-            .arg(&pp)
-            .arg(&hd)
-            .arg(&ms);
-        unsafe { a.launch(cfg((s.n_kv_heads as u32, 1), s.head_dim as u32, 0)) }
-            .map(|_| ())
-            .op("kv_append")
+        launch!(
+            self,
+            f,
+            cfg((s.n_kv_heads as u32, 1), s.head_dim as u32, 0),
+            "kv_append",
+            pk,
+            pv,
+            pkc,
+            pvc,
+            pp,
+            hd,
+            ms
+        )
     }
 
     /// `out[h] = softmax(q[h]·K[kv(h)]ᵀ · scale) V[kv(h)]` over positions `0..=pos[0]`;
@@ -182,27 +197,34 @@ impl CudaDevice {
             s.head_dim as i32,
             s.max_seq as i32,
         );
-        let mut a = self.stream().launch_builder(&f);
-        a.arg(&pq)
-            .arg(&pk)
-            .arg(&pv)
-            .arg(&pp)
-            .arg(&ppart)
-            .arg(&nh)
-            .arg(&nkv)
-            .arg(&hd)
-            .arg(&ms)
-            .arg(&scale);
-        unsafe { a.launch(cfg((s.n_heads as u32, s.splits as u32), 128, 0)) }
-            .map(|_| ())
-            .op("attn_partial")?;
+        launch!(
+            self,
+            f,
+            cfg((s.n_heads as u32, s.splits as u32), 128, 0),
+            "attn_partial",
+            pq,
+            pk,
+            pv,
+            pp,
+            ppart,
+            nh,
+            nkv,
+            hd,
+            ms,
+            scale
+        )?;
         let f = self.function(&ops, "attn_combine")?;
         let sp = s.splits as i32;
-        let mut a = self.stream().launch_builder(&f);
-        a.arg(&ppart).arg(&po).arg(&sp).arg(&hd);
-        unsafe { a.launch(cfg((s.n_heads as u32, 1), s.head_dim as u32, 0)) }
-            .map(|_| ())
-            .op("attn_combine")
+        launch!(
+            self,
+            f,
+            cfg((s.n_heads as u32, 1), s.head_dim as u32, 0),
+            "attn_combine",
+            ppart,
+            po,
+            sp,
+            hd
+        )
     }
 
     /// Enqueue one streaming read of `buf` (the bandwidth probe).
@@ -214,10 +236,21 @@ impl CudaDevice {
         let f = self.function(&ModuleSource::ops(), "stream_read")?;
         let (pb, ps, n16) = (self.ptr(buf), self.ptr(sink), (buf.len() / 16) as u64);
         let grid = self.grid_for(&f, 256, 0, usize::MAX);
-        let mut a = self.stream().launch_builder(&f);
-        a.arg(&pb).arg(&n16).arg(&ps);
-        unsafe { a.launch(cfg((grid, 1), 256, 0)) }
-            .map(|_| ())
-            .op("stream_read")
+        launch!(self, f, cfg((grid, 1), 256, 0), "stream_read", pb, n16, ps)
+    }
+
+    /// Fill a buffer with random bytes on the device (benchmark data; never zeros).
+    pub fn fill_random(&self, buf: &mut CudaSlice<u8>, seed: u32) -> Result<(), CudaError> {
+        let f = self.function(&ModuleSource::ops(), "fill_u32")?;
+        let (p, n) = (self.ptr(buf), (buf.len() / 4) as u64);
+        launch!(
+            self,
+            f,
+            cfg((self.sms as u32 * 8, 1), 256, 0),
+            "fill_u32",
+            p,
+            n,
+            seed
+        )
     }
 }

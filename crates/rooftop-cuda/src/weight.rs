@@ -1,11 +1,11 @@
 //! Weights on the device, in their quantized format (never a dequantized copy), and
 //! `matmul`, the device twin of `rooftop_cpu::matmul`.
 
-use crate::device::{cfg, CudaDevice};
-use crate::error::{shape, DriverResult};
+use crate::device::{cfg, launch, CudaDevice};
+use crate::error::shape;
 use crate::nvrtc::{KernelFormat, ModuleSource};
 use crate::CudaError;
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr};
 use rooftop_quant::{fp::NVFP4_SCALE_RANGE, DType, QuantMode, WeightView};
 
 /// A weight matrix `[rows, cols]` (stacked experts: `[E·rows_per_expert, cols]`) in
@@ -110,9 +110,7 @@ impl CudaWeight {
         let fill_u32 = dev.function(&ops, "fill_u32")?;
         let grid = (dev.sms as u32 * 8, 1);
         let (pw, nw) = (dev.ptr(&w), (wbytes / 4) as u64);
-        let mut a = dev.stream().launch_builder(&fill_u32);
-        a.arg(&pw).arg(&nw).arg(&seed);
-        unsafe { a.launch(cfg(grid, 256, 0)) }.op("fill_u32")?;
+        launch!(dev, fill_u32, cfg(grid, 256, 0), &"fill_u32", pw, nw, seed)?;
         if spec.is_none() {
             // Dense: random bits would include NaN/Inf; fill real values instead.
             let f = dev.function(&ops, "fill_float")?;
@@ -123,9 +121,18 @@ impl CudaWeight {
                 0.05f32,
                 crate::nvrtc::sdt(dtype) as i32,
             );
-            let mut a = dev.stream().launch_builder(&f);
-            a.arg(&pw).arg(&n).arg(&s2).arg(&lo).arg(&hi).arg(&dt);
-            unsafe { a.launch(cfg(grid, 256, 0)) }.op("fill_float")?;
+            launch!(
+                dev,
+                f,
+                cfg(grid, 256, 0),
+                &"fill_float",
+                pw,
+                n,
+                s2,
+                lo,
+                hi,
+                dt
+            )?;
             let _ = &mut w;
         }
         let mut s = None;
@@ -142,9 +149,18 @@ impl CudaWeight {
                 for (p, lo, hi, sd) in
                     [(ps, 0.002f32, 0.02f32, seed ^ 1), (pb, -0.1, 0.1, seed ^ 2)]
                 {
-                    let mut a = dev.stream().launch_builder(&f);
-                    a.arg(&p).arg(&n).arg(&sd).arg(&lo).arg(&hi).arg(&dt);
-                    unsafe { a.launch(cfg(grid, 256, 0)) }.op("fill_float")?;
+                    launch!(
+                        dev,
+                        f,
+                        cfg(grid, 256, 0),
+                        &"fill_float",
+                        p,
+                        n,
+                        sd,
+                        lo,
+                        hi,
+                        dt
+                    )?;
                 }
                 b = Some(bb);
             } else {
@@ -156,9 +172,17 @@ impl CudaWeight {
                 };
                 let f = dev.function(&ops, "fill_bytes")?;
                 let (n, sd) = (sbytes as u64, seed ^ 3);
-                let mut a = dev.stream().launch_builder(&f);
-                a.arg(&ps).arg(&n).arg(&sd).arg(&lo).arg(&span);
-                unsafe { a.launch(cfg(grid, 256, 0)) }.op("fill_bytes")?;
+                launch!(
+                    dev,
+                    f,
+                    cfg(grid, 256, 0),
+                    &"fill_bytes",
+                    ps,
+                    n,
+                    sd,
+                    lo,
+                    span
+                )?;
             }
             s = Some(sb);
         }
@@ -207,12 +231,14 @@ fn check_cols(cols: usize) -> Result<(), CudaError> {
     Ok(())
 }
 
-/// Lanes sharing one row: the largest power of two (≤ 32) dividing the row's chunk
-/// count, so no lane idles (2048 cols → 32, 768 → 8, 1408 → 4).
-pub(crate) fn lanes_per_row(cols: usize) -> i32 {
+/// Lanes sharing one row: a power of two dividing the row's chunk count (no lane
+/// idles), as large as possible while each lane still gets about `unroll` chunks to keep
+/// in flight (2048 cols at 4 bits → 16 lanes × 4 chunks; 768 → 8 × 3).
+pub(crate) fn lanes_per_row(cols: usize, unroll: usize) -> i32 {
     let c = cols / 32;
+    let want = (unroll * 3).div_ceil(4).max(1);
     let mut l = 32;
-    while l > 1 && c % l != 0 {
+    while l > 1 && (c % l != 0 || c / l < want) {
         l /= 2;
     }
     l as i32
@@ -256,7 +282,7 @@ impl CudaDevice {
     pub fn matmul_raw(&self, w: &CudaWeight, x: u64, n: usize, y: u64) -> Result<(), CudaError> {
         let m = ModuleSource::gemv(w.format);
         let arg = w.arg(self);
-        let lpr = lanes_per_row(w.cols);
+        let lpr = lanes_per_row(w.cols, w.format.unroll());
         let mut t0 = 0;
         while t0 < n {
             let nb = match n - t0 {
@@ -273,10 +299,17 @@ impl CudaDevice {
             let grid = self.grid_for(&f, 256, smem, warps.div_ceil(8));
             let xp = x + (t0 * w.cols * 4) as u64;
             let yp = y + (t0 * w.rows * 4) as u64;
-            let mut a = self.stream().launch_builder(&f);
-            a.arg(&arg).arg(&xp).arg(&nt).arg(&yp).arg(&lpr);
-            unsafe { a.launch(cfg((grid, 1), 256, smem)) }
-                .op(&format!("gemv{nb} {}", w.format.name()))?;
+            launch!(
+                self,
+                f,
+                cfg((grid, 1), 256, smem),
+                &format!("gemv{nb} {}", w.format.name()),
+                arg,
+                xp,
+                nt,
+                yp,
+                lpr
+            )?;
             t0 += nt as usize;
         }
         Ok(())

@@ -1,1 +1,2 @@
+pub mod cuda_check;
 pub mod fidelity;

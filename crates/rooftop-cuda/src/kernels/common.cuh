@@ -60,3 +60,20 @@ __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
   return v;
 }
+
+// Programmatic dependent launch (sm_90+). A kernel launched with programmatic stream
+// serialization may start while the previous kernel drains: pdl_wait() blocks until that
+// kernel has finished and its writes are visible; pdl_trigger() lets the next kernel
+// start launching. Every kernel waits before touching memory an earlier kernel wrote
+// and triggers only after waiting, so the chain stays ordered. No-ops on older GPUs and
+// for ordinary launches.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

@@ -56,6 +56,16 @@ struct Routing {
   float scale;  // routed_scaling_factor (1 for Qwen)
 };
 
+// Field-wise select, so that choosing between two weight parameters stays in registers
+// (a reference to a kernel parameter would force a stack copy).
+__device__ __forceinline__ QW pick(bool a, const QW& x, const QW& y) {
+  QW r;
+  r.w = a ? x.w : y.w; r.s = a ? x.s : y.s; r.b = a ? x.b : y.b;
+  r.rows = a ? x.rows : y.rows; r.cols = a ? x.cols : y.cols; r.group = a ? x.group : y.group;
+  r.gmul = a ? x.gmul : y.gmul;
+  return r;
+}
+
 __device__ __forceinline__ u32 shl_signed(u32 x, int s) { return s >= 0 ? (x << s) : (x >> -s); }
 
 __device__ __forceinline__ void load_chunk(const unsigned char* p, u32 (&w)[CHUNK_WORDS]) {
@@ -130,12 +140,48 @@ __device__ __forceinline__ float f4c(const float4& v, int e) {
   return e == 0 ? v.x : (e == 1 ? v.y : (e == 2 ? v.z : v.w));
 }
 
-// y[t] += (row's chunk c) . (token t's chunk c), for NB tokens staged in xs/xsum.
+// Chunks each lane keeps in flight: ~64 bytes of weights per lane, so that enough
+// loads are outstanding per SM to cover HBM latency (one 16-byte load per lane reached
+// only ~40% of the read bandwidth on an H200).
+#define UNROLL (16 / CHUNK_WORDS > 0 ? 16 / CHUNK_WORDS : 1)
+
+// Raw scale (and bias) bits of the group(s) holding chunk c, loaded early with the weights.
+struct SC {
+  u32 a, b;
+};
+__device__ __forceinline__ SC load_scales(const QW& W, int row, int c) {
+  SC r;
+#if QMODE == MODE_AFFINE
+  const size_t si = (size_t)row * (W.cols / W.group) + (c * 32) / W.group;
+#if QSDT == SDT_F32
+  r.a = __ldg((const u32*)W.s + si); r.b = __ldg((const u32*)W.b + si);
+#else
+  r.a = __ldg((const unsigned short*)W.s + si); r.b = __ldg((const unsigned short*)W.b + si);
+#endif
+#elif QMODE == MODE_NVFP4
+  const size_t si = (size_t)row * (W.cols / 16) + 2 * c;
+  r.a = __ldg(W.s + si); r.b = __ldg(W.s + si + 1);
+#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
+  r.a = __ldg(W.s + (size_t)row * (W.cols / 32) + c); r.b = 0;
+#else
+  r.a = 0; r.b = 0;
+#endif
+  return r;
+}
+__device__ __forceinline__ float sdt_bits(u32 v) {
+#if QSDT == SDT_F32
+  return __uint_as_float(v);
+#elif QSDT == SDT_F16
+  return f16_to_f32((unsigned short)v);
+#else
+  return bf16_to_f32((unsigned short)v);
+#endif
+}
+
+// y[t] += (loaded chunk c of a row) . (token t's chunk c), for NB tokens in xs/xsum.
 template <int NB>
-__device__ __forceinline__ void chunk_dot(const QW& W, int row, int c, int C, const float4* xs,
-                                          const float* xsum, float (&y)[NB]) {
-  u32 w[CHUNK_WORDS];
-  load_chunk(W.w + ((size_t)row * C + c) * (CHUNK_WORDS * 4), w);
+__device__ __forceinline__ void chunk_compute(const QW& W, const u32 (&w)[CHUNK_WORDS], SC sc, int c, int C,
+                                              const float4* xs, const float* xsum, float (&y)[NB]) {
   float a0[NB], a1[NB];
 #pragma unroll
   for (int t = 0; t < NB; t++) { a0[t] = 0.f; a1[t] = 0.f; }
@@ -155,26 +201,74 @@ __device__ __forceinline__ void chunk_dot(const QW& W, int row, int c, int C, co
     }
   }
 #if QMODE == MODE_AFFINE
-  const size_t si = (size_t)row * (W.cols / W.group) + (c * 32) / W.group;
-  const float s = ld_sdt(W.s, si) * (float)(1u << QBITS), b = ld_sdt(W.b, si);
+  const float s = sdt_bits(sc.a) * (float)(1u << QBITS), b = sdt_bits(sc.b);
 #pragma unroll
   for (int t = 0; t < NB; t++) {
     const float X = xsum[t * C + c];
     y[t] += s * (a0[t] - X) + b * X;
   }
 #elif QMODE == MODE_NVFP4
-  const size_t si = (size_t)row * (W.cols / 16) + 2 * c;
-  const float s0 = e4m3_f32(__ldg(W.s + si)) * W.gmul, s1 = e4m3_f32(__ldg(W.s + si + 1)) * W.gmul;
+  const float s0 = e4m3_f32(sc.a) * W.gmul, s1 = e4m3_f32(sc.b) * W.gmul;
 #pragma unroll
   for (int t = 0; t < NB; t++) y[t] += (a0[t] * 0x1p26f) * s0 + (a1[t] * 0x1p26f) * s1;
 #elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
-  const float s = e8m0_f32(__ldg(W.s + (size_t)row * (W.cols / 32) + c));
+  const float s = e8m0_f32(sc.a);
 #pragma unroll
   for (int t = 0; t < NB; t++) y[t] += (a0[t] * (QMODE == MODE_MXFP4 ? 0x1p26f : 0x1p20f)) * s;
 #else
 #pragma unroll
   for (int t = 0; t < NB; t++) y[t] += a0[t];
 #endif
+}
+
+__device__ __forceinline__ const unsigned char* chunk_ptr(const QW& W, int row, int c, int C) {
+  return W.w + ((size_t)row * C + c) * (CHUNK_WORDS * 4);
+}
+
+// acc[t] += this lane's share (chunks sub, sub+lpr, ...) of row . x[t]. Loads of UNROLL
+// chunks (and their scales) are issued before any is used.
+template <int NB>
+__device__ __forceinline__ void row_dot(const QW& W, int row, int C, int sub, int lpr, const float4* xs,
+                                        const float* xsum, float (&acc)[NB]) {
+  for (int c0 = sub; c0 < C; c0 += UNROLL * lpr) {
+    u32 w[UNROLL][CHUNK_WORDS];
+    SC sc[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) { load_chunk(chunk_ptr(W, row, c, C), w[u]); sc[u] = load_scales(W, row, c); }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) chunk_compute<NB>(W, w[u], sc[u], c, C, xs, xsum, acc);
+    }
+  }
+}
+
+// Two rows against the same x (gate and up): both rows' loads in flight together.
+__device__ __forceinline__ void row_dot2(const QW& A, int ra, const QW& B, int rb, int C, int sub, int lpr,
+                                         const float4* xs, const float* xsum, float (&ya)[1], float (&yb)[1]) {
+  for (int c0 = sub; c0 < C; c0 += UNROLL * lpr) {
+    u32 wa[UNROLL][CHUNK_WORDS], wb[UNROLL][CHUNK_WORDS];
+    SC sa[UNROLL], sb[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) {
+        load_chunk(chunk_ptr(A, ra, c, C), wa[u]); sa[u] = load_scales(A, ra, c);
+        load_chunk(chunk_ptr(B, rb, c, C), wb[u]); sb[u] = load_scales(B, rb, c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) {
+        chunk_compute<1>(A, wa[u], sa[u], c, C, xs, xsum, ya);
+        chunk_compute<1>(B, wb[u], sb[u], c, C, xs, xsum, yb);
+      }
+    }
+  }
 }
 
 // Stage one activation vector x[cols] into xs ([8][C] float4, transposed) and, for
@@ -214,6 +308,8 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
   const int C = W.cols / 32;
   float4* xs = smem4;
   float* xsum = (float*)(smem4 + NB * 8 * C);
+  pdl_wait();
+  pdl_trigger();
   for (int t = 0; t < n; t++) stage_vec(x + (size_t)t * W.cols, W.cols, xs + t * 8 * C);
   __syncthreads();
   for (int t = 0; t < n; t++) sum_vec(W.cols, xs + t * 8 * C, xsum + t * C);
@@ -226,9 +322,7 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
     float acc[NB];
 #pragma unroll
     for (int t = 0; t < NB; t++) acc[t] = 0.f;
-    if (row < W.rows) {
-      for (int c = sub; c < C; c += lpr) chunk_dot<NB>(W, row, c, C, xs, xsum, acc);
-    }
+    if (row < W.rows) row_dot<NB>(W, row, C, sub, lpr, xs, xsum, acc);
 #pragma unroll
     for (int t = 0; t < NB; t++) acc[t] = reduce_lpr(acc[t], lpr);
     if (row < W.rows && sub == 0) {
@@ -366,7 +460,11 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
   const int C = G.cols / 32;
   float4* xs = smem4;
   float* xsum = (float*)(smem4 + 8 * C);
+  // x was complete before the router started (the router waited for it before letting
+  // this launch begin), so staging it may overlap the router's tail.
   stage_vec(x, G.cols, xs);
+  pdl_wait();
+  pdl_trigger();
   __syncthreads();
   sum_vec(G.cols, xs, xsum);
   __syncthreads();
@@ -380,12 +478,9 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
     if (i < items) {
       const bool routed = i < k * inter;
       const int row = routed ? __ldg(ids + i / inter) * inter + i % inter : i - k * inter;
-      const QW& Wg = routed ? G : SG;
-      const QW& Wu = routed ? U : SU;
-      for (int c = sub; c < C; c += lpr) {
-        chunk_dot<1>(Wg, row, c, C, xs, xsum, g);
-        chunk_dot<1>(Wu, row, c, C, xs, xsum, u);
-      }
+      const QW Wg = pick(routed, G, SG);
+      const QW Wu = pick(routed, U, SU);
+      row_dot2(Wg, row, Wu, row, C, sub, lpr, xs, xsum, g, u);
     }
     g[0] = reduce_lpr(g[0], lpr);
     u[0] = reduce_lpr(u[0], lpr);
@@ -394,43 +489,47 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
 }
 
 // Launch 3: out[r] += sum_slot w_slot * (down_e[r] . h[slot]) (+ shared expert, weight 1).
-// Items are (slot, row) pairs so that every SM has work; partial sums meet in `out`
-// with atomics (out is the residual stream: the MoE output is added in place).
+// Items are (slot, row) pairs so that every SM has work; each block takes a contiguous
+// range of `per` items (so it stages only the one or two slots it touches) and partial
+// sums meet in `out` with atomics (out is the residual stream: the MoE output is added
+// in place). Dynamic smem: max_slots * (max(I, S) * 4 + max(I, S) / 32 * 4) bytes.
 extern "C" __global__ void __launch_bounds__(256)
 moe_down(const QW D, const QW SD, const float* h, const int* ids, const float* wts, float* out,
-         int k, int hidden, int inter, int inter_sh, int lpr) {
+         int k, int hidden, int inter, int inter_sh, int lpr, int per) {
   extern __shared__ float4 smem4[];
-  const int Cr = inter / 32, Cs = inter_sh / 32;
-  float4* xs = smem4;
-  float* xsum = (float*)(smem4 + (k * inter + inter_sh) / 4);
-  for (int s = 0; s < k; s++) stage_vec(h + s * inter, inter, xs + s * 8 * Cr);
-  if (inter_sh > 0) stage_vec(h + k * inter, inter_sh, xs + k * 8 * Cr);
-  __syncthreads();
-  for (int s = 0; s < k; s++) sum_vec(inter, xs + s * 8 * Cr, xsum + s * Cr);
-  if (inter_sh > 0) sum_vec(inter_sh, xs + k * 8 * Cr, xsum + k * Cr);
-  __syncthreads();
+  pdl_wait();
+  pdl_trigger();
+  const int Cr = inter / 32, Cs = inter_sh / 32, Cm = Cr > Cs ? Cr : Cs;
   const int items = (k + (inter_sh > 0)) * hidden;
+  const int lo = blockIdx.x * per, hi = min(items, lo + per);
+  if (lo >= hi) return;
+  const int s_lo = lo / hidden, s_hi = (hi - 1) / hidden;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + (s_hi - s_lo + 1) * 8 * Cm);
+  for (int s = s_lo; s <= s_hi; s++) {
+    const int cols = s < k ? inter : inter_sh;
+    stage_vec(h + s * inter, cols, xs + (s - s_lo) * 8 * Cm);
+  }
+  __syncthreads();
+  for (int s = s_lo; s <= s_hi; s++) sum_vec(s < k ? inter : inter_sh, xs + (s - s_lo) * 8 * Cm, xsum + (s - s_lo) * Cm);
+  __syncthreads();
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int nwarps = (gridDim.x * blockDim.x) >> 5;
-  for (int base = warp * rpw; base < items; base += nwarps * rpw) {
+  const int nw = blockDim.x >> 5;
+  for (int base = lo + (threadIdx.x >> 5) * rpw; base < hi; base += nw * rpw) {
     const int i = base + rsub;
     float acc[1] = {0.f};
     float wt = 0.f;
     int r = 0;
-    if (i < items) {
+    if (i < hi) {
       const int slot = i / hidden;
       r = i % hidden;
       const bool routed = slot < k;
-      const QW& W = routed ? D : SD;
+      const QW W = pick(routed, D, SD);
       const int row = routed ? __ldg(ids + slot) * hidden + r : r;
-      const int C = routed ? Cr : Cs;
       wt = routed ? __ldg(wts + slot) : 1.f;
-      const float4* x = xs + slot * 8 * Cr;
-      const float* xsm = xsum + slot * Cr;
-      for (int c = sub; c < C; c += lpr) chunk_dot<1>(W, row, c, C, x, xsm, acc);
+      row_dot<1>(W, row, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm, acc);
     }
     acc[0] = reduce_lpr(acc[0], lpr);
-    if (i < items && sub == 0) atomicAdd(out + r, wt * acc[0]);
+    if (i < hi && sub == 0) atomicAdd(out + r, wt * acc[0]);
   }
 }

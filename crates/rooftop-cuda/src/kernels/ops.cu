@@ -6,6 +6,8 @@
 // y[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w. Grid: rows; block: 256.
 extern "C" __global__ void __launch_bounds__(256)
 rmsnorm(const float* x, const float* w, float* y, int d, float eps) {
+  pdl_wait();
+  pdl_trigger();
   __shared__ float red[32];
   const float* xr = x + (size_t)blockIdx.x * d;
   float ss = 0.f;
@@ -29,6 +31,8 @@ rmsnorm(const float* x, const float* w, float* y, int d, float eps) {
 // Grid: heads; block: >= rot_dim/2.
 extern "C" __global__ void rope(float* x, const int* pos, int head_dim, int rot_dim, float theta,
                                 int traditional) {
+  pdl_wait();
+  pdl_trigger();
   const int i = threadIdx.x, half = rot_dim / 2;
   if (i >= half) return;
   const double a = (double)(*pos) * pow((double)theta, -2.0 * i / rot_dim);
@@ -45,6 +49,8 @@ extern "C" __global__ void rope(float* x, const int* pos, int head_dim, int rot_
 // Grid: n_kv; block: head_dim. Writes nothing when *pos >= max_seq.
 extern "C" __global__ void kv_append(const float* k, const float* v, unsigned short* kc,
                                      unsigned short* vc, const int* pos, int head_dim, int max_seq) {
+  pdl_wait();
+  pdl_trigger();
   const int p = *pos, d = threadIdx.x;
   if (p < 0 || p >= max_seq || d >= head_dim) return;
   const size_t o = ((size_t)blockIdx.x * max_seq + p) * head_dim + d;
@@ -60,6 +66,8 @@ extern "C" __global__ void kv_append(const float* k, const float* v, unsigned sh
 extern "C" __global__ void __launch_bounds__(128)
 attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
              float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
+  pdl_wait();
+  pdl_trigger();
   __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -115,6 +123,8 @@ attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc,
 
 // Part 2: merge the splits. Grid: heads; block: head_dim.
 extern "C" __global__ void attn_combine(const float* part, float* out, int splits, int head_dim) {
+  pdl_wait();
+  pdl_trigger();
   const int h = blockIdx.x, d = threadIdx.x;
   if (d >= head_dim) return;
   const float* ph = part + (size_t)h * splits * (head_dim + 2);
@@ -134,6 +144,8 @@ extern "C" __global__ void attn_combine(const float* part, float* out, int split
 // Read-bandwidth probe: every byte of p read once with the same 16-byte streaming loads
 // the GEMV uses. The sink write never happens in practice but keeps the loads alive.
 extern "C" __global__ void __launch_bounds__(256) stream_read(const uint4* p, u64 n16, u32* sink) {
+  pdl_wait();
+  pdl_trigger();
   u32 acc = 0;
   const u64 stride = (u64)gridDim.x * blockDim.x;
   u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -156,14 +168,20 @@ __device__ __forceinline__ u32 hash32(u32 x) {
 // Benchmark data (never zeros): random words, bytes in [lo, lo+span), floats in [lo, hi)
 // stored as dtype (0 f32, 1 f16, 2 bf16).
 extern "C" __global__ void fill_u32(u32* p, u64 n, u32 seed) {
+  pdl_wait();
+  pdl_trigger();
   for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
     p[i] = hash32((u32)i * 2654435761u ^ hash32(seed + (u32)(i >> 32)));
 }
 extern "C" __global__ void fill_bytes(unsigned char* p, u64 n, u32 seed, u32 lo, u32 span) {
+  pdl_wait();
+  pdl_trigger();
   for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
     p[i] = (unsigned char)(lo + hash32((u32)i ^ hash32(seed)) % span);
 }
 extern "C" __global__ void fill_float(unsigned char* p, u64 n, u32 seed, float lo, float hi, int dtype) {
+  pdl_wait();
+  pdl_trigger();
   for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
     const float v = lo + (hi - lo) * (hash32((u32)i ^ hash32(seed)) >> 8) * (1.f / 16777216.f);
     if (dtype == 0) ((float*)p)[i] = v;
