@@ -301,7 +301,7 @@ impl CudaMoe {
             scale: self.routing.routed_scaling_factor,
         };
         let lpr = lanes_per_row(h, self.router.format.unroll());
-        let lpr_e = lanes_per_row(h, (self.gate.format.unroll() / 2).max(1));
+        let lpr_e = lanes_per_row(h, self.gate.format.unroll());
         let smem = stage_bytes(1, h);
         dev.check_smem("moe router", smem)?;
         let grid = dev.grid_for(

@@ -95,12 +95,25 @@ impl KernelFormat {
     }
     /// Chunks each lane loads before using any (`UNROLL` in gemv.cu).
     pub fn unroll(&self) -> usize {
-        (16 / self.bits as usize).max(1)
+        (unroll_bytes() / 4 / self.bits as usize).max(1)
     }
     /// Bytes of one 32-weight chunk (the kernels' unit of work).
     pub fn chunk_bytes(&self) -> usize {
         4 * self.bits as usize
     }
+}
+
+/// Weight bytes each lane loads before using any (default 64). `ROOFTOP_UNROLL_BYTES`
+/// overrides it, for tuning experiments.
+pub fn unroll_bytes() -> usize {
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("ROOFTOP_UNROLL_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v: &usize| (4..=512).contains(v))
+            .unwrap_or(64)
+    })
 }
 
 /// A compilable module: its name (cache key) and its full source with defines.
@@ -120,6 +133,7 @@ impl ModuleSource {
                 format!("-DQMODE={}", f.mode),
                 format!("-DQBITS={}", f.bits),
                 format!("-DQSDT={}", f.sdt),
+                format!("-DUNROLL_BYTES={}", unroll_bytes()),
             ],
         }
     }

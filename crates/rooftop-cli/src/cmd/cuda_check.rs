@@ -27,6 +27,9 @@ pub struct Args {
     /// Correctness only, no benchmarks.
     #[arg(long)]
     no_bench: bool,
+    /// Benchmarks only, no correctness checks.
+    #[arg(long)]
+    skip_checks: bool,
     /// Timed repetitions per benchmark (the median is reported).
     #[arg(long, default_value_t = 30)]
     iters: usize,
@@ -599,9 +602,11 @@ pub fn run(a: Args) -> Result<()> {
         failed: vec![],
         n: 0,
     };
-    check_gemv(&dev, &mut rng, &mut c)?;
-    check_moe(&dev, &mut rng, &mut c)?;
-    check_ops(&dev, &mut rng, &mut c)?;
+    if !a.skip_checks {
+        check_gemv(&dev, &mut rng, &mut c)?;
+        check_moe(&dev, &mut rng, &mut c)?;
+        check_ops(&dev, &mut rng, &mut c)?;
+    }
     println!("{} checks, {} failed", c.n, c.failed.len());
 
     if !a.no_bench {

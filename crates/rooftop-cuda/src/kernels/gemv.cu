@@ -143,9 +143,11 @@ __device__ __forceinline__ float f4c(const float4& v, int e) {
 // Chunks each lane keeps in flight: ~64 bytes of weights per lane, so that enough
 // loads are outstanding per SM to cover HBM latency (one 16-byte load per lane reached
 // only ~40% of the read bandwidth on an H200).
+#ifdef UNROLL_BYTES
+#define UNROLL (UNROLL_BYTES / 4 / CHUNK_WORDS > 0 ? UNROLL_BYTES / 4 / CHUNK_WORDS : 1)
+#else
 #define UNROLL (16 / CHUNK_WORDS > 0 ? 16 / CHUNK_WORDS : 1)
-// Gate and up run two rows at once: half the chunks each, the same bytes in flight.
-#define UNROLL2 (UNROLL / 2 > 0 ? UNROLL / 2 : 1)
+#endif
 
 // Raw scale (and bias) bits of the group(s) holding chunk c, loaded early with the weights.
 struct SC {
@@ -227,74 +229,49 @@ __device__ __forceinline__ const unsigned char* chunk_ptr(const QW& W, int row, 
   return W.w + ((size_t)row * C + c) * (CHUNK_WORDS * 4);
 }
 
-// One unit of pipelined work for a lane: NR rows (gate and up share x) against the
-// staged activations at xs/xsum. `valid` is false for a lane past the end.
-struct Task {
-  int row[2];
-  const float4* xs;
-  const float* xsum;
-  bool valid;
-};
+// acc[t] += this lane's share (chunks sub, sub+lpr, ...) of row . x[t]. Loads of UNROLL
+// chunks (and their scales) are issued before any is used.
+template <int NB>
+__device__ __forceinline__ void row_dot(const QW& W, int row, int C, int sub, int lpr, const float4* xs,
+                                        const float* xsum, float (&acc)[NB]) {
+  for (int c0 = sub; c0 < C; c0 += UNROLL * lpr) {
+    u32 w[UNROLL][CHUNK_WORDS];
+    SC sc[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) { load_chunk(chunk_ptr(W, row, c, C), w[u]); sc[u] = load_scales(W, row, c); }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) chunk_compute<NB>(W, w[u], sc[u], c, C, xs, xsum, acc);
+    }
+  }
+}
 
-// Two-stage software pipeline over a warp's tasks: while UNROLL chunks (per row) are
-// being computed, the next UNROLL chunks' loads are already in flight, so HBM latency
-// overlaps the dequantize-and-FMA work instead of adding to it. Each task is split into
-// G groups of U chunks per lane; after a task's last group `done(j, task, acc)` reduces
-// and writes. `ntasks` must be the same for every lane of the warp.
-template <int NB, int U, int NR, class TaskFn, class DoneFn>
-__device__ __forceinline__ void run_pipeline(const QW (&W)[NR], int ntasks, int C, int sub, int lpr,
-                                             TaskFn task_of, DoneFn done) {
-  const int G = (C + U * lpr - 1) / (U * lpr);
-  const int nsteps = ntasks * G;
-  u32 wa[NR][U][CHUNK_WORDS], wb[NR][U][CHUNK_WORDS];
-  SC sa[NR][U], sb[NR][U];
-  float acc[NR][NB];
+// Two rows against the same x (gate and up): both rows' loads in flight together.
+__device__ __forceinline__ void row_dot2(const QW& A, int ra, const QW& B, int rb, int C, int sub, int lpr,
+                                         const float4* xs, const float* xsum, float (&ya)[1], float (&yb)[1]) {
+  for (int c0 = sub; c0 < C; c0 += UNROLL * lpr) {
+    u32 wa[UNROLL][CHUNK_WORDS], wb[UNROLL][CHUNK_WORDS];
+    SC sa[UNROLL], sb[UNROLL];
 #pragma unroll
-  for (int r = 0; r < NR; r++)
-#pragma unroll
-    for (int t = 0; t < NB; t++) acc[r][t] = 0.f;
-  auto load = [&](int s, u32 (&w)[NR][U][CHUNK_WORDS], SC (&sc)[NR][U]) {
-    const Task t = task_of(s / G);
-    if (!t.valid) return;
-    const int c0 = sub + (s % G) * U * lpr;
-#pragma unroll
-    for (int r = 0; r < NR; r++)
-#pragma unroll
-      for (int u = 0; u < U; u++) {
-        const int c = c0 + u * lpr;
-        if (c < C) {
-          load_chunk(chunk_ptr(W[r], t.row[r], c, C), w[r][u]);
-          sc[r][u] = load_scales(W[r], t.row[r], c);
-        }
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) {
+        load_chunk(chunk_ptr(A, ra, c, C), wa[u]); sa[u] = load_scales(A, ra, c);
+        load_chunk(chunk_ptr(B, rb, c, C), wb[u]); sb[u] = load_scales(B, rb, c);
       }
-  };
-  auto comp = [&](int s, const u32 (&w)[NR][U][CHUNK_WORDS], const SC (&sc)[NR][U]) {
-    const Task t = task_of(s / G);
-    if (t.valid) {
-      const int c0 = sub + (s % G) * U * lpr;
-#pragma unroll
-      for (int r = 0; r < NR; r++)
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-          const int c = c0 + u * lpr;
-          if (c < C) chunk_compute<NB>(W[r], w[r][u], sc[r][u], c, C, t.xs, t.xsum, acc[r]);
-        }
     }
-    if (s % G == G - 1) {
-      done(s / G, t, acc);
 #pragma unroll
-      for (int r = 0; r < NR; r++)
-#pragma unroll
-        for (int q = 0; q < NB; q++) acc[r][q] = 0.f;
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) {
+        chunk_compute<1>(A, wa[u], sa[u], c, C, xs, xsum, ya);
+        chunk_compute<1>(B, wb[u], sb[u], c, C, xs, xsum, yb);
+      }
     }
-  };
-  if (nsteps > 0) load(0, wa, sa);
-  for (int s = 0; s < nsteps; s += 2) {
-    if (s + 1 < nsteps) load(s + 1, wb, sb);
-    comp(s, wa, sa);
-    if (s + 1 >= nsteps) break;
-    if (s + 2 < nsteps) load(s + 2, wa, sa);
-    comp(s + 1, wb, sb);
   }
 }
 
@@ -344,27 +321,20 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int nwarps = (gridDim.x * blockDim.x) >> 5;
-  const int first = warp * rpw, stride = nwarps * rpw;
-  const int ntasks = first < W.rows ? (W.rows - first + stride - 1) / stride : 0;
-  const QW Ws[1] = {W};
-  run_pipeline<NB, UNROLL, 1>(
-      Ws, ntasks, C, sub, lpr,
-      [&](int j) {
-        Task t;
-        t.row[0] = first + j * stride + rsub;
-        t.row[1] = 0;
-        t.valid = t.row[0] < W.rows;
-        t.xs = xs;
-        t.xsum = xsum;
-        return t;
-      },
-      [&](int j, const Task& t, float (&acc)[1][NB]) {
+  for (int base = warp * rpw; base < W.rows; base += nwarps * rpw) {
+    const int row = base + rsub;
+    float acc[NB];
 #pragma unroll
-        for (int q = 0; q < NB; q++) {
-          const float v = reduce_lpr(acc[0][q], lpr);
-          if (t.valid && sub == 0 && q < n) y[(size_t)q * W.rows + t.row[0]] = v;
-        }
-      });
+    for (int t = 0; t < NB; t++) acc[t] = 0.f;
+    if (row < W.rows) row_dot<NB>(W, row, C, sub, lpr, xs, xsum, acc);
+#pragma unroll
+    for (int t = 0; t < NB; t++) acc[t] = reduce_lpr(acc[t], lpr);
+    if (row < W.rows && sub == 0) {
+#pragma unroll
+      for (int t = 0; t < NB; t++)
+        if (t < n) y[(size_t)t * W.rows + row] = acc[t];
+    }
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(256) gemv1(const QW W, const float* x, int n, float* y, int lpr) {
@@ -502,33 +472,23 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
   __syncthreads();
   sum_vec(G.cols, xs, xsum);
   __syncthreads();
+  const int items = k * inter + inter_sh;
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int nwarps = (gridDim.x * blockDim.x) >> 5;
-  const int first = warp * rpw, stride = nwarps * rpw;
-  // Routed experts, then the shared expert: one pipeline each (fixed weights per loop).
-  for (int phase = 0; phase < 2; phase++) {
-    const int items = phase == 0 ? k * inter : inter_sh;
-    const int ntasks = first < items ? (items - first + stride - 1) / stride : 0;
-    const QW Ws[2] = {phase == 0 ? G : SG, phase == 0 ? U : SU};
-    float* hp = h + (phase == 0 ? 0 : k * inter);
-    run_pipeline<1, UNROLL2, 2>(
-        Ws, ntasks, C, sub, lpr,
-        [&](int j) {
-          Task t;
-          const int i = first + j * stride + rsub;
-          t.valid = i < items;
-          const int row = !t.valid ? 0 : (phase == 0 ? __ldg(ids + i / inter) * inter + i % inter : i);
-          t.row[0] = row;
-          t.row[1] = row;
-          t.xs = xs;
-          t.xsum = xsum;
-          return t;
-        },
-        [&](int j, const Task& t, float (&acc)[2][1]) {
-          const float g = reduce_lpr(acc[0][0], lpr), u = reduce_lpr(acc[1][0], lpr);
-          if (t.valid && sub == 0) hp[first + j * stride + rsub] = silu(g) * u;
-        });
+  for (int base = warp * rpw; base < items; base += nwarps * rpw) {
+    const int i = base + rsub;
+    float g[1] = {0.f}, u[1] = {0.f};
+    if (i < items) {
+      const bool routed = i < k * inter;
+      const int row = routed ? __ldg(ids + i / inter) * inter + i % inter : i - k * inter;
+      const QW Wg = pick(routed, G, SG);
+      const QW Wu = pick(routed, U, SU);
+      row_dot2(Wg, row, Wu, row, C, sub, lpr, xs, xsum, g, u);
+    }
+    g[0] = reduce_lpr(g[0], lpr);
+    u[0] = reduce_lpr(u[0], lpr);
+    if (i < items && sub == 0) h[i] = silu(g[0]) * u[0];
   }
 }
 
@@ -559,34 +519,21 @@ moe_down(const QW D, const QW SD, const float* h, const int* ids, const float* w
   __syncthreads();
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
   const int nw = blockDim.x >> 5;
-  const int split = k * hidden;  // first shared-expert item
-  for (int phase = 0; phase < 2; phase++) {
-    const int plo = phase == 0 ? lo : max(lo, split), phi = phase == 0 ? min(hi, split) : hi;
-    const int first = plo + (threadIdx.x >> 5) * rpw, stride = nw * rpw;
-    const int ntasks = first < phi ? (phi - first + stride - 1) / stride : 0;
-    const QW Ws[1] = {phase == 0 ? D : SD};
-    const int C = phase == 0 ? Cr : Cs;
-    run_pipeline<1, UNROLL, 1>(
-        Ws, ntasks, C, sub, lpr,
-        [&](int j) {
-          Task t;
-          const int i = first + j * stride + rsub;
-          t.valid = i < phi;
-          const int slot = t.valid ? i / hidden : s_lo;
-          const int r = i - slot * hidden;
-          t.row[0] = !t.valid ? 0 : (phase == 0 ? __ldg(ids + slot) * hidden + r : r);
-          t.row[1] = 0;
-          t.xs = xs + (slot - s_lo) * 8 * Cm;
-          t.xsum = xsum + (slot - s_lo) * Cm;
-          return t;
-        },
-        [&](int j, const Task& t, float (&acc)[1][1]) {
-          const float v = reduce_lpr(acc[0][0], lpr);
-          const int i = first + j * stride + rsub;
-          if (t.valid && sub == 0) {
-            const int slot = i / hidden;
-            atomicAdd(out + (i - slot * hidden), (slot < k ? __ldg(wts + slot) : 1.f) * v);
-          }
-        });
+  for (int base = lo + (threadIdx.x >> 5) * rpw; base < hi; base += nw * rpw) {
+    const int i = base + rsub;
+    float acc[1] = {0.f};
+    float wt = 0.f;
+    int r = 0;
+    if (i < hi) {
+      const int slot = i / hidden;
+      r = i % hidden;
+      const bool routed = slot < k;
+      const QW W = pick(routed, D, SD);
+      const int row = routed ? __ldg(ids + slot) * hidden + r : r;
+      wt = routed ? __ldg(wts + slot) : 1.f;
+      row_dot<1>(W, row, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm, acc);
+    }
+    acc[0] = reduce_lpr(acc[0], lpr);
+    if (i < hi && sub == 0) atomicAdd(out + r, wt * acc[0]);
   }
 }
