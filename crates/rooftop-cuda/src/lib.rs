@@ -37,5 +37,5 @@ pub use cudarc::driver::{CudaGraph, CudaSlice};
 pub use device::{CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
 pub use moe::{CudaMoe, MoeScratch, Routing, RoutingKind};
-pub use ops::AttnShape;
+pub use ops::{AttnShape, Rope};
 pub use weight::CudaWeight;

@@ -212,7 +212,9 @@ impl CudaMoe {
         let sh = |i: usize| self.shared.as_ref().map_or(0, |s| s[i].nbytes());
         [
             self.router.nbytes(),
-            k * (self.gate.rows_nbytes(self.inter) + self.up.rows_nbytes(self.inter)) + sh(0) + sh(1),
+            k * (self.gate.rows_nbytes(self.inter) + self.up.rows_nbytes(self.inter))
+                + sh(0)
+                + sh(1),
             k * self.down.rows_nbytes(self.hidden) + sh(2),
         ]
     }

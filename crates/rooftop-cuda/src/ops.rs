@@ -45,6 +45,18 @@ impl AttnShape {
     }
 }
 
+/// Rotary embedding of one token's heads.
+#[derive(Clone, Copy, Debug)]
+pub struct Rope {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Leading dimensions rotated (partial RoPE when < head_dim).
+    pub rot_dim: usize,
+    pub theta: f32,
+    /// Rotate adjacent pairs (2i, 2i+1) rather than halves (i, i + rot_dim/2).
+    pub traditional: bool,
+}
+
 impl CudaDevice {
     /// `y[r] = x[r] · rsqrt(mean(x[r]²) + eps) · w` for `rows` rows of `d`.
     pub fn rmsnorm(
@@ -82,12 +94,15 @@ impl CudaDevice {
         &self,
         x: &mut CudaSlice<f32>,
         pos: &CudaSlice<i32>,
-        heads: usize,
-        head_dim: usize,
-        rot_dim: usize,
-        theta: f32,
-        traditional: bool,
+        r: &Rope,
     ) -> Result<(), CudaError> {
+        let Rope {
+            heads,
+            head_dim,
+            rot_dim,
+            theta,
+            traditional,
+        } = *r;
         if x.len() < heads * head_dim
             || rot_dim > head_dim
             || !rot_dim.is_multiple_of(2)

@@ -166,17 +166,16 @@ pub fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    s: &crate::AttnShape,
     len: usize,
     scale: f32,
 ) -> Vec<f32> {
+    let (n_heads, n_kv, head_dim) = (s.n_heads, s.n_kv_heads, s.head_dim);
     let mut out = vec![0f32; n_heads * head_dim];
     for h in 0..n_heads {
         let kvh = h / (n_heads / n_kv);
         let qh = &q[h * head_dim..(h + 1) * head_dim];
-        let s: Vec<f64> = (0..len)
+        let sc: Vec<f64> = (0..len)
             .map(|p| {
                 let kp = &k[(kvh * len + p) * head_dim..][..head_dim];
                 qh.iter()
@@ -186,8 +185,8 @@ pub fn attention(
                     * scale as f64
             })
             .collect();
-        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
         let z: f64 = e.iter().sum();
         for d in 0..head_dim {
             let acc: f64 = (0..len)

@@ -238,7 +238,7 @@ pub(crate) fn lanes_per_row(cols: usize, unroll: usize) -> i32 {
     let c = cols / 32;
     let want = (unroll * 3).div_ceil(4).max(1);
     let mut l = 32;
-    while l > 1 && (c % l != 0 || c / l < want) {
+    while l > 1 && (!c.is_multiple_of(l) || c / l < want) {
         l /= 2;
     }
     l as i32

@@ -366,7 +366,17 @@ fn check_ops(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> {
         reference::rope(&mut want, hd, hd, pos, 1e6, traditional);
         let mut xd = dev.upload(&x)?;
         let pd = dev.upload(&[pos as i32])?;
-        dev.rope(&mut xd, &pd, heads, hd, hd, 1e6, traditional)?;
+        dev.rope(
+            &mut xd,
+            &pd,
+            &rooftop_cuda::Rope {
+                heads,
+                head_dim: hd,
+                rot_dim: hd,
+                theta: 1e6,
+                traditional,
+            },
+        )?;
         c.record(
             &format!("rope pos {pos} traditional={traditional}"),
             rel_err(&dev.download(&xd)?, &want),
@@ -409,16 +419,7 @@ fn check_ops(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> {
     let (kr, vr) = (lay(&ks), lay(&vs));
     let q = randn(rng, s.n_heads * s.head_dim, 1.0);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let want = reference::attention(
-        &q,
-        &kr,
-        &vr,
-        s.n_heads,
-        s.n_kv_heads,
-        s.head_dim,
-        len,
-        scale,
-    );
+    let want = reference::attention(&q, &kr, &vr, &s, len, scale);
     let qd = dev.upload(&q)?;
     for splits in [1, 5, 64] {
         let s = AttnShape { splits, ..s };
@@ -546,22 +547,27 @@ fn bench_moe(
     dev.synchronize()?;
     let bytes = moes.iter().map(|m| m.bytes_per_step()).sum::<usize>();
     let t = dev.timer()?;
-    let time_graph = |parts: [bool; 3], scratch: &mut Vec<rooftop_cuda::MoeScratch>| -> Result<f64> {
-        let graph = dev.capture(|| {
-            for (m, s) in moes.iter().zip(scratch.iter_mut()) {
-                m.step_parts(dev, s, px, pr, parts)?;
+    let time_graph =
+        |parts: [bool; 3], scratch: &mut Vec<rooftop_cuda::MoeScratch>| -> Result<f64> {
+            let graph = dev.capture(|| {
+                for (m, s) in moes.iter().zip(scratch.iter_mut()) {
+                    m.step_parts(dev, s, px, pr, parts)?;
+                }
+                Ok(())
+            })?;
+            graph
+                .launch()
+                .map_err(|e| anyhow::anyhow!("graph launch: {e}"))?;
+            let mut ms = Vec::new();
+            for _ in 0..iters {
+                t.start(dev)?;
+                graph
+                    .launch()
+                    .map_err(|e| anyhow::anyhow!("graph launch: {e}"))?;
+                ms.push(t.stop_ms(dev)?);
             }
-            Ok(())
-        })?;
-        graph.launch().map_err(|e| anyhow::anyhow!("graph launch: {e}"))?;
-        let mut ms = Vec::new();
-        for _ in 0..iters {
-            t.start(dev)?;
-            graph.launch().map_err(|e| anyhow::anyhow!("graph launch: {e}"))?;
-            ms.push(t.stop_ms(dev)?);
-        }
-        Ok(median(ms))
-    };
+            Ok(median(ms))
+        };
     let pdl_default = dev.pdl();
     for pdl in [false, true] {
         dev.set_pdl(pdl);
@@ -569,7 +575,14 @@ fn bench_moe(
             continue;
         }
         let ms = time_graph([true; 3], &mut scratch)?;
-        out.push(BenchRow { name: format!("moe step x{layers} {spec} graph{}", if pdl { "+PDL" } else { "" }), bytes, ms });
+        out.push(BenchRow {
+            name: format!(
+                "moe step x{layers} {spec} graph{}",
+                if pdl { "+PDL" } else { "" }
+            ),
+            bytes,
+            ms,
+        });
     }
     dev.set_pdl(pdl_default);
     let pb: Vec<[usize; 3]> = moes.iter().map(|m| m.part_bytes()).collect();
@@ -577,7 +590,11 @@ fn bench_moe(
         let mut mask = [false; 3];
         mask[i] = true;
         let ms = time_graph(mask, &mut scratch)?;
-        out.push(BenchRow { name: format!("  {part} only x{layers}"), bytes: pb.iter().map(|b| b[i]).sum(), ms });
+        out.push(BenchRow {
+            name: format!("  {part} only x{layers}"),
+            bytes: pb.iter().map(|b| b[i]).sum(),
+            ms,
+        });
     }
     let _ = &mut resid;
     Ok(())

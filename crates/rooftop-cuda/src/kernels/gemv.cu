@@ -119,15 +119,6 @@ __device__ __forceinline__ float deq(const u32 (&w)[CHUNK_WORDS], int j) {
 #endif
 }
 
-__device__ __forceinline__ float ld_sdt(const unsigned char* p, size_t i) {
-#if QSDT == SDT_F32
-  return __ldg((const float*)p + i);
-#elif QSDT == SDT_F16
-  return f16_to_f32(__ldg((const unsigned short*)p + i));
-#else
-  return bf16_to_f32(__ldg((const unsigned short*)p + i));
-#endif
-}
 // E4M3 as MLX decodes it (0x7F -> 480, no NaN); exact through the f32 subnormal range.
 __device__ __forceinline__ float e4m3_f32(u32 b) {
   return __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7Fu) << 20)) * 0x1p120f;
