@@ -28,6 +28,9 @@ enum Command {
     Fidelity(cmd::fidelity::Args),
     /// Check every CUDA kernel against the CPU reference; benchmark against the roofline.
     CudaCheck(cmd::cuda_check::Args),
+    /// Generate text from a model directory (HF or MLX, quantized or not) on the CPU.
+    #[command(alias = "run")]
+    Generate(cmd::generate::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Fidelity(a) => cmd::fidelity::run(a),
         Command::CudaCheck(a) => cmd::cuda_check::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

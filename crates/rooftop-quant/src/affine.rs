@@ -75,12 +75,16 @@ pub fn dequantize_group_mlx<T: Float>(
 ) {
     let s = read_f32(scale_dtype, scales, gi);
     let b = read_f32(scale_dtype, biases, gi);
-    let round: fn(f32) -> f32 = match scale_dtype {
-        DType::F32 => <f32 as Float>::round,
-        DType::F16 => <half::f16 as Float>::round,
-        DType::BF16 => <half::bf16 as Float>::round,
-    };
+    match scale_dtype {
+        DType::F32 => dequant_in::<f32, T>(codes, s, b, out),
+        DType::F16 => dequant_in::<half::f16, T>(codes, s, b, out),
+        DType::BF16 => dequant_in::<half::bf16, T>(codes, s, b, out),
+    }
+}
+
+#[inline(always)]
+fn dequant_in<S: Float, T: Float>(codes: &[u8], s: f32, b: f32, out: &mut [T]) {
     for (o, &c) in out.iter_mut().zip(codes) {
-        *o = T::from_f32(round(round(c as f32 * s) + b));
+        *o = T::from_f32(S::round(S::round(c as f32 * s) + b));
     }
 }

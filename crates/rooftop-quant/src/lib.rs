@@ -11,7 +11,8 @@
 //! let q = quantize("w", &w, &[2, 64], QuantSpec::affine(4, 64)?, QuantizeOptions::default())?;
 //! assert_eq!(q.weight.len(), 2 * 64 * 4 / 32);
 //! let back: Vec<f32> = dequantize(&q.view())?;
-//! assert!(w.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.1));
+//! // MLX snaps the scale to the larger edge, so the far edge may clip by up to a step.
+//! assert!(w.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.13));
 //! # Ok::<(), rooftop_quant::QuantError>(())
 //! ```
 

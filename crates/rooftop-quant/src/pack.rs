@@ -67,6 +67,44 @@ pub fn unpack(words: &[u32], bits: u32, out: &mut [u8]) {
     }
 }
 
+/// Unpack `out.len()` codes from little-endian packed bytes (no alignment needed).
+#[inline]
+pub fn unpack_bytes(bytes: &[u8], bits: u32, out: &mut [u8]) {
+    debug_assert!(bytes.len() * 8 >= out.len() * bits as usize);
+    match bits {
+        8 => out.copy_from_slice(&bytes[..out.len()]),
+        4 => {
+            for (o, &b) in out.chunks_exact_mut(2).zip(bytes) {
+                o[0] = b & 15;
+                o[1] = b >> 4;
+            }
+        }
+        2 => {
+            for (o, &b) in out.chunks_exact_mut(4).zip(bytes) {
+                o[0] = b & 3;
+                o[1] = (b >> 2) & 3;
+                o[2] = (b >> 4) & 3;
+                o[3] = b >> 6;
+            }
+        }
+        _ => {
+            // 1, 3, 5, 6 bits: a bit stream read through a 64-bit window.
+            let mask = (1u64 << bits) - 1;
+            let (mut acc, mut nacc, mut bi) = (0u64, 0u32, 0usize);
+            for c in out.iter_mut() {
+                while nacc < bits {
+                    acc |= (bytes[bi] as u64) << nacc;
+                    bi += 1;
+                    nacc += 8;
+                }
+                *c = (acc & mask) as u8;
+                acc >>= bits;
+                nacc -= bits;
+            }
+        }
+    }
+}
+
 /// Code `i` of a packed row, read straight from little-endian bytes (unaligned-safe).
 #[inline(always)]
 pub fn code_at(bytes: &[u8], bits: u32, i: usize) -> u32 {
@@ -104,6 +142,9 @@ mod tests {
             for (i, &c) in codes.iter().enumerate() {
                 prop_assert_eq!(code_at(&bytes, bits, i), c as u32);
             }
+            let mut from_bytes = vec![0u8; n];
+            unpack_bytes(&bytes, bits, &mut from_bytes);
+            prop_assert_eq!(&from_bytes, &codes);
         }
     }
 

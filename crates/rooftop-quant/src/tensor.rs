@@ -165,13 +165,7 @@ impl<'a> QuantView<'a> {
     }
 }
 
-fn unpack_bytes(bytes: &[u8], bits: u32, out: &mut [u8]) {
-    let words: Vec<u32> = bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    pack::unpack(&words, bits, out);
-}
+use pack::unpack_bytes;
 
 /// First non-finite element, as (row, col, value).
 fn find_non_finite<T: Float>(data: &[T], cols: usize) -> Option<(usize, usize, f32)> {
@@ -207,8 +201,12 @@ pub fn quantize<T: Float>(
         )));
     }
     let cols = *shape.last().unwrap();
-    spec.check_cols(cols)
-        .map_err(|e| QuantError::Shape(format!("tensor {name:?} with shape {shape:?}: {e}")))?;
+    if spec.check_cols(cols).is_err() {
+        return Err(QuantError::Shape(format!(
+            "tensor {name:?} with shape {shape:?}: the last dimension {cols} is not a multiple of the {} group size {}",
+            spec.mode, spec.group_size
+        )));
+    }
     if let Some(gs) = opts.global_scale {
         if spec.mode != QuantMode::Nvfp4 {
             return Err(QuantError::Unsupported(format!(

@@ -178,6 +178,39 @@ fn quantize_and_dequantize_equal_mlx() {
             });
         }
     }
+    // rooftop's optimizing quantizer writes the same format: mlx must read its bytes
+    // exactly as rooftop does.
+    let mut given: Vec<(String, Vec<u8>)> = vec![];
+    let mut given_tensors: BTreeMap<String, (StDtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for c in &cases {
+        let (dtype, shape, bytes) = &inputs[&c.tensor];
+        let opts = QuantizeOptions {
+            global_scale: None,
+            method: rooftop_quant::Method::Optimized,
+        };
+        let q =
+            rooftop_quant::quantize_bytes(&c.tensor, *dtype, bytes, shape, c.spec, opts).unwrap();
+        let dq: Vec<f32> = dequantize(&q.view()).unwrap();
+        let n = format!("{}_opt", c.name);
+        let sdt = if c.spec.mode == QuantMode::Affine {
+            st_dtype(*dtype)
+        } else {
+            StDtype::U8
+        };
+        given_tensors.insert(
+            format!("{n}.w"),
+            (
+                StDtype::U32,
+                q.weight_shape(),
+                bytemuck::cast_slice(&q.weight).to_vec(),
+            ),
+        );
+        given_tensors.insert(format!("{n}.s"), (sdt, q.scales_shape(), q.scales.clone()));
+        if let Some(b) = &q.biases {
+            given_tensors.insert(format!("{n}.b"), (sdt, q.scales_shape(), b.clone()));
+        }
+        given.push((n, bytemuck::cast_slice(&dq).to_vec()));
+    }
     let views: Vec<(String, TensorView)> = inputs
         .iter()
         .map(|(k, (d, s, b))| {
@@ -186,6 +219,11 @@ fn quantize_and_dequantize_equal_mlx() {
                 TensorView::new(st_dtype(*d), s.clone(), b).unwrap(),
             )
         })
+        .chain(
+            given_tensors
+                .iter()
+                .map(|(k, (d, s, b))| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())),
+        )
         .collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("inputs.safetensors")).unwrap();
     let json: Vec<serde_json::Value> = cases
@@ -194,6 +232,10 @@ fn quantize_and_dequantize_equal_mlx() {
             serde_json::json!({"name": c.name, "tensor": c.tensor, "mode": c.spec.mode.name(),
                 "bits": c.spec.bits, "group_size": c.spec.group_size, "global_scale": c.global_scale})
         })
+        .chain(cases.iter().map(|c| {
+            serde_json::json!({"name": format!("{}_opt", c.name), "given": true, "mode": c.spec.mode.name(),
+                "bits": c.spec.bits, "group_size": c.spec.group_size})
+        }))
         .collect();
     std::fs::write(
         dir.path().join("cases.json"),
@@ -251,6 +293,14 @@ fn quantize_and_dequantize_equal_mlx() {
                     ctx(&b)
                 ));
             }
+        }
+    }
+    for (n, ours) in &given {
+        let theirs = out.tensor(&format!("{n}.dq_f32")).unwrap();
+        if let Some(i) = first_diff(ours, theirs.data()) {
+            failures.push(format!(
+                "{n}: mlx dequantizes rooftop's optimized bytes differently at byte {i}"
+            ));
         }
     }
     assert!(

@@ -69,6 +69,9 @@ struct Row {
     group_size: usize,
     bits_per_weight: f64,
     mlx: ErrorStats,
+    /// MLX-exact quantizer throughput, GB/s of input.
+    quantize_gbps: f64,
+    dequantize_gbps: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     optimized: Option<ErrorStats>,
     /// (1 - rmse_opt / rmse_mlx) in percent.
@@ -227,16 +230,33 @@ fn specs(a: &Args) -> Result<Vec<QuantSpec>> {
     Ok(out)
 }
 
-fn round_trip(d: &Data, spec: QuantSpec, method: Method) -> Result<ErrorStats> {
-    fn go<T: Float>(d: &Data, spec: QuantSpec, method: Method) -> Result<ErrorStats> {
+/// Error of one round trip, and throughput of each half in GB/s of unquantized input.
+struct Trip {
+    stats: ErrorStats,
+    quantize_gbps: f64,
+    dequantize_gbps: f64,
+}
+
+fn round_trip(d: &Data, spec: QuantSpec, method: Method) -> Result<Trip> {
+    fn go<T: Float>(d: &Data, spec: QuantSpec, method: Method) -> Result<Trip> {
         let src: Vec<T> = d.values.iter().map(|&x| T::from_f32(x)).collect();
         let opts = QuantizeOptions {
             method,
             global_scale: None,
         };
+        let gb = (src.len() * T::DTYPE.size()) as f64 / 1e9;
+        let t = std::time::Instant::now();
         let q = quantize(&d.source, &src, &d.shape, spec, opts)?;
-        let back: Vec<f32> = dequantize(&q.view())?;
-        Ok(ErrorStats::compute(&d.values, &back))
+        let tq = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let back: Vec<T> = dequantize(&q.view())?;
+        let td = t.elapsed().as_secs_f64();
+        let back: Vec<f32> = back.iter().map(|x| x.to_f32()).collect();
+        Ok(Trip {
+            stats: ErrorStats::compute(&d.values, &back),
+            quantize_gbps: gb / tq,
+            dequantize_gbps: gb / td,
+        })
     }
     match d.dtype {
         DType::F32 => go::<f32>(d, spec, method),
@@ -261,9 +281,10 @@ pub fn run(a: Args) -> Result<()> {
     let mut rows = vec![];
     for spec in specs {
         bar.set_message(spec.to_string());
-        let mlx = round_trip(&data, spec, Method::Mlx)?;
+        let trip = round_trip(&data, spec, Method::Mlx)?;
+        let mlx = trip.stats;
         let optimized = if a.optimize {
-            Some(round_trip(&data, spec, Method::Optimized)?)
+            Some(round_trip(&data, spec, Method::Optimized)?.stats)
         } else {
             None
         };
@@ -274,6 +295,8 @@ pub fn run(a: Args) -> Result<()> {
             group_size: spec.group_size,
             bits_per_weight: spec.bits_per_weight(data.dtype),
             rmse_reduction_pct: optimized.map(|o| 100.0 * (1.0 - o.rmse / mlx.rmse)),
+            quantize_gbps: trip.quantize_gbps,
+            dequantize_gbps: trip.dequantize_gbps,
             mlx,
             optimized,
         });
@@ -295,8 +318,8 @@ pub fn run(a: Args) -> Result<()> {
         report.source, report.shape, report.dtype, report.dtype
     );
     print!(
-        "{:<12} {:>7} {:>10} {:>10} {:>10} {:>8}",
-        "format", "bits/w", "mean|err|", "rmse", "max|err|", "snr dB"
+        "{:<12} {:>7} {:>10} {:>10} {:>10} {:>8} {:>6} {:>6}",
+        "format", "bits/w", "mean|err|", "rmse", "max|err|", "snr dB", "q GB/s", "dq GB/s"
     );
     if a.optimize {
         print!(
@@ -307,8 +330,15 @@ pub fn run(a: Args) -> Result<()> {
     println!();
     for r in &report.formats {
         print!(
-            "{:<12} {:>7.3} {:>10.5} {:>10.5} {:>10.5} {:>8.2}",
-            r.format, r.bits_per_weight, r.mlx.mean_abs, r.mlx.rmse, r.mlx.max_abs, r.mlx.snr_db
+            "{:<12} {:>7.3} {:>10.5} {:>10.5} {:>10.5} {:>8.2} {:>6.2} {:>6.2}",
+            r.format,
+            r.bits_per_weight,
+            r.mlx.mean_abs,
+            r.mlx.rmse,
+            r.mlx.max_abs,
+            r.mlx.snr_db,
+            r.quantize_gbps,
+            r.dequantize_gbps
         );
         if let (Some(o), Some(p)) = (r.optimized, r.rmse_reduction_pct) {
             print!(

@@ -1,2 +1,3 @@
 pub mod cuda_check;
 pub mod fidelity;
+pub mod generate;

@@ -1,0 +1,265 @@
+//! SwiGLU MLP and the mixture-of-experts block: a router picks top-k experts per
+//! token, each expert is a SwiGLU MLP, optional shared experts are added.
+//!
+//! Experts are a list of [`W`] views: slices of a stacked `switch_mlp` tensor
+//! `[E, out, in]` or the Hub's separate `experts.{e}` tensors — no copy either way.
+
+use super::{silu, Linear};
+use crate::model::Scratch;
+use crate::store::{Loader, W};
+use crate::Result;
+
+/// `down(silu(gate(x)) · up(x))`.
+pub struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    /// `{prefix}.gate_proj/up_proj/down_proj` (names overridable for Mixtral's w1/w3/w2).
+    pub fn load(l: &Loader, prefix: &str, hidden: usize, inter: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            gate: Linear::load(l, &format!("{prefix}.gate_proj"), inter, hidden, bias)?,
+            up: Linear::load(l, &format!("{prefix}.up_proj"), inter, hidden, bias)?,
+            down: Linear::load(l, &format!("{prefix}.down_proj"), hidden, inter, bias)?,
+        })
+    }
+    pub fn inter(&self) -> usize {
+        self.gate.out_dim()
+    }
+    /// x `[T, D]` → out `[T, D]`.
+    pub fn forward(&self, x: &[f32], t: usize, s: &mut Scratch, out: &mut [f32]) {
+        let i = self.inter();
+        let (g, u) = (&mut s.g[..t * i], &mut s.u[..t * i]);
+        self.gate.forward(x, t, g);
+        self.up.forward(x, t, u);
+        g.iter_mut()
+            .zip(u.iter())
+            .for_each(|(g, u)| *g = silu(*g) * u);
+        self.down.forward(g, t, out);
+    }
+}
+
+/// Per-expert SwiGLU weights.
+pub struct Experts {
+    gate: Vec<W>, // E × [I, D]
+    up: Vec<W>,   // E × [I, D]
+    down: Vec<W>, // E × [D, I]
+}
+
+impl Experts {
+    /// Stacked `{stacked}.{gate,up,down}_proj` `[E, out, in]` if present, else per expert
+    /// `{per_expert}.{e}.{names[i]}` (Hub layout; `names` = gate, up, down as the
+    /// checkpoint spells them, e.g. Mixtral's `w1, w3, w2`).
+    pub fn load(
+        l: &Loader,
+        stacked: &str,
+        per_expert: &str,
+        names: [&str; 3],
+        n: usize,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Self> {
+        let dims = [(inter, hidden), (inter, hidden), (hidden, inter)];
+        let mut out: [Vec<W>; 3] = Default::default();
+        for (k, proj) in ["gate_proj", "up_proj", "down_proj"].iter().enumerate() {
+            let (r, c) = dims[k];
+            let sp = format!("{stacked}.{proj}");
+            out[k] = if l.has(&format!("{sp}.weight")) {
+                l.weight(&sp, &[n], r, c)?
+            } else {
+                (0..n)
+                    .map(|e| l.matrix(&format!("{per_expert}.{e}.{}", names[k]), r, c))
+                    .collect::<Result<_>>()?
+            };
+        }
+        let [gate, up, down] = out;
+        Ok(Self { gate, up, down })
+    }
+    pub fn len(&self) -> usize {
+        self.gate.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.gate.is_empty()
+    }
+    pub fn inter(&self) -> usize {
+        self.gate[0].rows()
+    }
+}
+
+/// How a token's experts and their weights are chosen from router logits.
+pub enum Router {
+    /// Softmax over all experts, top-k, optionally renormalized (qwen3_moe, qwen2_moe).
+    SoftmaxTopK { norm_topk_prob: bool },
+    /// Top-k logits, softmax over those k (mixtral).
+    TopKSoftmax,
+    /// DeepSeek-V3 / GLM-4.5 `noaux_tc`: sigmoid scores plus a correction bias pick
+    /// the experts (best `topk_group` of `n_group` groups first, a group scored by
+    /// its top two); weights are the uncorrected sigmoids, optionally renormalized,
+    /// times `routed_scaling_factor`.
+    GroupSigmoid {
+        bias: Vec<f32>,
+        n_group: usize,
+        topk_group: usize,
+        scaling: f32,
+        norm_topk_prob: bool,
+    },
+}
+
+impl Router {
+    /// Logits `[E]` → `sel` = k (expert, weight) pairs. `tmp` is `[E]` scratch.
+    fn select(
+        &self,
+        logits: &[f32],
+        k: usize,
+        tmp: &mut Vec<(f32, usize)>,
+        sel: &mut Vec<(usize, f32)>,
+    ) {
+        let e = logits.len();
+        sel.clear();
+        tmp.clear();
+        let desc = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0);
+        match self {
+            Router::SoftmaxTopK { norm_topk_prob } => {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+                tmp.extend(
+                    logits
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| ((v - max).exp() / sum, i)),
+                );
+                tmp.sort_by(desc);
+                let mut tot: f32 = tmp[..k].iter().map(|p| p.0).sum();
+                if !norm_topk_prob {
+                    tot = 1.0;
+                }
+                sel.extend(tmp[..k].iter().map(|&(p, i)| (i, p / tot)));
+            }
+            Router::TopKSoftmax => {
+                tmp.extend(logits.iter().enumerate().map(|(i, &v)| (v, i)));
+                tmp.sort_by(desc);
+                let max = tmp[0].0;
+                let sum: f32 = tmp[..k].iter().map(|p| (p.0 - max).exp()).sum();
+                sel.extend(tmp[..k].iter().map(|&(v, i)| (i, (v - max).exp() / sum)));
+            }
+            Router::GroupSigmoid {
+                bias,
+                n_group,
+                topk_group,
+                scaling,
+                norm_topk_prob,
+            } => {
+                let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+                tmp.extend(
+                    logits
+                        .iter()
+                        .zip(bias)
+                        .enumerate()
+                        .map(|(i, (&v, b))| (sig(v) + b, i)),
+                );
+                if *n_group > 1 {
+                    let gsz = e / n_group;
+                    // Group score = sum of its top two; the weakest n_group - topk_group
+                    // groups are zeroed (set to 0.0, as mlx-lm does — not -inf).
+                    let mut gs: Vec<(f32, usize)> = (0..*n_group)
+                        .map(|g| {
+                            let mut v: Vec<f32> =
+                                tmp[g * gsz..(g + 1) * gsz].iter().map(|p| p.0).collect();
+                            v.sort_by(|a, b| b.total_cmp(a));
+                            (v[0] + v.get(1).copied().unwrap_or(0.0), g)
+                        })
+                        .collect();
+                    gs.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    for &(_, g) in &gs[..n_group - topk_group] {
+                        tmp[g * gsz..(g + 1) * gsz]
+                            .iter_mut()
+                            .for_each(|p| p.0 = 0.0);
+                    }
+                }
+                tmp.sort_by(desc);
+                let w: Vec<(usize, f32)> =
+                    tmp[..k].iter().map(|&(_, i)| (i, sig(logits[i]))).collect();
+                let tot: f32 = if k > 1 && *norm_topk_prob {
+                    w.iter().map(|p| p.1).sum()
+                } else {
+                    1.0
+                };
+                sel.extend(w.into_iter().map(|(i, p)| (i, p / tot * scaling)));
+            }
+        }
+    }
+}
+
+/// Router + routed experts (+ shared experts).
+pub struct Moe {
+    pub gate: Linear,
+    pub router: Router,
+    pub experts: Experts,
+    pub top_k: usize,
+    pub shared: Option<Mlp>,
+}
+
+impl Moe {
+    /// x `[T, D]` → out `[T, D]`. Tokens are grouped by expert so each expert's
+    /// weights are streamed once per step, with all of its tokens as one batch.
+    pub fn forward(&self, x: &[f32], t: usize, s: &mut Scratch, out: &mut [f32]) {
+        let d = x.len() / t;
+        let ne = self.experts.len();
+        let logits = &mut s.router[..t * ne];
+        self.gate.forward(x, t, logits); // [T, E]
+        s.route.clear();
+        for i in 0..t {
+            self.router.select(
+                &logits[i * ne..(i + 1) * ne],
+                self.top_k,
+                &mut s.rtmp,
+                &mut s.sel,
+            );
+            s.route
+                .extend(s.sel.iter().map(|&(e, w)| (e as u32, i as u32, w)));
+        }
+        s.route.sort_by_key(|r| (r.0, r.1));
+        out.fill(0.0);
+        let inter = self.experts.inter();
+        let mut a = 0;
+        while a < s.route.len() {
+            let e = s.route[a].0;
+            let b = a + s.route[a..].iter().take_while(|r| r.0 == e).count();
+            let c = b - a;
+            let (xe, g, u, ye) = (
+                &mut s.xe[..c * d],
+                &mut s.g[..c * inter],
+                &mut s.u[..c * inter],
+                &mut s.ye[..c * d],
+            );
+            for (j, r) in s.route[a..b].iter().enumerate() {
+                let tok = r.1 as usize;
+                xe[j * d..(j + 1) * d].copy_from_slice(&x[tok * d..(tok + 1) * d]);
+            }
+            let e = e as usize;
+            rooftop_cpu::matmul(&self.experts.gate[e], xe, c, g); // [c, I]
+            rooftop_cpu::matmul(&self.experts.up[e], xe, c, u); // [c, I]
+            g.iter_mut()
+                .zip(u.iter())
+                .for_each(|(g, u)| *g = silu(*g) * u);
+            rooftop_cpu::matmul(&self.experts.down[e], g, c, ye); // [c, D]
+            for (j, r) in s.route[a..b].iter().enumerate() {
+                let tok = r.1 as usize;
+                let o = &mut out[tok * d..(tok + 1) * d];
+                o.iter_mut()
+                    .zip(&ye[j * d..(j + 1) * d])
+                    .for_each(|(o, y)| *o += r.2 * y);
+            }
+            a = b;
+        }
+        if let Some(sh) = &self.shared {
+            let y = std::mem::take(&mut s.shared);
+            let mut y = y;
+            sh.forward(x, t, s, &mut y[..t * d]);
+            out.iter_mut().zip(&y[..t * d]).for_each(|(o, y)| *o += y);
+            s.shared = y;
+        }
+    }
+}
