@@ -34,6 +34,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Bytes per token, the tok/s ceiling, and experts read when verifying K tokens.
     Roofline(cmd::roofline::Args),
+    /// Check every CUDA kernel against the CPU reference; benchmark against the roofline.
+    CudaCheck(cmd::cuda_check::Args),
     /// Generate text from a model directory (HF or MLX, quantized or not) on the CPU.
     #[command(alias = "run")]
     Generate(cmd::generate::Args),
@@ -47,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Roofline(a) => cmd::roofline::run(a),
+        Command::CudaCheck(a) => cmd::cuda_check::run(a),
         Command::Generate(a) => cmd::generate::run(a),
     };
     match result {

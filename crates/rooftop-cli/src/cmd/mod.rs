@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod cuda_check;
 pub mod eval;
 pub mod fidelity;
 pub mod generate;

@@ -1,0 +1,79 @@
+// Shared helpers for every rooftop kernel. NVRTC-only: no standard headers; half and
+// bfloat16 conversions are done with PTX so that cuda_fp16.h is not needed.
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// Scale / dense element dtypes (DType order in rooftop_quant is irrelevant: these are ours).
+#define SDT_F32 0
+#define SDT_F16 1
+#define SDT_BF16 2
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ unsigned short f32_to_f16(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ float bf16_to_f32(unsigned short h) {
+  return __uint_as_float(((u32)h) << 16);
+}
+
+// Streaming loads of weights: read once, so skip L1 (keeps activations resident there)
+// and are not `volatile`, so the compiler may hoist several ahead of their first use;
+// and ask L2 for 256-byte sectors (sm_80+).
+__device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint2 ld_stream_v2(const void* p) {
+  uint2 r;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];"
+               : "=r"(r.x), "=r"(r.y)
+               : "l"(p));
+  return r;
+}
+__device__ __forceinline__ u32 ld_stream_u32(const void* p) {
+  u32 r;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(r) : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+
+// Programmatic dependent launch (sm_90+). A kernel launched with programmatic stream
+// serialization may start while the previous kernel drains: pdl_wait() blocks until that
+// kernel has finished and its writes are visible; pdl_trigger() lets the next kernel
+// start launching. Every kernel waits before touching memory an earlier kernel wrote
+// and triggers only after waiting, so the chain stays ordered. No-ops on older GPUs and
+// for ordinary launches.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

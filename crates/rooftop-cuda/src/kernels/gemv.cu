@@ -1,0 +1,530 @@
+// Quantized GEMV and the fused MoE decode step, for ONE weight format per module.
+//
+// The format is fixed at compile time by -D flags (see src/nvrtc.rs):
+//   QMODE 0 dense | 1 affine | 2 nvfp4 | 3 mxfp4 | 4 mxfp8
+//   QBITS affine bits (1..8); 4 for the fp4 modes, 8 for mxfp8; dense: 16 or 32
+//   QSDT  dense element / affine scale dtype: 0 f32, 1 f16, 2 bf16
+// Layout is rooftop_quant's (MLX's): each row is an LSB-first bit stream of codes in
+// little-endian u32 words; scales (and affine biases) per group, row-major.
+//
+// Work split (bandwidth first):
+//   * a "chunk" is 32 consecutive weights of a row = QBITS u32 words, loaded with the
+//     widest aligned vector load (16 B for 4/8-bit), streamed past L1;
+//   * LPR lanes ("lanes per row", a power of two chosen by the host so that the row's
+//     chunks divide evenly) share one row; a warp holds 32/LPR rows at a time;
+//   * the activation vector is staged once per CTA in shared memory, transposed as
+//     [8][C] float4 so that lanes reading neighbouring chunks hit neighbouring banks;
+//   * the grid is sized to fill every SM and strides over rows.
+//
+// Dequantization costs ~2 integer ops per weight, with no int->float conversion:
+//   affine: the code is placed in the top mantissa bits of 1.0f, giving 1 + q/2^b; the
+//     offset is removed per chunk with the chunk's sum of x (s*2^b*(acc - X) + bias*X);
+//   fp4/fp8: sign and magnitude bits are placed so the float equals value*2^-126 (E2M1)
+//     or value*2^-120 (E4M3), exact including subnormals; x is pre-scaled by 2^100 so
+//     products stay normal, and the power of two is undone with the group scale.
+#define MODE_DENSE 0
+#define MODE_AFFINE 1
+#define MODE_NVFP4 2
+#define MODE_MXFP4 3
+#define MODE_MXFP8 4
+
+#if QMODE == MODE_DENSE
+#define CHUNK_WORDS (QSDT == SDT_F32 ? 32 : 16)
+#else
+#define CHUNK_WORDS QBITS
+#endif
+
+#if QMODE >= MODE_NVFP4
+#define X_PRESCALE 0x1p100f
+#else
+#define X_PRESCALE 1.0f
+#endif
+
+// One weight matrix [rows, cols] (for stacked experts: [E*rows_per_expert, cols]).
+struct QW {
+  const unsigned char* w;  // packed codes, rows * cols * QBITS / 8 bytes
+  const unsigned char* s;  // scales: dtype QSDT (affine) or one byte (fp modes)
+  const unsigned char* b;  // affine biases (same dtype as scales)
+  int rows, cols, group;
+  float gmul;  // nvfp4: global_scale / (448*6); else 1
+};
+
+// Routing parameters (Qwen softmax, or DeepSeek-V3/GLM-4.5 sigmoid + bias + groups).
+struct Routing {
+  const float* bias;  // e_score_correction_bias [E] or null
+  int n_experts, k, sigmoid, norm, n_group, topk_group;
+  float scale;  // routed_scaling_factor (1 for Qwen)
+};
+
+// Field-wise select, so that choosing between two weight parameters stays in registers
+// (a reference to a kernel parameter would force a stack copy).
+__device__ __forceinline__ QW pick(bool a, const QW& x, const QW& y) {
+  QW r;
+  r.w = a ? x.w : y.w; r.s = a ? x.s : y.s; r.b = a ? x.b : y.b;
+  r.rows = a ? x.rows : y.rows; r.cols = a ? x.cols : y.cols; r.group = a ? x.group : y.group;
+  r.gmul = a ? x.gmul : y.gmul;
+  return r;
+}
+
+__device__ __forceinline__ u32 shl_signed(u32 x, int s) { return s >= 0 ? (x << s) : (x >> -s); }
+
+__device__ __forceinline__ void load_chunk(const unsigned char* p, u32 (&w)[CHUNK_WORDS]) {
+#if CHUNK_WORDS % 4 == 0
+#pragma unroll
+  for (int i = 0; i < CHUNK_WORDS / 4; i++) {
+    uint4 v = ld_stream_v4(p + 16 * i);
+    w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+  }
+#elif CHUNK_WORDS % 2 == 0
+#pragma unroll
+  for (int i = 0; i < CHUNK_WORDS / 2; i++) {
+    uint2 v = ld_stream_v2(p + 8 * i);
+    w[2 * i] = v.x; w[2 * i + 1] = v.y;
+  }
+#else
+#pragma unroll
+  for (int i = 0; i < CHUNK_WORDS; i++) w[i] = ld_stream_u32(p + 4 * i);
+#endif
+}
+
+// Weight j (0..31) of a chunk, in the module's pre-scaled form (see the header).
+__device__ __forceinline__ float deq(const u32 (&w)[CHUNK_WORDS], int j) {
+#if QMODE == MODE_AFFINE
+  const int bit = j * QBITS, wi = bit >> 5, off = bit & 31, S = 23 - QBITS;
+  u32 v;
+  if (off + QBITS <= 32) {
+    v = shl_signed(w[wi], S - off);
+  } else {
+    v = __funnelshift_r(w[wi], w[wi + 1 < CHUNK_WORDS ? wi + 1 : wi], off) << S;
+  }
+  return __uint_as_float((v & (((1u << QBITS) - 1u) << S)) | 0x3F800000u);
+#elif QMODE == MODE_NVFP4 || QMODE == MODE_MXFP4
+  const int off = (j & 7) * 4;
+  const u32 x = w[j >> 3];
+  return __uint_as_float((shl_signed(x, 22 - off) & 0x01C00000u) |
+                         (shl_signed(x, 28 - off) & 0x80000000u));
+#elif QMODE == MODE_MXFP8
+  const int off = (j & 3) * 8;
+  const u32 x = w[j >> 2];
+  return __uint_as_float((shl_signed(x, 20 - off) & 0x07F00000u) |
+                         (shl_signed(x, 24 - off) & 0x80000000u));
+#elif QSDT == SDT_BF16
+  const u32 x = w[j >> 1];
+  return __uint_as_float((j & 1) ? (x & 0xFFFF0000u) : (x << 16));
+#elif QSDT == SDT_F16
+  const u32 x = w[j >> 1];
+  return f16_to_f32((unsigned short)((j & 1) ? (x >> 16) : (x & 0xFFFFu)));
+#else
+  return __uint_as_float(w[j]);
+#endif
+}
+
+// E4M3 as MLX decodes it (0x7F -> 480, no NaN); exact through the f32 subnormal range.
+__device__ __forceinline__ float e4m3_f32(u32 b) {
+  return __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7Fu) << 20)) * 0x1p120f;
+}
+__device__ __forceinline__ float e8m0_f32(u32 b) {
+  return b == 0 ? 0x1p-127f : __uint_as_float(b << 23);
+}
+
+__device__ __forceinline__ float f4c(const float4& v, int e) {
+  return e == 0 ? v.x : (e == 1 ? v.y : (e == 2 ? v.z : v.w));
+}
+
+// Chunks each lane keeps in flight: ~64 bytes of weights per lane, so that enough
+// loads are outstanding per SM to cover HBM latency (one 16-byte load per lane reached
+// only ~40% of the read bandwidth on an H200).
+#ifdef UNROLL_BYTES
+#define UNROLL (UNROLL_BYTES / 4 / CHUNK_WORDS > 0 ? UNROLL_BYTES / 4 / CHUNK_WORDS : 1)
+#else
+#define UNROLL (16 / CHUNK_WORDS > 0 ? 16 / CHUNK_WORDS : 1)
+#endif
+
+// Raw scale (and bias) bits of the group(s) holding chunk c, loaded early with the weights.
+struct SC {
+  u32 a, b;
+};
+__device__ __forceinline__ SC load_scales(const QW& W, int row, int c) {
+  SC r;
+#if QMODE == MODE_AFFINE
+  const size_t si = (size_t)row * (W.cols / W.group) + (c * 32) / W.group;
+#if QSDT == SDT_F32
+  r.a = __ldg((const u32*)W.s + si); r.b = __ldg((const u32*)W.b + si);
+#else
+  r.a = __ldg((const unsigned short*)W.s + si); r.b = __ldg((const unsigned short*)W.b + si);
+#endif
+#elif QMODE == MODE_NVFP4
+  const size_t si = (size_t)row * (W.cols / 16) + 2 * c;
+  r.a = __ldg(W.s + si); r.b = __ldg(W.s + si + 1);
+#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
+  r.a = __ldg(W.s + (size_t)row * (W.cols / 32) + c); r.b = 0;
+#else
+  r.a = 0; r.b = 0;
+#endif
+  return r;
+}
+__device__ __forceinline__ float sdt_bits(u32 v) {
+#if QSDT == SDT_F32
+  return __uint_as_float(v);
+#elif QSDT == SDT_F16
+  return f16_to_f32((unsigned short)v);
+#else
+  return bf16_to_f32((unsigned short)v);
+#endif
+}
+
+// y[t] += (loaded chunk c of a row) . (token t's chunk c), for NB tokens in xs/xsum.
+template <int NB>
+__device__ __forceinline__ void chunk_compute(const QW& W, const u32 (&w)[CHUNK_WORDS], SC sc, int c, int C,
+                                              const float4* xs, const float* xsum, float (&y)[NB]) {
+  float a0[NB], a1[NB];
+#pragma unroll
+  for (int t = 0; t < NB; t++) { a0[t] = 0.f; a1[t] = 0.f; }
+#pragma unroll
+  for (int q = 0; q < 8; q++) {
+    float f[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) f[e] = deq(w, 4 * q + e);
+#pragma unroll
+    for (int t = 0; t < NB; t++) {
+      const float4 xv = xs[(t * 8 + q) * C + c];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        if (QMODE == MODE_NVFP4 && q >= 4) a1[t] = fmaf(f4c(xv, e), f[e], a1[t]);
+        else a0[t] = fmaf(f4c(xv, e), f[e], a0[t]);
+      }
+    }
+  }
+#if QMODE == MODE_AFFINE
+  const float s = sdt_bits(sc.a) * (float)(1u << QBITS), b = sdt_bits(sc.b);
+#pragma unroll
+  for (int t = 0; t < NB; t++) {
+    const float X = xsum[t * C + c];
+    y[t] += s * (a0[t] - X) + b * X;
+  }
+#elif QMODE == MODE_NVFP4
+  const float s0 = e4m3_f32(sc.a) * W.gmul, s1 = e4m3_f32(sc.b) * W.gmul;
+#pragma unroll
+  for (int t = 0; t < NB; t++) y[t] += (a0[t] * 0x1p26f) * s0 + (a1[t] * 0x1p26f) * s1;
+#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
+  const float s = e8m0_f32(sc.a);
+#pragma unroll
+  for (int t = 0; t < NB; t++) y[t] += (a0[t] * (QMODE == MODE_MXFP4 ? 0x1p26f : 0x1p20f)) * s;
+#else
+#pragma unroll
+  for (int t = 0; t < NB; t++) y[t] += a0[t];
+#endif
+}
+
+__device__ __forceinline__ const unsigned char* chunk_ptr(const QW& W, int row, int c, int C) {
+  return W.w + ((size_t)row * C + c) * (CHUNK_WORDS * 4);
+}
+
+// acc[t] += this lane's share (chunks sub, sub+lpr, ...) of row . x[t]. Loads of UNROLL
+// chunks (and their scales) are issued before any is used.
+template <int NB>
+__device__ __forceinline__ void row_dot(const QW& W, int row, int C, int sub, int lpr, const float4* xs,
+                                        const float* xsum, float (&acc)[NB]) {
+  for (int c0 = sub; c0 < C; c0 += UNROLL * lpr) {
+    u32 w[UNROLL][CHUNK_WORDS];
+    SC sc[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) { load_chunk(chunk_ptr(W, row, c, C), w[u]); sc[u] = load_scales(W, row, c); }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) chunk_compute<NB>(W, w[u], sc[u], c, C, xs, xsum, acc);
+    }
+  }
+}
+
+// Two rows against the same x (gate and up): both rows' loads in flight together.
+__device__ __forceinline__ void row_dot2(const QW& A, int ra, const QW& B, int rb, int C, int sub, int lpr,
+                                         const float4* xs, const float* xsum, float (&ya)[1], float (&yb)[1]) {
+  for (int c0 = sub; c0 < C; c0 += UNROLL * lpr) {
+    u32 wa[UNROLL][CHUNK_WORDS], wb[UNROLL][CHUNK_WORDS];
+    SC sa[UNROLL], sb[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) {
+        load_chunk(chunk_ptr(A, ra, c, C), wa[u]); sa[u] = load_scales(A, ra, c);
+        load_chunk(chunk_ptr(B, rb, c, C), wb[u]); sb[u] = load_scales(B, rb, c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * lpr;
+      if (c < C) {
+        chunk_compute<1>(A, wa[u], sa[u], c, C, xs, xsum, ya);
+        chunk_compute<1>(B, wb[u], sb[u], c, C, xs, xsum, yb);
+      }
+    }
+  }
+}
+
+// Stage one activation vector x[cols] into xs ([8][C] float4, transposed) and, for
+// affine, its per-chunk sums. No barrier: callers sync once after all stagings.
+__device__ __forceinline__ void stage_vec(const float* x, int cols, float4* xs) {
+  const int C = cols / 32;
+  for (int u = threadIdx.x; u < 8 * C; u += blockDim.x) {
+    float4 v = ((const float4*)x)[u];
+    v.x *= X_PRESCALE; v.y *= X_PRESCALE; v.z *= X_PRESCALE; v.w *= X_PRESCALE;
+    xs[(u & 7) * C + (u >> 3)] = v;
+  }
+}
+__device__ __forceinline__ void sum_vec(int cols, const float4* xs, float* xsum) {
+#if QMODE == MODE_AFFINE
+  const int C = cols / 32;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+      const float4 v = xs[q * C + c];
+      s += (v.x + v.y) + (v.z + v.w);
+    }
+    xsum[c] = s;
+  }
+#endif
+}
+
+__device__ __forceinline__ float reduce_lpr(float v, int lpr) {
+  for (int o = lpr >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+
+// y[t, :] = W x[t, :] for t < n <= NB. Dynamic smem: NB*cols*4 + NB*(cols/32)*4 bytes.
+template <int NB>
+__device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, float* y, int lpr) {
+  extern __shared__ float4 smem4[];
+  const int C = W.cols / 32;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + NB * 8 * C);
+  pdl_wait();
+  pdl_trigger();
+  for (int t = 0; t < n; t++) stage_vec(x + (size_t)t * W.cols, W.cols, xs + t * 8 * C);
+  __syncthreads();
+  for (int t = 0; t < n; t++) sum_vec(W.cols, xs + t * 8 * C, xsum + t * C);
+  __syncthreads();
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int nwarps = (gridDim.x * blockDim.x) >> 5;
+  for (int base = warp * rpw; base < W.rows; base += nwarps * rpw) {
+    const int row = base + rsub;
+    float acc[NB];
+#pragma unroll
+    for (int t = 0; t < NB; t++) acc[t] = 0.f;
+    if (row < W.rows) row_dot<NB>(W, row, C, sub, lpr, xs, xsum, acc);
+#pragma unroll
+    for (int t = 0; t < NB; t++) acc[t] = reduce_lpr(acc[t], lpr);
+    if (row < W.rows && sub == 0) {
+#pragma unroll
+      for (int t = 0; t < NB; t++)
+        if (t < n) y[(size_t)t * W.rows + row] = acc[t];
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemv1(const QW W, const float* x, int n, float* y, int lpr) {
+  gemv_body<1>(W, x, n, y, lpr);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv2(const QW W, const float* x, int n, float* y, int lpr) {
+  gemv_body<2>(W, x, n, y, lpr);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv4(const QW W, const float* x, int n, float* y, int lpr) {
+  gemv_body<4>(W, x, n, y, lpr);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv8(const QW W, const float* x, int n, float* y, int lpr) {
+  gemv_body<8>(W, x, n, y, lpr);
+}
+
+// ---- Fused MoE decode step (batch 1): three launches, no host sync ----------------
+
+// Routing on one warp: scores, optional group limit, top-k, weights.
+// Matches mlx-lm: qwen3_moe (softmax, top-k, optional renorm) and deepseek_v3 / glm4_moe
+// (sigmoid, + correction bias for choice only, groups ranked by top-2 sum with dropped
+// groups' scores set to 0.0, renorm with +1e-20, times routed_scaling_factor).
+#define MAX_EXPERTS 512
+__device__ void route(const float* logits, const Routing rt, int* ids, float* wts) {
+  __shared__ float sc[MAX_EXPERTS], ch[MAX_EXPERTS];
+  const int lane = threadIdx.x & 31, E = rt.n_experts;
+  if (!rt.sigmoid) {
+    float m = -INFINITY;
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, __ldcg(logits + e));
+    m = warp_max(m);
+    float s = 0.f;
+    for (int e = lane; e < E; e += 32) {
+      const float p = expf(__ldcg(logits + e) - m);
+      sc[e] = p;
+      s += p;
+    }
+    s = warp_sum(s);
+    for (int e = lane; e < E; e += 32) { sc[e] = sc[e] / s; ch[e] = sc[e]; }
+  } else {
+    for (int e = lane; e < E; e += 32) {
+      const float p = 1.f / (1.f + expf(-__ldcg(logits + e)));
+      sc[e] = p;
+      ch[e] = p + (rt.bias ? rt.bias[e] : 0.f);
+    }
+  }
+  __syncwarp();
+  if (rt.n_group > 1) {
+    const int gsize = E / rt.n_group;
+    float gs = -INFINITY;
+    if (lane < rt.n_group) {
+      float t1 = -INFINITY, t2 = -INFINITY;
+      for (int j = 0; j < gsize; j++) {
+        const float v = ch[lane * gsize + j];
+        if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
+      }
+      gs = t1 + t2;
+    }
+    bool keep = false;
+    for (int it = 0; it < rt.topk_group; it++) {
+      float bv = gs;
+      int bi = lane;
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+      }
+      if (lane == bi) { keep = true; gs = -INFINITY; }
+    }
+    const u32 kept = __ballot_sync(FULL_MASK, keep);
+    for (int e = lane; e < E; e += 32)
+      if (!((kept >> (e / gsize)) & 1u)) ch[e] = 0.f;
+    __syncwarp();
+  }
+  float wsum = 0.f;
+  for (int i = 0; i < rt.k; i++) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int e = lane; e < E; e += 32) {
+      const float v = ch[e];
+      if (v > bv) { bv = v; bi = e; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+      const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    if (bi < 0 || bi >= E) bi = 0;  // NaN logits: keep indices in range
+    __syncwarp();
+    if (lane == 0) { ids[i] = bi; wts[i] = sc[bi]; }
+    if (lane == (bi & 31)) ch[bi] = -INFINITY;
+    wsum += sc[bi];
+    __syncwarp();
+  }
+  if (lane == 0) {
+    const float d = rt.sigmoid ? wsum + 1e-20f : wsum;
+    for (int i = 0; i < rt.k; i++) wts[i] = (rt.norm ? wts[i] / d : wts[i]) * rt.scale;
+  }
+}
+
+// Launch 1: router logits = R x over the whole grid; the last CTA to finish routes.
+// `counter` must be 0 before the first launch; the routing CTA resets it.
+extern "C" __global__ void __launch_bounds__(256)
+moe_router(const QW R, const float* x, float* logits, int* ids, float* wts, u32* counter,
+           const Routing rt, int lpr) {
+  gemv_body<1>(R, x, 1, logits, lpr);
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (threadIdx.x < 32) route(logits, rt, ids, wts);
+  if (threadIdx.x == 0) *counter = 0;
+}
+
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// Launch 2: h[slot, r] = silu(gate_e[r] . x) * (up_e[r] . x) for the k routed slots
+// (expert e = ids[slot], stacked weights [E*inter, hidden]) and the shared expert
+// (slot k, own weights [inter_sh, hidden]; inter_sh = 0 when absent).
+extern "C" __global__ void __launch_bounds__(256)
+moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, const int* ids,
+            float* h, int k, int inter, int inter_sh, int lpr) {
+  extern __shared__ float4 smem4[];
+  const int C = G.cols / 32;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + 8 * C);
+  // x was complete before the router started (the router waited for it before letting
+  // this launch begin), so staging it may overlap the router's tail.
+  stage_vec(x, G.cols, xs);
+  pdl_wait();
+  pdl_trigger();
+  __syncthreads();
+  sum_vec(G.cols, xs, xsum);
+  __syncthreads();
+  const int items = k * inter + inter_sh;
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int nwarps = (gridDim.x * blockDim.x) >> 5;
+  for (int base = warp * rpw; base < items; base += nwarps * rpw) {
+    const int i = base + rsub;
+    float g[1] = {0.f}, u[1] = {0.f};
+    if (i < items) {
+      const bool routed = i < k * inter;
+      const int row = routed ? __ldg(ids + i / inter) * inter + i % inter : i - k * inter;
+      const QW Wg = pick(routed, G, SG);
+      const QW Wu = pick(routed, U, SU);
+      row_dot2(Wg, row, Wu, row, C, sub, lpr, xs, xsum, g, u);
+    }
+    g[0] = reduce_lpr(g[0], lpr);
+    u[0] = reduce_lpr(u[0], lpr);
+    if (i < items && sub == 0) h[i] = silu(g[0]) * u[0];
+  }
+}
+
+// Launch 3: out[r] += sum_slot w_slot * (down_e[r] . h[slot]) (+ shared expert, weight 1).
+// Items are (slot, row) pairs so that every SM has work; each block takes a contiguous
+// range of `per` items (so it stages only the one or two slots it touches) and partial
+// sums meet in `out` with atomics (out is the residual stream: the MoE output is added
+// in place). Dynamic smem: max_slots * (max(I, S) * 4 + max(I, S) / 32 * 4) bytes.
+extern "C" __global__ void __launch_bounds__(256)
+moe_down(const QW D, const QW SD, const float* h, const int* ids, const float* wts, float* out,
+         int k, int hidden, int inter, int inter_sh, int lpr, int per) {
+  extern __shared__ float4 smem4[];
+  pdl_wait();
+  pdl_trigger();
+  const int Cr = inter / 32, Cs = inter_sh / 32, Cm = Cr > Cs ? Cr : Cs;
+  const int items = (k + (inter_sh > 0)) * hidden;
+  const int lo = blockIdx.x * per, hi = min(items, lo + per);
+  if (lo >= hi) return;
+  const int s_lo = lo / hidden, s_hi = (hi - 1) / hidden;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + (s_hi - s_lo + 1) * 8 * Cm);
+  for (int s = s_lo; s <= s_hi; s++) {
+    const int cols = s < k ? inter : inter_sh;
+    stage_vec(h + s * inter, cols, xs + (s - s_lo) * 8 * Cm);
+  }
+  __syncthreads();
+  for (int s = s_lo; s <= s_hi; s++) sum_vec(s < k ? inter : inter_sh, xs + (s - s_lo) * 8 * Cm, xsum + (s - s_lo) * Cm);
+  __syncthreads();
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  const int nw = blockDim.x >> 5;
+  for (int base = lo + (threadIdx.x >> 5) * rpw; base < hi; base += nw * rpw) {
+    const int i = base + rsub;
+    float acc[1] = {0.f};
+    float wt = 0.f;
+    int r = 0;
+    if (i < hi) {
+      const int slot = i / hidden;
+      r = i % hidden;
+      const bool routed = slot < k;
+      const QW W = pick(routed, D, SD);
+      const int row = routed ? __ldg(ids + slot) * hidden + r : r;
+      wt = routed ? __ldg(wts + slot) : 1.f;
+      row_dot<1>(W, row, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm, acc);
+    }
+    acc[0] = reduce_lpr(acc[0], lpr);
+    if (i < hi && sub == 0) atomicAdd(out + r, wt * acc[0]);
+  }
+}

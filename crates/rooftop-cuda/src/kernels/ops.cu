@@ -1,0 +1,191 @@
+// The decode ops around the MoE: RMSNorm, RoPE, KV-cache append, split-K decode
+// attention (flash-decoding), plus the bandwidth probe and benchmark fills.
+// Positions are read from device memory so that a captured CUDA graph replays each
+// token without host writes into kernel arguments.
+
+// y[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w. Grid: rows; block: 256.
+extern "C" __global__ void __launch_bounds__(256)
+rmsnorm(const float* x, const float* w, float* y, int d, float eps) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float red[32];
+  const float* xr = x + (size_t)blockIdx.x * d;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+    v = warp_sum(v);
+    if (threadIdx.x == 0) red[0] = v;
+  }
+  __syncthreads();
+  const float inv = 1.f / sqrtf(red[0] / d + eps);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) y[(size_t)blockIdx.x * d + i] = xr[i] * inv * w[i];
+}
+
+// In-place rotary embedding of x[heads, head_dim] at position *pos. Angles in double:
+// at position 30k an f32 angle is off by ~2e-3 rad. traditional=1 rotates pairs
+// (2i, 2i+1) (DeepSeek-V3); 0 rotates (i, i + rot_dim/2) (Qwen, GLM: rotate_half).
+// Grid: heads; block: >= rot_dim/2.
+extern "C" __global__ void rope(float* x, const int* pos, int head_dim, int rot_dim, float theta,
+                                int traditional) {
+  pdl_wait();
+  pdl_trigger();
+  const int i = threadIdx.x, half = rot_dim / 2;
+  if (i >= half) return;
+  const double a = (double)(*pos) * pow((double)theta, -2.0 * i / rot_dim);
+  double sn, cs;
+  sincos(a, &sn, &cs);
+  float* xh = x + (size_t)blockIdx.x * head_dim;
+  const int i1 = traditional ? 2 * i : i, i2 = traditional ? 2 * i + 1 : i + half;
+  const float x1 = xh[i1], x2 = xh[i2];
+  xh[i1] = (float)(x1 * cs - x2 * sn);
+  xh[i2] = (float)(x1 * sn + x2 * cs);
+}
+
+// cache[kvh, *pos, :] = f16(k[kvh, :]) (same for v). Caches: [n_kv, max_seq, head_dim] f16.
+// Grid: n_kv; block: head_dim. Writes nothing when *pos >= max_seq.
+extern "C" __global__ void kv_append(const float* k, const float* v, unsigned short* kc,
+                                     unsigned short* vc, const int* pos, int head_dim, int max_seq) {
+  pdl_wait();
+  pdl_trigger();
+  const int p = *pos, d = threadIdx.x;
+  if (p < 0 || p >= max_seq || d >= head_dim) return;
+  const size_t o = ((size_t)blockIdx.x * max_seq + p) * head_dim + d;
+  kc[o] = f32_to_f16(k[blockIdx.x * head_dim + d]);
+  vc[o] = f32_to_f16(v[blockIdx.x * head_dim + d]);
+}
+
+// Split-K decode attention, part 1. Grid: (heads, splits); block: 128 (4 warps).
+// Each split covers a contiguous range of the *pos+1 cached positions; each warp an
+// interleaved subset, with an online softmax. Writes part[h][split] = (o[hd], m, l).
+#define ATT_WARPS 4
+#define HD_MAX 256
+extern "C" __global__ void __launch_bounds__(128)
+attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
+             float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
+  const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int len = min(*pos + 1, max_seq);
+  const int per = (len + splits - 1) / splits;
+  const int start = split * per, end = min(len, start + per);
+  const int kvh = h / (n_heads / n_kv);
+  const int nd = head_dim / 32;  // values per lane (head_dim % 32 == 0, <= 256)
+  float qr[HD_MAX / 32], o[HD_MAX / 32];
+#pragma unroll
+  for (int j = 0; j < HD_MAX / 32; j++) {
+    qr[j] = j < nd ? q[h * head_dim + lane + 32 * j] * scale : 0.f;
+    o[j] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int p = start + warp; p < end; p += ATT_WARPS) {
+    const unsigned short* kp = kc + ((size_t)kvh * max_seq + p) * head_dim;
+    const unsigned short* vp = vc + ((size_t)kvh * max_seq + p) * head_dim;
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < HD_MAX / 32; j++)
+      if (j < nd) s += qr[j] * f16_to_f32(kp[lane + 32 * j]);
+    s = warp_sum(s);
+    const float mn = fmaxf(m, s), corr = expf(m - mn), pw = expf(s - mn);
+    l = l * corr + pw;
+#pragma unroll
+    for (int j = 0; j < HD_MAX / 32; j++)
+      if (j < nd) o[j] = o[j] * corr + pw * f16_to_f32(vp[lane + 32 * j]);
+    m = mn;
+  }
+  if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+#pragma unroll
+  for (int j = 0; j < HD_MAX / 32; j++)
+    if (j < nd) sm_o[warp][lane + 32 * j] = o[j];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w]);
+  float* out = part + ((size_t)h * splits + split) * (head_dim + 2);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.f;
+    if (M != -INFINITY)
+      for (int w = 0; w < ATT_WARPS; w++) acc += expf(sm_m[w] - M) * sm_o[w][d];
+    out[d] = acc;
+  }
+  if (threadIdx.x == 0) {
+    float L = 0.f;
+    if (M != -INFINITY)
+      for (int w = 0; w < ATT_WARPS; w++) L += expf(sm_m[w] - M) * sm_l[w];
+    out[head_dim] = M;
+    out[head_dim + 1] = L;
+  }
+}
+
+// Part 2: merge the splits. Grid: heads; block: head_dim.
+extern "C" __global__ void attn_combine(const float* part, float* out, int splits, int head_dim) {
+  pdl_wait();
+  pdl_trigger();
+  const int h = blockIdx.x, d = threadIdx.x;
+  if (d >= head_dim) return;
+  const float* ph = part + (size_t)h * splits * (head_dim + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; s++) M = fmaxf(M, ph[s * (head_dim + 2) + head_dim]);
+  float L = 0.f, acc = 0.f;
+  for (int s = 0; s < splits; s++) {
+    const float ms = ph[s * (head_dim + 2) + head_dim];
+    if (ms == -INFINITY) continue;
+    const float e = expf(ms - M);
+    L += e * ph[s * (head_dim + 2) + head_dim + 1];
+    acc += e * ph[s * (head_dim + 2) + d];
+  }
+  out[h * head_dim + d] = acc / L;
+}
+
+// Read-bandwidth probe: every byte of p read once with the same 16-byte streaming loads
+// the GEMV uses. The sink write never happens in practice but keeps the loads alive.
+extern "C" __global__ void __launch_bounds__(256) stream_read(const uint4* p, u64 n16, u32* sink) {
+  pdl_wait();
+  pdl_trigger();
+  u32 acc = 0;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    const uint4 a = ld_stream_v4(p + i), b = ld_stream_v4(p + i + stride);
+    const uint4 c = ld_stream_v4(p + i + 2 * stride), d = ld_stream_v4(p + i + 3 * stride);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 a = ld_stream_v4(p + i);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  if (acc == 0x9E3779B9u) sink[0] = acc;
+}
+
+__device__ __forceinline__ u32 hash32(u32 x) {
+  x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+  return x;
+}
+// Benchmark data (never zeros): random words, bytes in [lo, lo+span), floats in [lo, hi)
+// stored as dtype (0 f32, 1 f16, 2 bf16).
+extern "C" __global__ void fill_u32(u32* p, u64 n, u32 seed) {
+  pdl_wait();
+  pdl_trigger();
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+    p[i] = hash32((u32)i * 2654435761u ^ hash32(seed + (u32)(i >> 32)));
+}
+extern "C" __global__ void fill_bytes(unsigned char* p, u64 n, u32 seed, u32 lo, u32 span) {
+  pdl_wait();
+  pdl_trigger();
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+    p[i] = (unsigned char)(lo + hash32((u32)i ^ hash32(seed)) % span);
+}
+extern "C" __global__ void fill_float(unsigned char* p, u64 n, u32 seed, float lo, float hi, int dtype) {
+  pdl_wait();
+  pdl_trigger();
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+    const float v = lo + (hi - lo) * (hash32((u32)i ^ hash32(seed)) >> 8) * (1.f / 16777216.f);
+    if (dtype == 0) ((float*)p)[i] = v;
+    else if (dtype == 1) ((unsigned short*)p)[i] = f32_to_f16(v);
+    else ((unsigned short*)p)[i] = (unsigned short)(__float_as_uint(v) >> 16);
+  }
+}

@@ -1,0 +1,413 @@
+//! The fused MoE decode step (batch 1): three launches, no host synchronization.
+//!
+//! ```text
+//! E = experts, K = top-k, H = hidden, I = moe_intermediate, S = shared intermediate
+//! 1. moe_router : logits[E] = R x; last CTA routes -> ids[K], wts[K]
+//! 2. moe_gate_up: h[K·I + S] = silu(G_e x) * (U_e x)  for e in ids (+ shared expert)
+//! 3. moe_down   : out[H] += Σ_k wts[k] · D_e h_k (+ D_shared h_shared)
+//! ```
+//! Expert indices never leave the device, so the step can be captured in a CUDA graph.
+
+use crate::device::{cfg, launch, CudaDevice};
+use crate::error::shape;
+use crate::nvrtc::ModuleSource;
+use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
+use crate::CudaError;
+use cudarc::driver::{CudaSlice, DeviceRepr};
+
+/// How the router's logits become expert weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RoutingKind {
+    /// Qwen-MoE: softmax over all experts, top-k.
+    Softmax,
+    /// DeepSeek-V3 / GLM-4.5: sigmoid; top-k on sigmoid + e_score_correction_bias.
+    Sigmoid,
+}
+
+/// Router configuration, as in the model's config.json.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Routing {
+    pub kind: RoutingKind,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    /// Expert groups (DeepSeek `n_group`); 1 = no group limit.
+    pub n_group: usize,
+    /// Groups kept (`topk_group`).
+    pub topk_group: usize,
+    pub routed_scaling_factor: f32,
+}
+
+impl Routing {
+    /// Qwen3-MoE routing.
+    pub fn qwen(top_k: usize, norm_topk_prob: bool) -> Self {
+        Routing {
+            kind: RoutingKind::Softmax,
+            top_k,
+            norm_topk_prob,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
+/// `struct Routing` in gemv.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RoutingArg {
+    bias: u64,
+    n_experts: i32,
+    k: i32,
+    sigmoid: i32,
+    norm: i32,
+    n_group: i32,
+    topk_group: i32,
+    scale: f32,
+}
+unsafe impl DeviceRepr for RoutingArg {}
+
+/// One MoE block on the device.
+pub struct CudaMoe {
+    /// `[E, H]`
+    pub router: CudaWeight,
+    /// Stacked `[E·I, H]`.
+    pub gate: CudaWeight,
+    /// Stacked `[E·I, H]`.
+    pub up: CudaWeight,
+    /// Stacked `[E·H, I]`.
+    pub down: CudaWeight,
+    /// Shared expert (gate `[S, H]`, up `[S, H]`, down `[H, S]`), weight 1, same format.
+    pub shared: Option<[CudaWeight; 3]>,
+    /// `e_score_correction_bias` `[E]` (sigmoid routing).
+    pub bias: Option<CudaSlice<f32>>,
+    pub routing: Routing,
+    pub n_experts: usize,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+/// Per-step device scratch (allocate once, reuse every token).
+pub struct MoeScratch {
+    /// `[E]` router logits.
+    pub logits: CudaSlice<f32>,
+    /// `[K]` selected experts.
+    pub ids: CudaSlice<i32>,
+    /// `[K]` their weights.
+    pub wts: CudaSlice<f32>,
+    /// `[K·I + S]` activated intermediate.
+    pub h: CudaSlice<f32>,
+    /// Router's arrival counter (0 between launches).
+    counter: CudaSlice<u32>,
+}
+
+impl CudaMoe {
+    /// Validate shapes and formats. The three expert projections (and the shared
+    /// expert) must share one format: they run in the same fused launches.
+    pub fn new(
+        router: CudaWeight,
+        [gate, up, down]: [CudaWeight; 3],
+        shared: Option<[CudaWeight; 3]>,
+        bias: Option<CudaSlice<f32>>,
+        routing: Routing,
+    ) -> Result<Self, CudaError> {
+        let e = router.rows;
+        let h = router.cols;
+        let bad = |m: String| Err(shape("moe", m));
+        if e == 0 || e > 512 || !gate.rows.is_multiple_of(e) {
+            return bad(format!(
+                "router has {e} experts (1..=512) and gate {} rows",
+                gate.rows
+            ));
+        }
+        let inter = gate.rows / e;
+        if gate.cols != h
+            || up.cols != h
+            || up.rows != gate.rows
+            || down.rows != e * h
+            || down.cols != inter
+        {
+            return bad(format!(
+                "E={e} H={h} I={inter}: gate [{}, {}], up [{}, {}], down [{}, {}] (want [E·I, H], [E·I, H], [E·H, I])",
+                gate.rows, gate.cols, up.rows, up.cols, down.rows, down.cols
+            ));
+        }
+        if routing.top_k == 0
+            || routing.top_k > e
+            || routing.n_group == 0
+            || routing.n_group > 32
+            || !e.is_multiple_of(routing.n_group)
+            || routing.topk_group > routing.n_group
+        {
+            return bad(format!(
+                "routing {routing:?} does not fit {e} experts (n_group <= 32 dividing E)"
+            ));
+        }
+        if up.format != gate.format || down.format != gate.format {
+            return Err(CudaError::Unsupported(format!(
+                "fused MoE needs one format for gate/up/down; got {}, {}, {}",
+                gate.format.name(),
+                up.format.name(),
+                down.format.name()
+            )));
+        }
+        if let Some([sg, su, sd]) = &shared {
+            if sg.format != gate.format || su.format != gate.format || sd.format != gate.format {
+                return Err(CudaError::Unsupported(format!(
+                    "fused MoE needs the shared expert in the experts' format ({})",
+                    gate.format.name()
+                )));
+            }
+            if sg.cols != h
+                || su.cols != h
+                || su.rows != sg.rows
+                || sd.rows != h
+                || sd.cols != sg.rows
+            {
+                return bad(format!(
+                    "shared expert gate [{}, {}], up [{}, {}], down [{}, {}] vs H={h}",
+                    sg.rows, sg.cols, su.rows, su.cols, sd.rows, sd.cols
+                ));
+            }
+        }
+        if let Some(b) = &bias {
+            if b.len() != e {
+                return bad(format!(
+                    "correction bias has {} entries for {e} experts",
+                    b.len()
+                ));
+            }
+        }
+        Ok(CudaMoe {
+            router,
+            gate,
+            up,
+            down,
+            shared,
+            bias,
+            routing,
+            n_experts: e,
+            hidden: h,
+            inter,
+        })
+    }
+
+    fn inter_shared(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s[0].rows)
+    }
+
+    pub fn scratch(&self, dev: &CudaDevice) -> Result<MoeScratch, CudaError> {
+        let k = self.routing.top_k;
+        Ok(MoeScratch {
+            logits: dev.alloc(self.n_experts)?,
+            ids: dev.alloc(k)?,
+            wts: dev.alloc(k)?,
+            h: dev.alloc(k * self.inter + self.inter_shared())?,
+            counter: dev.alloc(1)?,
+        })
+    }
+
+    /// Bytes each launch streams: router, gate/up (+ shared), down (+ shared).
+    pub fn part_bytes(&self) -> [usize; 3] {
+        let k = self.routing.top_k;
+        let sh = |i: usize| self.shared.as_ref().map_or(0, |s| s[i].nbytes());
+        [
+            self.router.nbytes(),
+            k * (self.gate.rows_nbytes(self.inter) + self.up.rows_nbytes(self.inter))
+                + sh(0)
+                + sh(1),
+            k * self.down.rows_nbytes(self.hidden) + sh(2),
+        ]
+    }
+
+    /// Bytes one step streams: the router, K experts' three projections, the shared
+    /// expert (activations are negligible and stay in L2).
+    pub fn bytes_per_step(&self) -> usize {
+        let k = self.routing.top_k;
+        self.router.nbytes()
+            + k * (self.gate.rows_nbytes(self.inter)
+                + self.up.rows_nbytes(self.inter)
+                + self.down.rows_nbytes(self.hidden))
+            + self
+                .shared
+                .as_ref()
+                .map_or(0, |s| s.iter().map(|w| w.nbytes()).sum())
+    }
+
+    /// `out[H] += moe(x[H])`, enqueued as three launches. `x` is the normed hidden
+    /// state, `out` the residual stream.
+    pub fn step(
+        &self,
+        dev: &CudaDevice,
+        s: &mut MoeScratch,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        if x.len() < self.hidden || out.len() < self.hidden {
+            return Err(shape(
+                "moe",
+                format!(
+                    "x has {}, out {} elements; H = {}",
+                    x.len(),
+                    out.len(),
+                    self.hidden
+                ),
+            ));
+        }
+        let (px, pout) = (dev.ptr(x), dev.ptr(out));
+        self.step_raw(dev, s, px, pout)
+    }
+
+    /// [`CudaMoe::step`] on raw device addresses of `x[H]` and `out[H]`.
+    pub fn step_raw(
+        &self,
+        dev: &CudaDevice,
+        s: &mut MoeScratch,
+        x: u64,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        self.step_parts(dev, s, x, out, [true; 3])
+    }
+
+    /// Enqueue only the chosen launches (router, gate/up, down), for per-kernel timing;
+    /// a part reads what earlier parts of a previous step left in the scratch.
+    pub fn step_parts(
+        &self,
+        dev: &CudaDevice,
+        s: &mut MoeScratch,
+        x: u64,
+        out: u64,
+        parts: [bool; 3],
+    ) -> Result<(), CudaError> {
+        let k = self.routing.top_k;
+        let (h, inter, ish) = (self.hidden, self.inter, self.inter_shared());
+        let (p_logits, p_ids, p_wts, p_h, p_cnt) = (
+            dev.ptr(&s.logits),
+            dev.ptr(&s.ids),
+            dev.ptr(&s.wts),
+            dev.ptr(&s.h),
+            dev.ptr(&s.counter),
+        );
+
+        // 1. Router + top-k.
+        let rm = ModuleSource::gemv(self.router.format);
+        let f = dev.function(&rm, "moe_router")?;
+        let rarg = self.router.arg(dev);
+        let rt = RoutingArg {
+            bias: self.bias.as_ref().map_or(0, |b| dev.ptr(b)),
+            n_experts: self.n_experts as i32,
+            k: k as i32,
+            sigmoid: (self.routing.kind == RoutingKind::Sigmoid) as i32,
+            norm: self.routing.norm_topk_prob as i32,
+            n_group: self.routing.n_group as i32,
+            topk_group: self.routing.topk_group as i32,
+            scale: self.routing.routed_scaling_factor,
+        };
+        let lpr = lanes_per_row(h, self.router.format.unroll());
+        let lpr_e = lanes_per_row(h, self.gate.format.unroll());
+        let smem = stage_bytes(1, h);
+        dev.check_smem("moe router", smem)?;
+        let grid = dev.grid_for(
+            &f,
+            256,
+            smem,
+            self.n_experts.div_ceil(32 / lpr as usize).div_ceil(8),
+        );
+        if parts[0] {
+            launch!(
+                dev,
+                f,
+                cfg((grid, 1), 256, smem),
+                "moe_router",
+                rarg,
+                x,
+                p_logits,
+                p_ids,
+                p_wts,
+                p_cnt,
+                rt,
+                lpr
+            )?;
+        }
+
+        // 2. Gate/up of the selected experts and the shared expert.
+        let m = ModuleSource::gemv(self.gate.format);
+        let none = QwArg::default();
+        let (sg, su, sd) = match &self.shared {
+            Some([g, u, d]) => (g.arg(dev), u.arg(dev), d.arg(dev)),
+            None => (none, none, none),
+        };
+        let f = dev.function(&m, "moe_gate_up")?;
+        let (g, u) = (self.gate.arg(dev), self.up.arg(dev));
+        let (ki, ii, si) = (k as i32, inter as i32, ish as i32);
+        let items = k * inter + ish;
+        let grid = dev.grid_for(
+            &f,
+            256,
+            smem,
+            items.div_ceil(32 / lpr_e as usize).div_ceil(8),
+        );
+        if parts[1] {
+            launch!(
+                dev,
+                f,
+                cfg((grid, 1), 256, smem),
+                "moe_gate_up",
+                g,
+                u,
+                sg,
+                su,
+                x,
+                p_ids,
+                p_h,
+                ki,
+                ii,
+                si,
+                lpr_e
+            )?;
+        }
+
+        // 3. Down projection, weighted sum into the residual stream.
+        let f = dev.function(&m, "moe_down")?;
+        let d = self.down.arg(dev);
+        let lpr_d = lanes_per_row(inter, self.gate.format.unroll());
+        let hi = h as i32;
+        let items = (k + (ish > 0) as usize) * h;
+        // Blocks take contiguous item ranges; size the grid for full occupancy at the
+        // shared memory of two staged slots, then stage what each range touches.
+        let cm = inter.max(ish);
+        let two = 2 * (cm * 4 + cm / 32 * 4);
+        dev.check_smem("moe down", two)?;
+        let grid = dev.grid_for(
+            &f,
+            256,
+            two,
+            items.div_ceil(32 / lpr_d as usize).div_ceil(8),
+        );
+        let per = items.div_ceil(grid as usize);
+        let slots = (k + (ish > 0) as usize).min(per.div_ceil(h) + 1);
+        let smem_d = slots * (cm * 4 + cm / 32 * 4);
+        dev.check_smem("moe down", smem_d)?;
+        let per_i = per as i32;
+        if parts[2] {
+            launch!(
+                dev,
+                f,
+                cfg((grid, 1), 256, smem_d),
+                "moe_down",
+                d,
+                sd,
+                p_h,
+                p_ids,
+                p_wts,
+                out,
+                ki,
+                hi,
+                ii,
+                si,
+                lpr_d,
+                per_i
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,318 @@
+//! Run-time compilation of the kernels with NVRTC, cached on disk.
+//!
+//! Kernels ship as CUDA C source inside the binary, so one build runs on any GPU the
+//! installed NVRTC knows. Each weight format is its own module (the format is fixed by
+//! `-D` flags, so the decode loop unrolls to constants); modules compile on first use
+//! and their PTX is kept under `~/.cache/rooftop/kernels`, keyed by a hash of the
+//! source, the options and the target architecture.
+
+use crate::CudaError;
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+use rooftop_quant::{DType, QuantMode};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const GEMV: &str = include_str!("kernels/gemv.cu");
+const OPS: &str = include_str!("kernels/ops.cu");
+
+/// The weight layout a GEMV module is specialised for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelFormat {
+    /// 0 dense, 1 affine, 2 nvfp4, 3 mxfp4, 4 mxfp8 (the `QMODE` define).
+    pub mode: u32,
+    /// Affine bits; 4 for the fp4 modes, 8 for mxfp8; 16/32 for dense.
+    pub bits: u32,
+    /// Dense element / affine scale dtype: 0 f32, 1 f16, 2 bf16.
+    pub sdt: u32,
+}
+
+pub(crate) fn sdt(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+impl KernelFormat {
+    pub fn dense(dtype: DType) -> Self {
+        Self {
+            mode: 0,
+            bits: 8 * dtype.size() as u32,
+            sdt: sdt(dtype),
+        }
+    }
+    pub fn quant(mode: QuantMode, bits: u32, scale_dtype: DType) -> Self {
+        match mode {
+            QuantMode::Affine => Self {
+                mode: 1,
+                bits,
+                sdt: sdt(scale_dtype),
+            },
+            QuantMode::Nvfp4 => Self {
+                mode: 2,
+                bits: 4,
+                sdt: 0,
+            },
+            QuantMode::Mxfp4 => Self {
+                mode: 3,
+                bits: 4,
+                sdt: 0,
+            },
+            QuantMode::Mxfp8 => Self {
+                mode: 4,
+                bits: 8,
+                sdt: 0,
+            },
+        }
+    }
+    /// Every format the backend compiles: dense f32/f16/bf16, affine 1–6 and 8 bits with
+    /// f32/f16/bf16 scales, nvfp4, mxfp4, mxfp8.
+    pub fn all() -> Vec<KernelFormat> {
+        let dts = [DType::F32, DType::F16, DType::BF16];
+        let mut v: Vec<_> = dts.iter().map(|&d| Self::dense(d)).collect();
+        for bits in [1, 2, 3, 4, 5, 6, 8] {
+            for &d in &dts {
+                v.push(Self::quant(QuantMode::Affine, bits, d));
+            }
+        }
+        for m in [QuantMode::Nvfp4, QuantMode::Mxfp4, QuantMode::Mxfp8] {
+            v.push(Self::quant(m, 4, DType::F32));
+        }
+        v
+    }
+    /// Module name, e.g. `affine4_bf16`, `nvfp4`, `dense_f16`.
+    pub fn name(&self) -> String {
+        let dt = ["f32", "f16", "bf16"][self.sdt as usize % 3];
+        match self.mode {
+            0 => format!("dense_{dt}"),
+            1 => format!("affine{}_{dt}", self.bits),
+            2 => "nvfp4".into(),
+            3 => "mxfp4".into(),
+            _ => "mxfp8".into(),
+        }
+    }
+    /// Chunks each lane loads before using any (`UNROLL` in gemv.cu).
+    pub fn unroll(&self) -> usize {
+        (unroll_bytes() / 4 / self.bits as usize).max(1)
+    }
+    /// Bytes of one 32-weight chunk (the kernels' unit of work).
+    pub fn chunk_bytes(&self) -> usize {
+        4 * self.bits as usize
+    }
+}
+
+/// Weight bytes each lane loads before using any (default 64). `ROOFTOP_UNROLL_BYTES`
+/// overrides it, for tuning experiments.
+pub fn unroll_bytes() -> usize {
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("ROOFTOP_UNROLL_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v: &usize| (4..=512).contains(v))
+            .unwrap_or(64)
+    })
+}
+
+/// A compilable module: its name (cache key) and its full source with defines.
+#[derive(Clone, Debug)]
+pub struct ModuleSource {
+    pub name: String,
+    pub source: String,
+    pub defines: Vec<String>,
+}
+
+impl ModuleSource {
+    pub fn gemv(f: KernelFormat) -> Self {
+        Self {
+            name: format!("gemv_{}", f.name()),
+            source: format!("{COMMON}\n{GEMV}"),
+            defines: vec![
+                format!("-DQMODE={}", f.mode),
+                format!("-DQBITS={}", f.bits),
+                format!("-DQSDT={}", f.sdt),
+                format!("-DUNROLL_BYTES={}", unroll_bytes()),
+            ],
+        }
+    }
+    pub fn ops() -> Self {
+        Self {
+            name: "ops".into(),
+            source: format!("{COMMON}\n{OPS}"),
+            defines: vec![],
+        }
+    }
+    /// Every module the backend can load (what CI compiles for each architecture).
+    pub fn all() -> Vec<ModuleSource> {
+        let mut v: Vec<_> = KernelFormat::all().into_iter().map(Self::gemv).collect();
+        v.push(Self::ops());
+        v
+    }
+}
+
+/// NVRTC target for a compute capability. Hopper gets `compute_90a` (the arch-specific
+/// features); everything else its plain virtual architecture.
+pub fn arch_for(cc: (i32, i32)) -> &'static str {
+    match cc {
+        (9, 0) => "compute_90a",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        (m, _) if m >= 9 => "compute_90",
+        _ => "compute_80",
+    }
+}
+
+/// Make libnvrtc loadable. cudarc dlopens it by name and panics if that fails, so we
+/// look for it first and preload it by full path (glibc then resolves cudarc's dlopen
+/// to the loaded copy by its soname). Searched: `$ROOFTOP_NVRTC` (file or directory),
+/// the normal library path, `$CUDA_PATH/lib64`, `/usr/local/cuda/lib64`, and the
+/// `nvidia-cuda-nvrtc` wheel inside `$VIRTUAL_ENV`, `./.venv` or the workspace `.venv`.
+pub fn ensure_nvrtc() -> Result<(), CudaError> {
+    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    RESULT
+        .get_or_init(find_and_load_nvrtc)
+        .clone()
+        .map_err(CudaError::NoNvrtc)
+}
+
+fn find_and_load_nvrtc() -> Result<(), String> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("ROOFTOP_NVRTC") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return preload(&p);
+        }
+        dirs.push(p);
+    } else if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Ok(());
+    }
+    if let Some(p) = std::env::var_os("CUDA_PATH") {
+        dirs.push(PathBuf::from(p).join("lib64"));
+    }
+    dirs.push("/usr/local/cuda/lib64".into());
+    let mut venvs: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("VIRTUAL_ENV") {
+        venvs.push(p.into());
+    }
+    venvs.push(".venv".into());
+    venvs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv"));
+    for v in venvs {
+        if let Ok(rd) = std::fs::read_dir(v.join("lib")) {
+            for e in rd.flatten() {
+                let sp = e.path().join("site-packages/nvidia");
+                dirs.push(sp.join("cu13/lib"));
+                dirs.push(sp.join("cuda_nvrtc/lib"));
+            }
+        }
+    }
+    for d in &dirs {
+        for name in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
+            let p = d.join(name);
+            if p.is_file() {
+                return preload(&p);
+            }
+        }
+    }
+    Err(format!(
+        "libnvrtc was not found on the library path nor in {dirs:?}. Install NVRTC \
+         (`pip install -r tests/oracle/requirements-cuda.txt` into .venv, or the CUDA \
+         toolkit) or set ROOFTOP_NVRTC to libnvrtc.so.13 or its directory"
+    ))
+}
+
+fn preload(lib: &Path) -> Result<(), String> {
+    // NVRTC dlopens its builtins library by name at compile time; load it first from the
+    // same directory (the wheel sets no rpath).
+    if let Some(dir) = lib.parent() {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if n.starts_with("libnvrtc-builtins.so") && !n.contains(".alt.") {
+                    if let Ok(l) = unsafe { libloading::Library::new(e.path()) } {
+                        std::mem::forget(l);
+                    }
+                }
+            }
+        }
+    }
+    match unsafe { libloading::Library::new(lib) } {
+        Ok(l) => {
+            std::mem::forget(l);
+            Ok(())
+        }
+        Err(e) => Err(format!("{} could not be loaded: {e}", lib.display())),
+    }
+}
+
+fn fnv64(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ROOFTOP_CACHE") {
+        return Some(PathBuf::from(p).join("kernels"));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("rooftop/kernels"))
+}
+
+/// Compile `m` to PTX for `arch` (e.g. `compute_90a`), reading and filling the disk
+/// cache unless `use_cache` is false.
+pub fn compile(m: &ModuleSource, arch: &'static str, use_cache: bool) -> Result<String, CudaError> {
+    let key = fnv64(
+        &[m.source.as_str(), arch]
+            .into_iter()
+            .chain(m.defines.iter().map(|s| s.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.ptx", m.name)));
+    if use_cache {
+        if let Some(ptx) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+            return Ok(ptx);
+        }
+    }
+    ensure_nvrtc()?;
+    let mut options = vec!["--std=c++17".to_string()];
+    options.extend(m.defines.iter().cloned());
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options,
+        name: Some(format!("{}.cu", m.name)),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(&m.source, opts).map_err(|e| CudaError::Compile {
+        module: m.name.clone(),
+        arch: arch.to_string(),
+        log: match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        },
+    })?;
+    let text = ptx.to_src();
+    if let Some(p) = path {
+        // Best effort: a read-only cache directory only costs a recompile next time.
+        if let Some(d) = p.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &text).is_ok() {
+            let _ = std::fs::rename(&tmp, &p);
+        }
+    }
+    Ok(text)
+}

@@ -1,0 +1,271 @@
+//! The decode ops around the MoE (RMSNorm, RoPE, KV append, decode attention) and the
+//! read-bandwidth probe that serves as the roofline.
+
+use crate::device::{cfg, launch, CudaDevice};
+use crate::error::shape;
+use crate::nvrtc::ModuleSource;
+use crate::CudaError;
+use cudarc::driver::CudaSlice;
+
+/// Attention geometry for one layer's decode step.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Multiple of 32, at most 256.
+    pub head_dim: usize,
+    /// Cache capacity in positions.
+    pub max_seq: usize,
+    /// Split-K parts (flash-decoding); more splits keep SMs busy on long contexts.
+    pub splits: usize,
+}
+
+impl AttnShape {
+    /// Scratch floats `attention` needs: `[heads, splits, head_dim + 2]`.
+    pub fn partial_len(&self) -> usize {
+        self.n_heads * self.splits * (self.head_dim + 2)
+    }
+    /// Elements of one K (or V) cache: `[n_kv, max_seq, head_dim]` f16.
+    pub fn cache_len(&self) -> usize {
+        self.n_kv_heads * self.max_seq * self.head_dim
+    }
+    fn check(&self) -> Result<(), CudaError> {
+        if self.head_dim == 0
+            || !self.head_dim.is_multiple_of(32)
+            || self.head_dim > 256
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+            || self.splits == 0
+        {
+            return Err(CudaError::Unsupported(format!(
+                "attention needs head_dim a multiple of 32 up to 256 and heads divisible by kv heads; got {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Rotary embedding of one token's heads.
+#[derive(Clone, Copy, Debug)]
+pub struct Rope {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Leading dimensions rotated (partial RoPE when < head_dim).
+    pub rot_dim: usize,
+    pub theta: f32,
+    /// Rotate adjacent pairs (2i, 2i+1) rather than halves (i, i + rot_dim/2).
+    pub traditional: bool,
+}
+
+impl CudaDevice {
+    /// `y[r] = x[r] · rsqrt(mean(x[r]²) + eps) · w` for `rows` rows of `d`.
+    pub fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let d = w.len();
+        if x.len() < rows * d || y.len() < rows * d {
+            return Err(shape(
+                "rmsnorm",
+                format!("{rows} rows of {d}: x {}, y {}", x.len(), y.len()),
+            ));
+        }
+        let f = self.function(&ModuleSource::ops(), "rmsnorm")?;
+        let (px, pw, py, di) = (self.ptr(x), self.ptr(w), self.ptr(y), d as i32);
+        launch!(
+            self,
+            f,
+            cfg((rows as u32, 1), 256, 0),
+            "rmsnorm",
+            px,
+            pw,
+            py,
+            di,
+            eps
+        )
+    }
+
+    /// Rotate `x[heads, head_dim]` in place at position `pos[0]` (device memory).
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        r: &Rope,
+    ) -> Result<(), CudaError> {
+        let Rope {
+            heads,
+            head_dim,
+            rot_dim,
+            theta,
+            traditional,
+        } = *r;
+        if x.len() < heads * head_dim
+            || rot_dim > head_dim
+            || !rot_dim.is_multiple_of(2)
+            || rot_dim > 2048
+        {
+            return Err(shape(
+                "rope",
+                format!("x {} for {heads}x{head_dim}, rot_dim {rot_dim}", x.len()),
+            ));
+        }
+        let f = self.function(&ModuleSource::ops(), "rope")?;
+        let (px, pp) = (self.ptr(x), self.ptr(pos));
+        let (hd, rd, tr) = (head_dim as i32, rot_dim as i32, traditional as i32);
+        let block = (rot_dim as u32 / 2).div_ceil(32) * 32;
+        launch!(
+            self,
+            f,
+            cfg((heads as u32, 1), block, 0),
+            "rope",
+            px,
+            pp,
+            hd,
+            rd,
+            theta,
+            tr
+        )
+    }
+
+    /// Store `k, v [n_kv, head_dim]` at position `pos[0]` of the f16 caches.
+    pub fn kv_append(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        k_cache: &mut CudaSlice<u16>,
+        v_cache: &mut CudaSlice<u16>,
+        pos: &CudaSlice<i32>,
+        s: &AttnShape,
+    ) -> Result<(), CudaError> {
+        s.check()?;
+        if k.len() < s.n_kv_heads * s.head_dim
+            || v.len() < s.n_kv_heads * s.head_dim
+            || k_cache.len() < s.cache_len()
+            || v_cache.len() < s.cache_len()
+        {
+            return Err(shape("kv_append", format!("{s:?}")));
+        }
+        let f = self.function(&ModuleSource::ops(), "kv_append")?;
+        let (pk, pv, pkc, pvc, pp) = (
+            self.ptr(k),
+            self.ptr(v),
+            self.ptr(k_cache),
+            self.ptr(v_cache),
+            self.ptr(pos),
+        );
+        let (hd, ms) = (s.head_dim as i32, s.max_seq as i32);
+        launch!(
+            self,
+            f,
+            cfg((s.n_kv_heads as u32, 1), s.head_dim as u32, 0),
+            "kv_append",
+            pk,
+            pv,
+            pkc,
+            pvc,
+            pp,
+            hd,
+            ms
+        )
+    }
+
+    /// `out[h] = softmax(q[h]·K[kv(h)]ᵀ · scale) V[kv(h)]` over positions `0..=pos[0]`;
+    /// two launches (split-K partials, merge). `partial` holds [`AttnShape::partial_len`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        pos: &CudaSlice<i32>,
+        partial: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        s: &AttnShape,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        s.check()?;
+        if q.len() < s.n_heads * s.head_dim
+            || out.len() < s.n_heads * s.head_dim
+            || partial.len() < s.partial_len()
+            || k_cache.len() < s.cache_len()
+            || v_cache.len() < s.cache_len()
+        {
+            return Err(shape("attention", format!("{s:?}")));
+        }
+        let ops = ModuleSource::ops();
+        let f = self.function(&ops, "attn_partial")?;
+        let (pq, pk, pv, pp, ppart, po) = (
+            self.ptr(q),
+            self.ptr(k_cache),
+            self.ptr(v_cache),
+            self.ptr(pos),
+            self.ptr(partial),
+            self.ptr(out),
+        );
+        let (nh, nkv, hd, ms) = (
+            s.n_heads as i32,
+            s.n_kv_heads as i32,
+            s.head_dim as i32,
+            s.max_seq as i32,
+        );
+        launch!(
+            self,
+            f,
+            cfg((s.n_heads as u32, s.splits as u32), 128, 0),
+            "attn_partial",
+            pq,
+            pk,
+            pv,
+            pp,
+            ppart,
+            nh,
+            nkv,
+            hd,
+            ms,
+            scale
+        )?;
+        let f = self.function(&ops, "attn_combine")?;
+        let sp = s.splits as i32;
+        launch!(
+            self,
+            f,
+            cfg((s.n_heads as u32, 1), s.head_dim as u32, 0),
+            "attn_combine",
+            ppart,
+            po,
+            sp,
+            hd
+        )
+    }
+
+    /// Enqueue one streaming read of `buf` (the bandwidth probe).
+    pub fn stream_read(
+        &self,
+        buf: &CudaSlice<u8>,
+        sink: &mut CudaSlice<u32>,
+    ) -> Result<(), CudaError> {
+        let f = self.function(&ModuleSource::ops(), "stream_read")?;
+        let (pb, ps, n16) = (self.ptr(buf), self.ptr(sink), (buf.len() / 16) as u64);
+        let grid = self.grid_for(&f, 256, 0, usize::MAX);
+        launch!(self, f, cfg((grid, 1), 256, 0), "stream_read", pb, n16, ps)
+    }
+
+    /// Fill a buffer with random bytes on the device (benchmark data; never zeros).
+    pub fn fill_random(&self, buf: &mut CudaSlice<u8>, seed: u32) -> Result<(), CudaError> {
+        let f = self.function(&ModuleSource::ops(), "fill_u32")?;
+        let (p, n) = (self.ptr(buf), (buf.len() / 4) as u64);
+        launch!(
+            self,
+            f,
+            cfg((self.sms as u32 * 8, 1), 256, 0),
+            "fill_u32",
+            p,
+            n,
+            seed
+        )
+    }
+}
