@@ -7,6 +7,8 @@ use rooftop_quant::{DType, QuantSpec, QuantView, WeightView};
 use std::time::Instant;
 
 fn main() {
+    // The int8-activation kernels (the default is exact f32 activations).
+    rooftop_cpu::set_int8_activations(true);
     let pool = Pool::global();
     let bw = rooftop_cpu::bandwidth::measure(pool, 1 << 30, 3);
     println!(

@@ -398,7 +398,7 @@ pub fn experts_forward_on(
         }
     });
     // Region 2 items: row blocks of out; each runs down of every active expert.
-    let step = crate::gemv::rows_per_item(experts[0].down.cols() * nact.max(1));
+    let step = crate::gemv::rows_per_item(experts[0].down.cols());
     let blocks = hid.div_ceil(step);
     pool.run(blocks, &|b| {
         let (lo, hi) = (b * step, ((b + 1) * step).min(hid));

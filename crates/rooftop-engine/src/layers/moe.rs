@@ -34,6 +34,9 @@ impl Mlp {
     pub fn inter(&self) -> usize {
         self.gate.out_dim()
     }
+    fn has_bias(&self) -> bool {
+        self.gate.bias.is_some() || self.up.bias.is_some() || self.down.bias.is_some()
+    }
     /// x `[T, D]` → out `[T, D]`.
     pub fn forward(&self, x: &[f32], t: usize, s: &mut Scratch, out: &mut [f32]) {
         let i = self.inter();
@@ -216,6 +219,50 @@ pub struct Moe {
 }
 
 impl Moe {
+    /// All selected experts (and the shared expert) in rooftop-cpu's fused step: the
+    /// gate/up row blocks of every selected expert are one parallel region, down the
+    /// next. `s.route` holds (expert, token, weight) in token order. Returns false
+    /// (caller runs the per-expert loop) when the shared expert has biases.
+    fn fused(&self, x: &[f32], t: usize, s: &Scratch, out: &mut [f32]) -> bool {
+        use rooftop_cpu::moe::{experts_forward_on, Expert, MoeScratch};
+        if self.shared.as_ref().is_some_and(|m| m.has_bias()) {
+            return false;
+        }
+        let ex = &self.experts;
+        let experts: Vec<Expert> = (0..ex.len())
+            .map(|e| Expert {
+                gate: ex.gate[e],
+                up: ex.up[e],
+                down: ex.down[e],
+            })
+            .collect();
+        let shared = self.shared.as_ref().map(|m| Expert {
+            gate: m.gate.w,
+            up: m.up.w,
+            down: m.down.w,
+        });
+        let chosen: Vec<(u32, f32)> = s.route.iter().map(|r| (r.0, r.2)).collect();
+        thread_local! {
+            static MOE: std::cell::RefCell<MoeScratch> = std::cell::RefCell::new(MoeScratch::new());
+        }
+        MOE.with(|m| {
+            let mut m = m.borrow_mut();
+            let pool = rooftop_cpu::pool::Pool::global();
+            experts_forward_on(
+                pool,
+                &experts,
+                shared.as_ref(),
+                x,
+                t,
+                self.top_k,
+                &chosen,
+                out,
+                &mut m,
+            )
+            .is_ok()
+        })
+    }
+
     /// x `[T, D]` → out `[T, D]`. Tokens are grouped by expert so each expert's
     /// weights are streamed once per step, with all of its tokens as one batch.
     pub fn forward(&self, x: &[f32], t: usize, s: &mut Scratch, out: &mut [f32]) {
@@ -233,6 +280,9 @@ impl Moe {
             );
             s.route
                 .extend(s.sel.iter().map(|&(e, w)| (e as u32, i as u32, w)));
+        }
+        if self.fused(x, t, s, out) {
+            return;
         }
         s.route.sort_by_key(|r| (r.0, r.1));
         out.fill(0.0);
