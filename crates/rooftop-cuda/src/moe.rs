@@ -10,7 +10,7 @@
 
 use crate::device::{cfg, launch, CudaDevice};
 use crate::error::shape;
-use crate::nvrtc::ModuleSource;
+use crate::nvrtc::{rows_moe, ModuleSource};
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -303,7 +303,22 @@ impl CudaMoe {
             scale: self.routing.routed_scaling_factor,
         };
         let lpr = lanes_per_row(h, self.router.format.unroll());
-        let lpr_e = lanes_per_row(h, self.gate.format.unroll());
+        // Row blocking (ROWS_MOE > 1): each lane streams R rows of gate and of up against
+        // one read of x, so as many lanes per row as divide it; a warp's rpw*R items must
+        // not straddle the routed/shared boundary (k*I a multiple of rpw*R).
+        let rm_rows = rows_moe();
+        let lpr_e = if rm_rows > 1 {
+            lanes_per_row(h, 1)
+        } else {
+            lanes_per_row(h, self.gate.format.unroll())
+        };
+        let span_e = 32 / lpr_e as usize * rm_rows;
+        if rm_rows > 1 && ish > 0 && !(k * inter).is_multiple_of(span_e) {
+            return Err(CudaError::Unsupported(format!(
+                "fused MoE with {rm_rows} rows per lane needs top_k*moe_intermediate ({}) to be a multiple of {span_e}; set ROOFTOP_ROWS_MOE=1",
+                k * inter
+            )));
+        }
         let smem = stage_bytes(1, h);
         dev.check_smem("moe router", smem)?;
         let grid = dev.grid_for(
@@ -340,12 +355,7 @@ impl CudaMoe {
         let (g, u) = (self.gate.arg(dev), self.up.arg(dev));
         let (ki, ii, si) = (k as i32, inter as i32, ish as i32);
         let items = k * inter + ish;
-        let grid = dev.grid_for(
-            &f,
-            256,
-            smem,
-            items.div_ceil(32 / lpr_e as usize).div_ceil(8),
-        );
+        let grid = dev.grid_for(&f, 256, smem, items.div_ceil(span_e).div_ceil(8));
         if parts[1] {
             launch!(
                 dev,
@@ -369,7 +379,19 @@ impl CudaMoe {
         // 3. Down projection, weighted sum into the residual stream.
         let f = dev.function(&m, "moe_down")?;
         let d = self.down.arg(dev);
-        let lpr_d = lanes_per_row(inter, self.gate.format.unroll());
+        let lpr_d = if rm_rows > 1 {
+            lanes_per_row(inter.min(if ish > 0 { ish } else { inter }), 1)
+        } else {
+            lanes_per_row(inter, self.gate.format.unroll())
+        };
+        // With row blocking a warp's rpw*R items must lie in one slot: H and each block's
+        // range are multiples of that span.
+        let span_d = 32 / lpr_d as usize * rm_rows;
+        if rm_rows > 1 && !h.is_multiple_of(span_d) {
+            return Err(CudaError::Unsupported(format!(
+                "fused MoE with {rm_rows} rows per lane needs hidden ({h}) to be a multiple of {span_d}; set ROOFTOP_ROWS_MOE=1"
+            )));
+        }
         let hi = h as i32;
         let items = (k + (ish > 0) as usize) * h;
         // Blocks take contiguous item ranges; size the grid for full occupancy at the
@@ -377,13 +399,9 @@ impl CudaMoe {
         let cm = inter.max(ish);
         let two = 2 * (cm * 4 + cm / 32 * 4);
         dev.check_smem("moe down", two)?;
-        let grid = dev.grid_for(
-            &f,
-            256,
-            two,
-            items.div_ceil(32 / lpr_d as usize).div_ceil(8),
-        );
-        let per = items.div_ceil(grid as usize);
+        let grid = dev.grid_for(&f, 256, two, items.div_ceil(span_d).div_ceil(8));
+        let per = items.div_ceil(grid as usize).next_multiple_of(span_d);
+        let grid = items.div_ceil(per) as u32;
         let slots = (k + (ish > 0) as usize).min(per.div_ceil(h) + 1);
         let smem_d = slots * (cm * 4 + cm / 32 * 4);
         dev.check_smem("moe down", smem_d)?;

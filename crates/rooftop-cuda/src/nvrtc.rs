@@ -97,6 +97,20 @@ impl KernelFormat {
     pub fn unroll(&self) -> usize {
         (unroll_bytes() / 4 / self.bits as usize).max(1)
     }
+    /// Rows each lane streams against one read of x in the batch-1 GEMV (`ROWS_GEMV` in
+    /// gemv.cu); 1 = the older path (several chunks of one row in flight). Measured on an
+    /// H200 (docs/PERFORMANCE-cuda.md): row blocking gains 5–6 points at 6/8 bits and
+    /// mxfp8, ~1.5 at 3 bits and dense bf16, nothing at 4/5 bits, and loses at 2 bits and
+    /// for nvfp4/mxfp4 (16 and 9 points), so it is on only where it won.
+    /// `ROOFTOP_ROWS` overrides it.
+    pub fn rows_gemv(&self) -> usize {
+        env_usize("ROOFTOP_ROWS", 1..=16).unwrap_or(match (self.mode, self.bits) {
+            (1, b) if b >= 6 => (32 / b as usize).max(4),
+            (1, 3) | (4, _) => 4,
+            (0, 16) => 2,
+            _ => 1,
+        })
+    }
     /// Bytes of one 32-weight chunk (the kernels' unit of work).
     pub fn chunk_bytes(&self) -> usize {
         4 * self.bits as usize
@@ -114,6 +128,21 @@ pub fn unroll_bytes() -> usize {
             .filter(|v: &usize| (4..=512).contains(v))
             .unwrap_or(64)
     })
+}
+
+/// Rows per lane in the MoE kernels (`ROWS_MOE`; gate/up streams twice as many: gate
+/// and up). 1 by default: at 2 the H200 MoE step measured 5–13% slower (gate/up of
+/// affine-4 and down of nvfp4 lost more than the other launch gained).
+/// `ROOFTOP_ROWS_MOE` overrides it, for tuning.
+pub fn rows_moe() -> usize {
+    env_usize("ROOFTOP_ROWS_MOE", 1..=8).unwrap_or(1)
+}
+
+fn env_usize(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| range.contains(v))
 }
 
 /// A compilable module: its name (cache key) and its full source with defines.
@@ -134,6 +163,8 @@ impl ModuleSource {
                 format!("-DQBITS={}", f.bits),
                 format!("-DQSDT={}", f.sdt),
                 format!("-DUNROLL_BYTES={}", unroll_bytes()),
+                format!("-DROWS_GEMV={}", f.rows_gemv()),
+                format!("-DROWS_MOE={}", rows_moe()),
             ],
         }
     }

@@ -302,7 +302,13 @@ impl CudaDevice {
             let f = self.function(&m, &format!("gemv{nb}"))?;
             let smem = stage_bytes(nb, w.cols);
             self.check_smem("matmul", smem)?;
-            let warps = w.rows.div_ceil(32 / lpr as usize);
+            // Batch 1 with row blocking: as many lanes per row as divide it (each lane
+            // already keeps R rows' chunks in flight); warps cover R row slots each.
+            let (lpr, rows_per_slot) = match (nb, w.format.rows_gemv()) {
+                (1, r) if r > 1 => (lanes_per_row(w.cols, 1), r),
+                _ => (lpr, 1),
+            };
+            let warps = w.rows.div_ceil(32 / lpr as usize * rows_per_slot);
             let grid = self.grid_for(&f, 256, smem, warps.div_ceil(8));
             let xp = x + (t0 * w.cols * 4) as u64;
             let yp = y + (t0 * w.rows * 4) as u64;

@@ -173,6 +173,22 @@ __device__ __forceinline__ float sdt_bits(u32 v) {
 #endif
 }
 
+// One chunk's dot product from its raw f32 accumulators: undo the dequant offsets and
+// apply the group scale(s). a0: all 32 weights (nvfp4: the first 16), a1: nvfp4's second
+// 16; X: the chunk's sum of x (affine).
+__device__ __forceinline__ float chunk_finish(const QW& W, SC sc, float a0, float a1, float X) {
+#if QMODE == MODE_AFFINE
+  const float s = sdt_bits(sc.a) * (float)(1u << QBITS), b = sdt_bits(sc.b);
+  return s * (a0 - X) + b * X;
+#elif QMODE == MODE_NVFP4
+  return (a0 * 0x1p26f) * (e4m3_f32(sc.a) * W.gmul) + (a1 * 0x1p26f) * (e4m3_f32(sc.b) * W.gmul);
+#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
+  return (a0 * (QMODE == MODE_MXFP4 ? 0x1p26f : 0x1p20f)) * e8m0_f32(sc.a);
+#else
+  return a0;
+#endif
+}
+
 // y[t] += (loaded chunk c of a row) . (token t's chunk c), for NB tokens in xs/xsum.
 template <int NB>
 __device__ __forceinline__ void chunk_compute(const QW& W, const u32 (&w)[CHUNK_WORDS], SC sc, int c, int C,
@@ -195,25 +211,24 @@ __device__ __forceinline__ void chunk_compute(const QW& W, const u32 (&w)[CHUNK_
       }
     }
   }
-#if QMODE == MODE_AFFINE
-  const float s = sdt_bits(sc.a) * (float)(1u << QBITS), b = sdt_bits(sc.b);
 #pragma unroll
-  for (int t = 0; t < NB; t++) {
-    const float X = xsum[t * C + c];
-    y[t] += s * (a0[t] - X) + b * X;
+  for (int t = 0; t < NB; t++) y[t] += chunk_finish(W, sc, a0[t], a1[t], QMODE == MODE_AFFINE ? xsum[t * C + c] : 0.f);
+}
+
+// The same for one chunk whose x (32 values) is already in registers.
+__device__ __forceinline__ float chunk_dot_reg(const QW& W, const u32 (&w)[CHUNK_WORDS], SC sc, const float4 (&xv)[8],
+                                               float X) {
+  float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+  for (int q = 0; q < 8; q++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const float f = deq(w, 4 * q + e);
+      if (QMODE == MODE_NVFP4 && q >= 4) a1 = fmaf(f4c(xv[q], e), f, a1);
+      else a0 = fmaf(f4c(xv[q], e), f, a0);
+    }
   }
-#elif QMODE == MODE_NVFP4
-  const float s0 = e4m3_f32(sc.a) * W.gmul, s1 = e4m3_f32(sc.b) * W.gmul;
-#pragma unroll
-  for (int t = 0; t < NB; t++) y[t] += (a0[t] * 0x1p26f) * s0 + (a1[t] * 0x1p26f) * s1;
-#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
-  const float s = e8m0_f32(sc.a);
-#pragma unroll
-  for (int t = 0; t < NB; t++) y[t] += (a0[t] * (QMODE == MODE_MXFP4 ? 0x1p26f : 0x1p20f)) * s;
-#else
-#pragma unroll
-  for (int t = 0; t < NB; t++) y[t] += a0[t];
-#endif
+  return chunk_finish(W, sc, a0, a1, X);
 }
 
 __device__ __forceinline__ const unsigned char* chunk_ptr(const QW& W, int row, int c, int C) {
@@ -266,6 +281,47 @@ __device__ __forceinline__ void row_dot2(const QW& A, int ra, const QW& B, int r
   }
 }
 
+// Rows each lane streams against one read of x (see rows_dot). ROWS_GEMV for the plain
+// GEMV at batch 1, ROWS_MOE for the MoE kernels (few rows: more lanes must share them);
+// 1 selects the older path (UNROLL chunks of one row in flight, x re-read per row).
+#ifndef ROWS_GEMV
+#define ROWS_GEMV 1
+#endif
+#ifndef ROWS_MOE
+#define ROWS_MOE 1
+#endif
+
+// acc[m][r] += (row rows[m][r] of matrix m) . x for NM (1 or 2: gate and up) matrices
+// times R rows that share one x. Each 32-weight chunk of x is read from shared memory
+// once into registers and reused by all NM*R rows: reading it once per row made shared
+// memory (8 bytes per HBM byte at 4 bits), not HBM, the limit at low bit widths.
+// The NM*R chunk loads (and scales) of one step are issued before any is used.
+template <int NM, int R>
+__device__ __forceinline__ void rows_dot(const QW& A, const QW& B, const int (&rows)[NM][R], int C, int sub,
+                                         int lpr, const float4* xs, const float* xsum, float (&acc)[NM][R]) {
+  for (int c = sub; c < C; c += lpr) {
+    u32 w[NM][R][CHUNK_WORDS];
+    SC sc[NM][R];
+#pragma unroll
+    for (int m = 0; m < NM; m++) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        load_chunk(chunk_ptr(m ? B : A, rows[m][r], c, C), w[m][r]);
+        sc[m][r] = load_scales(m ? B : A, rows[m][r], c);
+      }
+    }
+    float4 xv[8];
+#pragma unroll
+    for (int q = 0; q < 8; q++) xv[q] = xs[q * C + c];
+    const float X = QMODE == MODE_AFFINE ? xsum[c] : 0.f;
+#pragma unroll
+    for (int m = 0; m < NM; m++) {
+#pragma unroll
+      for (int r = 0; r < R; r++) acc[m][r] += chunk_dot_reg(m ? B : A, w[m][r], sc[m][r], xv, X);
+    }
+  }
+}
+
 // Stage one activation vector x[cols] into xs ([8][C] float4, transposed) and, for
 // affine, its per-chunk sums. No barrier: callers sync once after all stagings.
 __device__ __forceinline__ void stage_vec(const float* x, int cols, float4* xs) {
@@ -297,7 +353,8 @@ __device__ __forceinline__ float reduce_lpr(float v, int lpr) {
 }
 
 // y[t, :] = W x[t, :] for t < n <= NB. Dynamic smem: NB*cols*4 + NB*(cols/32)*4 bytes.
-template <int NB>
+// R > 1 (batch 1 only): each lane streams R rows (rpw apart) against one read of x.
+template <int NB, int R>
 __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, float* y, int lpr) {
   extern __shared__ float4 smem4[];
   const int C = W.cols / 32;
@@ -312,6 +369,25 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int nwarps = (gridDim.x * blockDim.x) >> 5;
+  if (NB == 1 && R > 1) {
+    for (int base = warp * rpw * R; base < W.rows; base += nwarps * rpw * R) {
+      int rows[1][R];
+      float acc[1][R];
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        rows[0][r] = min(base + r * rpw + rsub, W.rows - 1);  // tail rows: reload the last, discard
+        acc[0][r] = 0.f;
+      }
+      rows_dot<1, R>(W, W, rows, C, sub, lpr, xs, xsum, acc);
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float v = reduce_lpr(acc[0][r], lpr);
+        const int row = base + r * rpw + rsub;
+        if (row < W.rows && sub == 0) y[row] = v;
+      }
+    }
+    return;
+  }
   for (int base = warp * rpw; base < W.rows; base += nwarps * rpw) {
     const int row = base + rsub;
     float acc[NB];
@@ -329,16 +405,16 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
 }
 
 extern "C" __global__ void __launch_bounds__(256) gemv1(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<1>(W, x, n, y, lpr);
+  gemv_body<1, ROWS_GEMV>(W, x, n, y, lpr);
 }
 extern "C" __global__ void __launch_bounds__(256) gemv2(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<2>(W, x, n, y, lpr);
+  gemv_body<2, 1>(W, x, n, y, lpr);
 }
 extern "C" __global__ void __launch_bounds__(256) gemv4(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<4>(W, x, n, y, lpr);
+  gemv_body<4, 1>(W, x, n, y, lpr);
 }
 extern "C" __global__ void __launch_bounds__(256) gemv8(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<8>(W, x, n, y, lpr);
+  gemv_body<8, 1>(W, x, n, y, lpr);
 }
 
 // ---- Fused MoE decode step (batch 1): three launches, no host sync ----------------
@@ -429,7 +505,7 @@ __device__ void route(const float* logits, const Routing rt, int* ids, float* wt
 extern "C" __global__ void __launch_bounds__(256)
 moe_router(const QW R, const float* x, float* logits, int* ids, float* wts, u32* counter,
            const Routing rt, int lpr) {
-  gemv_body<1>(R, x, 1, logits, lpr);
+  gemv_body<1, 1>(R, x, 1, logits, lpr);
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -467,6 +543,33 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int nwarps = (gridDim.x * blockDim.x) >> 5;
+  if (ROWS_MOE > 1) {
+    // A warp takes rpw*R consecutive items; the host guarantees k*inter is a multiple of
+    // that, so the items of one warp are all routed or all shared-expert.
+    const int R = ROWS_MOE;
+    for (int base = warp * rpw * R; base < items; base += nwarps * rpw * R) {
+      const bool routed = base < k * inter;
+      const QW Wg = pick(routed, G, SG);
+      const QW Wu = pick(routed, U, SU);
+      int rows[2][R];
+      float acc[2][R];
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const int i = min(base + r * rpw + rsub, items - 1);
+        const int row = routed ? __ldg(ids + i / inter) * inter + i % inter : i - k * inter;
+        rows[0][r] = row; rows[1][r] = row;
+        acc[0][r] = 0.f; acc[1][r] = 0.f;
+      }
+      rows_dot<2, R>(Wg, Wu, rows, C, sub, lpr, xs, xsum, acc);
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float g = reduce_lpr(acc[0][r], lpr), u = reduce_lpr(acc[1][r], lpr);
+        const int i = base + r * rpw + rsub;
+        if (i < items && sub == 0) h[i] = silu(g) * u;
+      }
+    }
+    return;
+  }
   for (int base = warp * rpw; base < items; base += nwarps * rpw) {
     const int i = base + rsub;
     float g[1] = {0.f}, u[1] = {0.f};
@@ -510,6 +613,34 @@ moe_down(const QW D, const QW SD, const float* h, const int* ids, const float* w
   __syncthreads();
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
   const int nw = blockDim.x >> 5;
+  if (ROWS_MOE > 1) {
+    // A warp takes rpw*R consecutive items of one slot (the host makes `per` and hidden
+    // multiples of rpw*R), so they share one staged h vector.
+    const int R = ROWS_MOE;
+    for (int base = lo + (threadIdx.x >> 5) * rpw * R; base < hi; base += nw * rpw * R) {
+      const int slot = base / hidden;
+      const bool routed = slot < k;
+      const QW W = pick(routed, D, SD);
+      const int e0 = routed ? __ldg(ids + slot) * hidden : 0;
+      const float wt = routed ? __ldg(wts + slot) : 1.f;
+      int rows[1][R];
+      float acc[1][R];
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        rows[0][r] = e0 + min(base + r * rpw + rsub, hi - 1) % hidden;
+        acc[0][r] = 0.f;
+      }
+      rows_dot<1, R>(W, W, rows, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm,
+                     acc);
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float v = reduce_lpr(acc[0][r], lpr);
+        const int i = base + r * rpw + rsub;
+        if (i < hi && sub == 0) atomicAdd(out + i % hidden, wt * v);
+      }
+    }
+    return;
+  }
   for (int base = lo + (threadIdx.x >> 5) * rpw; base < hi; base += nw * rpw) {
     const int i = base + rsub;
     float acc[1] = {0.f};
