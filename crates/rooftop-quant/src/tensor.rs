@@ -139,24 +139,26 @@ impl<'a> QuantView<'a> {
         let wpr = self.spec.words_per_row(self.cols) * 4;
         let w = &self.weight[row * wpr..(row + 1) * wpr];
         let ng = self.cols / g;
-        let mut codes = vec![0u8; g];
+        // Groups are at most 128 wide (QuantSpec::new): a stack buffer keeps this
+        // per-row call (the exact matmul path, once per weight row per token) allocation-free.
+        let mut buf = [0u8; 128];
+        let codes = &mut buf[..g];
+        let gb = g * self.spec.bits as usize / 8;
         for gi in 0..ng {
-            let gw = &w
-                [gi * g * self.spec.bits as usize / 8..(gi + 1) * g * self.spec.bits as usize / 8];
-            unpack_bytes(gw, self.spec.bits, &mut codes);
+            unpack_bytes(&w[gi * gb..(gi + 1) * gb], self.spec.bits, codes);
             let o = &mut out[gi * g..(gi + 1) * g];
             let si = row * ng + gi;
             match self.spec.mode {
                 QuantMode::Affine => {
                     let s = crate::dtype::read_f32(self.scale_dtype, self.scales, si);
                     let b = crate::dtype::read_f32(self.scale_dtype, self.biases.unwrap(), si);
-                    for (o, &c) in o.iter_mut().zip(&codes) {
+                    for (o, &c) in o.iter_mut().zip(codes.iter()) {
                         *o = c as f32 * s + b;
                     }
                 }
                 mode => {
                     let s = fp::scale_f32(mode, self.scales[si], self.global_scale);
-                    for (o, &c) in o.iter_mut().zip(&codes) {
+                    for (o, &c) in o.iter_mut().zip(codes.iter()) {
                         *o = fp::value_f32(mode, c) * s;
                     }
                 }
