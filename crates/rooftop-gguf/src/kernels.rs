@@ -1,10 +1,16 @@
 //! Kernels that work on GGUF weights in place: row dequantization (reference) and
-//! `y = x · Wᵀ` computed block by block — each weight block is decoded into registers
-//! once and dotted with every input row, so the weight is streamed once in its own
-//! format (the decode roofline's unit) and never converted to another one.
+//! `y = x · Wᵀ` on the blocks, so the weight is streamed once in its own format (the
+//! decode roofline's unit) and never converted to another one.
+//!
+//! [`matmul`] computes as llama.cpp's CPU backend does (activations quantized to the
+//! weight's `vec_dot_type`, integer block dots: [`crate::dot`]), which is what greedy
+//! equality with llama.cpp needs and the fast path; [`matmul_f32`] dots dequantized
+//! blocks with f32 activations.
 
 use crate::blocks::*;
+use crate::dot::VecDot;
 use crate::{GgmlType, GgufError, Result};
+use bytemuck::Zeroable;
 use rayon::prelude::*;
 
 /// A weight matrix `[rows(out), cols(in)]` in a ggml format, row-major, each row a whole
@@ -146,8 +152,53 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// Rows per rayon task: enough work to amortize scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 16;
 
-/// `y = x · Wᵀ`: x `[n, cols]`, y `[n, rows]`. Parallel over output rows.
+/// `y = x · Wᵀ` as ggml computes it: x `[n, cols]`, y `[n, rows]`. Parallel over output
+/// rows; AVX2 kernels where the CPU has them, bit-identical to [`matmul_portable`].
 pub fn matmul(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    check_io(w, x, n, y)?;
+    use GgmlType as T;
+    #[cfg(target_arch = "x86_64")]
+    if crate::dot::avx2::available() {
+        use crate::dot::avx2 as f;
+        // SAFETY (each call): the CPU has AVX2 and FMA (checked above).
+        match w.ty {
+            T::Q4_0 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_0(a, b) })),
+            T::Q4_1 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_1(a, b) })),
+            T::Q5_0 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_0(a, b) })),
+            T::Q5_1 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_1(a, b) })),
+            T::Q8_0 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q8_0(a, b) })),
+            T::Q4_K => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_k(a, b) })),
+            T::Q5_K => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_k(a, b) })),
+            T::Q6_K => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q6_k(a, b) })),
+            _ => {}
+        }
+    }
+    matmul_portable(w, x, n, y)
+}
+
+/// The portable path: ggml's arithmetic through the scalar reference dots.
+pub fn matmul_portable(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    check_io(w, x, n, y)?;
+    use GgmlType as T;
+    match w.ty {
+        T::F32 | T::F16 | T::BF16 => matmul_dense(w, x, n, y),
+        T::Q4_0 => matmul_q8(w, x, n, y, BlockQ4_0::vec_dot_ref),
+        T::Q4_1 => matmul_q8(w, x, n, y, BlockQ4_1::vec_dot_ref),
+        T::Q5_0 => matmul_q8(w, x, n, y, BlockQ5_0::vec_dot_ref),
+        T::Q5_1 => matmul_q8(w, x, n, y, BlockQ5_1::vec_dot_ref),
+        T::Q8_0 => matmul_q8(w, x, n, y, BlockQ8_0::vec_dot_ref),
+        T::Q2_K => matmul_q8(w, x, n, y, BlockQ2K::vec_dot_ref),
+        T::Q3_K => matmul_q8(w, x, n, y, BlockQ3K::vec_dot_ref),
+        T::Q4_K => matmul_q8(w, x, n, y, BlockQ4K::vec_dot_ref),
+        T::Q5_K => matmul_q8(w, x, n, y, BlockQ5K::vec_dot_ref),
+        T::Q6_K => matmul_q8(w, x, n, y, BlockQ6K::vec_dot_ref),
+        T::MXFP4 => matmul_q8(w, x, n, y, BlockMxfp4::vec_dot_ref),
+        ty => return Err(GgufError::Unsupported { op: "matmul", ty }),
+    }
+    Ok(())
+}
+
+fn check_io(w: &GgufMatrix, x: &[f32], n: usize, y: &[f32]) -> Result<()> {
     w.check()?;
     if x.len() != n * w.cols || y.len() != n * w.rows {
         return Err(GgufError::Shape {
@@ -162,22 +213,6 @@ pub fn matmul(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> 
                 y.len()
             ),
         });
-    }
-    use GgmlType as T;
-    match w.ty {
-        T::F32 | T::F16 | T::BF16 => matmul_dense(w, x, n, y),
-        T::Q4_0 => matmul_blocks::<BlockQ4_0>(w, x, n, y),
-        T::Q4_1 => matmul_blocks::<BlockQ4_1>(w, x, n, y),
-        T::Q5_0 => matmul_blocks::<BlockQ5_0>(w, x, n, y),
-        T::Q5_1 => matmul_blocks::<BlockQ5_1>(w, x, n, y),
-        T::Q8_0 => matmul_blocks::<BlockQ8_0>(w, x, n, y),
-        T::Q2_K => matmul_blocks::<BlockQ2K>(w, x, n, y),
-        T::Q3_K => matmul_blocks::<BlockQ3K>(w, x, n, y),
-        T::Q4_K => matmul_blocks::<BlockQ4K>(w, x, n, y),
-        T::Q5_K => matmul_blocks::<BlockQ5K>(w, x, n, y),
-        T::Q6_K => matmul_blocks::<BlockQ6K>(w, x, n, y),
-        T::MXFP4 => matmul_blocks::<BlockMxfp4>(w, x, n, y),
-        ty => return Err(GgufError::Unsupported { op: "matmul", ty }),
     }
     Ok(())
 }
@@ -211,6 +246,53 @@ fn for_rows(w: &GgufMatrix, n: usize, y: &mut [f32], row: impl Fn(usize, &mut [f
             y[t * w.rows + o] = yt[o * n + t];
         }
     }
+}
+
+/// `y = x·Wᵀ` with x quantized once per row to the weight's `vec_dot_type`, then one
+/// integer block dot per (row, token) — ggml's `mul_mat` for batch sizes it does not
+/// hand to its tiled GEMM.
+fn matmul_q8<B: VecDot + Sync>(
+    w: &GgufMatrix,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    dot: impl Fn(&[B], &[B::Act]) -> f32 + Sync,
+) {
+    let (rb, cols) = (w.row_bytes(), w.cols);
+    let nb = cols / B::QK;
+    let mut acts = vec![B::Act::zeroed(); n * nb]; // [n, nb]
+    for (xr, a) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(nb)) {
+        B::quantize(xr, a);
+    }
+    for_rows(w, n, y, |r, yo| {
+        let blocks: &[B] = bytemuck::cast_slice(&w.data[r * rb..(r + 1) * rb]);
+        for (t, acc) in yo.iter_mut().enumerate() {
+            *acc = dot(blocks, &acts[t * nb..(t + 1) * nb]);
+        }
+    });
+}
+
+/// `y = x·Wᵀ` in f32 on dequantized blocks (no activation quantization): closer to the
+/// exact product than ggml, used where f32 semantics are wanted.
+pub fn matmul_f32(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    check_io(w, x, n, y)?;
+    use GgmlType as T;
+    match w.ty {
+        T::F32 | T::F16 | T::BF16 => matmul_dense(w, x, n, y),
+        T::Q4_0 => matmul_blocks::<BlockQ4_0>(w, x, n, y),
+        T::Q4_1 => matmul_blocks::<BlockQ4_1>(w, x, n, y),
+        T::Q5_0 => matmul_blocks::<BlockQ5_0>(w, x, n, y),
+        T::Q5_1 => matmul_blocks::<BlockQ5_1>(w, x, n, y),
+        T::Q8_0 => matmul_blocks::<BlockQ8_0>(w, x, n, y),
+        T::Q2_K => matmul_blocks::<BlockQ2K>(w, x, n, y),
+        T::Q3_K => matmul_blocks::<BlockQ3K>(w, x, n, y),
+        T::Q4_K => matmul_blocks::<BlockQ4K>(w, x, n, y),
+        T::Q5_K => matmul_blocks::<BlockQ5K>(w, x, n, y),
+        T::Q6_K => matmul_blocks::<BlockQ6K>(w, x, n, y),
+        T::MXFP4 => matmul_blocks::<BlockMxfp4>(w, x, n, y),
+        ty => return Err(GgufError::Unsupported { op: "matmul", ty }),
+    }
+    Ok(())
 }
 
 fn matmul_blocks<B: Block + Sync>(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) {
