@@ -10,8 +10,9 @@ tests/oracle/golden/; the Rust tests compare against those files.
   llamacpp_golden.py bench MODEL.gguf [N] [THREADS]
       Decode tok/s of N greedy tokens.
   llamacpp_golden.py generate MODEL.gguf PROMPTS.txt OUT.txt [N]
-      Greedy decode N (default 64) tokens after each prompt; each output line is a JSON
-      object {"prompt": ids, "tokens": ids, "top": [[[id, logit] x5] per step]}.
+      Greedy decode N (default 64) tokens after each prompt (prompt fed one token per
+      step); each output line is a JSON object
+      {"prompt": ids, "tokens": ids, "top": [[[id, logit] x5] per step]}.
 
 Regenerate everything: scripts/fetch-models && tests/oracle/llamacpp_golden.py all
 """
@@ -48,7 +49,11 @@ def generate(model, prompts_path, out, n=64):
     for p in prompts(prompts_path):
         llm.reset()
         ids = llm.tokenize(p.encode("utf-8"), add_bos=True, special=True)
-        llm.eval(ids)
+        # One token per step, prompt included: llama.cpp's decode path (vec_dot per
+        # row), which rooftop reproduces bit for bit. A batched prompt goes through
+        # tinyBLAS tiles that sum in another order (a few ulps in the KV cache).
+        for t in ids:
+            llm.eval([t])
         toks, top = [], []
         for _ in range(n):
             logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)

@@ -325,6 +325,13 @@ impl<'s> Loader<'s> {
         self.store.contains(name)
     }
 
+    /// Whether layers should compute as llama.cpp's CPU backend does (f16 KV cache,
+    /// f16 attention operands, f16-table GELU, ggml's rope angles): true for GGUF
+    /// files, whose reference is llama.cpp; safetensors models follow mlx in f32.
+    pub fn ggml_numerics(&self) -> bool {
+        self.store.gguf.is_some()
+    }
+
     /// Module `path`'s weight as `[lead.., rows, cols]` (`lead` = `[E]` for stacked experts),
     /// dense or quantized per the config and the tensors present.
     pub fn weight(&self, path: &str, lead: &[usize], rows: usize, cols: usize) -> Result<Vec<W>> {

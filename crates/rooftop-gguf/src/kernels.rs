@@ -162,18 +162,28 @@ pub fn matmul(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> 
         use crate::dot::avx2 as f;
         // SAFETY (each call): the CPU has AVX2 and FMA (checked above).
         match w.ty {
-            T::Q4_0 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_0(a, b) })),
-            T::Q4_1 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_1(a, b) })),
-            T::Q5_0 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_0(a, b) })),
-            T::Q5_1 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_1(a, b) })),
-            T::Q8_0 => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q8_0(a, b) })),
-            T::Q4_K => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_k(a, b) })),
-            T::Q5_K => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_k(a, b) })),
-            T::Q6_K => return Ok(matmul_q8(w, x, n, y, |a, b| unsafe { f::q6_k(a, b) })),
-            _ => {}
+            T::Q4_0 => matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_0(a, b) }),
+            T::Q4_1 => matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_1(a, b) }),
+            T::Q5_0 => matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_0(a, b) }),
+            T::Q5_1 => matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_1(a, b) }),
+            T::Q8_0 => matmul_q8(w, x, n, y, |a, b| unsafe { f::q8_0(a, b) }),
+            T::Q4_K if repacked(w) => matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_k_x8(a, b) }),
+            T::Q4_K => matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_k(a, b) }),
+            T::Q5_K => matmul_q8(w, x, n, y, |a, b| unsafe { f::q5_k(a, b) }),
+            T::Q6_K => matmul_q8(w, x, n, y, |a, b| unsafe { f::q6_k(a, b) }),
+            _ => return matmul_portable(w, x, n, y),
         }
+        return Ok(());
     }
     matmul_portable(w, x, n, y)
+}
+
+/// Whether llama.cpp's CPU backend repacks this matrix (`ggml_repack_get_optimal_repack_type`
+/// on an AVX2 machine: Q4_K with a multiple of 8 rows) and so sums its rows in another
+/// order ([`crate::dot::q4_k_x8_ref`]). Q4_0 and IQ4_NL are repacked too; their
+/// repacked order is not reproduced yet.
+fn repacked(w: &GgufMatrix) -> bool {
+    w.ty == GgmlType::Q4_K && w.rows.is_multiple_of(8) && w.cols.is_multiple_of(8)
 }
 
 /// The portable path: ggml's arithmetic through the scalar reference dots.
@@ -189,6 +199,7 @@ pub fn matmul_portable(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Re
         T::Q8_0 => matmul_q8(w, x, n, y, BlockQ8_0::vec_dot_ref),
         T::Q2_K => matmul_q8(w, x, n, y, BlockQ2K::vec_dot_ref),
         T::Q3_K => matmul_q8(w, x, n, y, BlockQ3K::vec_dot_ref),
+        T::Q4_K if repacked(w) => matmul_q8(w, x, n, y, crate::dot::q4_k_x8_ref),
         T::Q4_K => matmul_q8(w, x, n, y, BlockQ4K::vec_dot_ref),
         T::Q5_K => matmul_q8(w, x, n, y, BlockQ5K::vec_dot_ref),
         T::Q6_K => matmul_q8(w, x, n, y, BlockQ6K::vec_dot_ref),

@@ -40,6 +40,7 @@ pub mod blocks;
 pub mod dot;
 mod error;
 pub mod kernels;
+pub mod math;
 mod reader;
 pub mod tokenizer;
 mod types;

@@ -67,7 +67,11 @@ fn activations(rng: &mut Lcg, case: u64, n: usize) -> Vec<f32> {
         1 => (0..n)
             .map(|_| {
                 let u = rng.unit();
-                (u * if rng.u32() % 37 == 0 { 50.0 } else { 1.0 }) as f32
+                (u * if rng.u32().is_multiple_of(37) {
+                    50.0
+                } else {
+                    1.0
+                }) as f32
             })
             .collect(),
         2 => {
@@ -87,6 +91,8 @@ fn activations(rng: &mut Lcg, case: u64, n: usize) -> Vec<f32> {
     }
 }
 
+type DotFn<B> = fn(&[B], &[<B as VecDot>::Act]) -> f32;
+
 /// Quantize `x`, compare bytes with ggml's, dot with the reference (and the AVX2
 /// kernel when present), compare bits with ggml's result.
 fn check<B: VecDot>(
@@ -95,7 +101,7 @@ fn check<B: VecDot>(
     x: &[f32],
     act_hex: &str,
     dot_bits: u32,
-    fast: Option<fn(&[B], &[B::Act]) -> f32>,
+    fast: Option<DotFn<B>>,
 ) {
     let blocks: &[B] = bytemuck::cast_slice(w);
     let mut acts = vec![B::Act::zeroed(); blocks.len()]; // one activation block per weight block
@@ -144,7 +150,7 @@ fn dots_equal_ggml_bit_for_bit() {
         macro_rules! go {
             ($b:ty, $f:ident) => {{
                 #[cfg(target_arch = "x86_64")]
-                let f: Option<fn(&[$b], &[<$b as VecDot>::Act]) -> f32> = if fast {
+                let f: Option<DotFn<$b>> = if fast {
                     // SAFETY: AVX2 and FMA are present (checked).
                     Some(|a, b| unsafe { dot::avx2::$f(a, b) })
                 } else {
@@ -174,4 +180,68 @@ fn dots_equal_ggml_bit_for_bit() {
         n_cases += 1;
     }
     assert_eq!(n_cases, 40);
+}
+
+/// rooftop_gguf::math against ggml's `ggml_vec_swiglu_f32` (SiLU with g = 1),
+/// `ggml_vec_soft_max_f32` and `ggml_vec_dot_f16`, bit for bit
+/// (tests/oracle/golden/ggml_math.jsonl, inputs from the script's LCG).
+#[test]
+fn math_equals_ggml_bit_for_bit() {
+    use rooftop_gguf::math;
+    let path = workspace_root().join("tests/oracle/golden/ggml_math.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut rng = Lcg(12345);
+    let bits = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let mut ops = Vec::new();
+    for line in text.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        let op = e["op"].as_str().unwrap().to_string();
+        match op.as_str() {
+            "silu" => {
+                let x: Vec<f32> = (0..1024).map(|_| (40.0 * rng.unit()) as f32).collect();
+                for (i, (&x, &want)) in x.iter().zip(&bits(&e["out"])).enumerate() {
+                    let got = math::silu(x);
+                    assert_eq!(got.to_bits(), want, "silu({x}) [{i}]: {got} vs ggml");
+                }
+            }
+            "softmax" => {
+                let n = e["n"].as_u64().unwrap() as usize;
+                let mut x: Vec<f32> = (0..n).map(|_| (8.0 * rng.unit()) as f32).collect();
+                x[n - 5..].fill(f32::NEG_INFINITY);
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum = math::softmax_exp(&mut x, max);
+                let got: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, bits(&e["out"]), "softmax n={n}");
+                assert_eq!(
+                    sum.to_bits(),
+                    e["sum"].as_u64().unwrap(),
+                    "softmax sum n={n}"
+                );
+            }
+            "dot_f16" => {
+                let n = e["n"].as_u64().unwrap() as usize;
+                let mut v = || -> Vec<f32> {
+                    (0..n)
+                        .map(|_| half::f16::from_f32((2.0 * rng.unit()) as f32).to_f32())
+                        .collect()
+                };
+                let (a, b) = (v(), v());
+                let got = math::dot_f16(&a, &b);
+                assert_eq!(
+                    got.to_bits(),
+                    e["out"].as_u64().unwrap() as u32,
+                    "dot_f16 n={n}: {got}"
+                );
+            }
+            o => panic!("unknown op {o}"),
+        }
+        ops.push(op);
+    }
+    assert_eq!(ops.len(), 7);
 }

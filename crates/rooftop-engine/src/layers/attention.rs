@@ -9,6 +9,7 @@ use crate::model::Scratch;
 use crate::store::Loader;
 use crate::Result;
 use rayon::prelude::*;
+use rooftop_gguf::math as ggml;
 
 /// What varies between families' attention blocks.
 pub struct AttentionConfig {
@@ -38,6 +39,11 @@ pub struct Attention {
     scale: f32,
     /// Attend to at most this many most recent positions (sliding-window layers).
     window: Option<usize>,
+    /// llama.cpp's arithmetic (GGUF models): see [`ggml_head`].
+    ggml: bool,
+    /// Scale q before the scores (llama.cpp's gemma graphs: `ggml_scale(Qcur)`, then
+    /// `kq_scale = 1`), which differs from scaling scores once q is rounded to f16.
+    prescale_q: bool,
 }
 
 /// Keys and values of one layer, allocated once for the whole context.
@@ -74,12 +80,14 @@ impl Attention {
             o: Linear::load(l, &format!("{prefix}.o_proj"), c.hidden, h * hd, c.o_bias)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
-            rope,
+            rope: if l.ggml_numerics() { rope.ggml() } else { rope },
             heads: h,
             kv_heads: kv,
             head_dim: hd,
             scale: (hd as f32).powf(-0.5),
             window: None,
+            ggml: l.ggml_numerics(),
+            prescale_q: false,
         })
     }
 
@@ -98,7 +106,11 @@ impl Attention {
 
     /// Scores scaled by `s` instead of `head_dim^-0.5` (gemma's `query_pre_attn_scalar`).
     pub fn with_scale(self, s: f32) -> Self {
-        Self { scale: s, ..self }
+        Self {
+            scale: s,
+            prescale_q: true,
+            ..self
+        }
     }
 
     pub fn new_cache(&self, max_seq: usize) -> KvCache {
@@ -145,11 +157,48 @@ impl Attention {
         let row = kvh * hd;
         cache.k[pos * row..(pos + t) * row].copy_from_slice(k);
         cache.v[pos * row..(pos + t) * row].copy_from_slice(v);
+        if self.ggml {
+            // llama.cpp's KV cache is f16.
+            let f16r = |x: &mut f32| *x = half::f16::from_f32(*x).to_f32();
+            cache.k[pos * row..(pos + t) * row]
+                .iter_mut()
+                .for_each(f16r);
+            cache.v[pos * row..(pos + t) * row]
+                .iter_mut()
+                .for_each(f16r);
+        }
 
         // Causal softmax(q·kᵀ·scale)·v per (token, head); GQA maps head → head / (H/KV).
         let group = h / kvh;
         let att = &mut s.att[..t * h * hd]; // [T, H·hd]
         let (ck, cv, q) = (&cache.k, &cache.v, &*q);
+        if self.ggml {
+            let n_kv = (pos + t).div_ceil(32) * 32; // llama.cpp pads the cache view to 32 cells
+            att.par_chunks_mut(hd).enumerate().for_each_init(
+                || (vec![0f32; hd], Vec::with_capacity(pos + t)),
+                |(qh, p), (idx, o)| {
+                    let (i, head) = (idx / h, idx % h);
+                    let len = pos + i + 1;
+                    let first = self.window.map_or(0, |w| len.saturating_sub(w));
+                    let kv = KvView {
+                        k: ck,
+                        v: cv,
+                        row,
+                        off: head / group * hd,
+                        hd,
+                    };
+                    qh.copy_from_slice(&q[idx * hd..(idx + 1) * hd]);
+                    let mut scale = self.scale;
+                    if self.prescale_q {
+                        qh.iter_mut().for_each(|x| *x *= scale);
+                        scale = 1.0;
+                    }
+                    ggml_head(qh, &kv, first..len, n_kv, scale, p, o);
+                },
+            );
+            self.o.forward(att, t, out);
+            return;
+        }
         att.par_chunks_mut(hd).enumerate().for_each_init(
             || Vec::with_capacity(pos + t),
             |scores: &mut Vec<f32>, (idx, o)| {
@@ -184,5 +233,51 @@ impl Attention {
 
     pub fn dims(&self) -> (usize, usize, usize) {
         (self.heads, self.kv_heads, self.head_dim)
+    }
+}
+
+/// One kv head's keys and values in the cache `[max_seq, KV·hd]`.
+struct KvView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    row: usize,
+    off: usize,
+    hd: usize,
+}
+
+/// One query head as llama.cpp's CPU graph computes attention without flash attention:
+/// `kq = k·q` with q converted to f16 (`vec_dot_type` of the f16 cache) and f16 dots
+/// (`ggml::dot_f16`), `soft_max_ext` (scale, max, ggml's `exp`, times `1/sum`), then
+/// `kqv = v·kq` with the probabilities converted to f16. The cache is padded to 32
+/// cells (`get_padding`): `n_kv` decides where `dot_f16`'s SIMD part ends.
+/// q `[hd]` (overwritten), p scratch, o `[hd]`.
+fn ggml_head(
+    q: &mut [f32],
+    kv: &KvView,
+    span: std::ops::Range<usize>,
+    n_kv: usize,
+    scale: f32,
+    p: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let f16r = |x: f32| half::f16::from_f32(x).to_f32();
+    q.iter_mut().for_each(|x| *x = f16r(*x));
+    let key = |j: usize| &kv.k[j * kv.row + kv.off..j * kv.row + kv.off + kv.hd];
+    // Scores over the padded view; masked cells (outside the span) are −∞ → 0.
+    p.clear();
+    p.resize(n_kv, f32::NEG_INFINITY);
+    for j in span.clone() {
+        p[j] = ggml::dot_f16(key(j), q) * scale;
+    }
+    let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum = ggml::softmax_exp(p, max);
+    let inv = (1.0 / sum) as f32;
+    p.iter_mut().for_each(|x| *x = f16r(*x * inv));
+    let mut col = vec![0f32; n_kv];
+    for (d, od) in o.iter_mut().enumerate() {
+        for j in span.clone() {
+            col[j] = kv.v[j * kv.row + kv.off + d];
+        }
+        *od = ggml::dot_f16(&col, p);
     }
 }

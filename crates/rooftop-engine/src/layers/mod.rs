@@ -44,10 +44,12 @@ impl Linear {
     }
 }
 
-/// RMSNorm as mlx computes it: f32 mean of squares, `x · rsqrt(ms + eps) · w`.
+/// RMSNorm as mlx computes it: f32 mean of squares, `x · rsqrt(ms + eps) · w`; for GGUF
+/// models as ggml does (`rms_norm_f32`): squares summed in f64, mean rounded to f32.
 pub struct RmsNorm {
     pub w: Vec<f32>,
     pub eps: f32,
+    pub ggml: bool,
 }
 
 impl RmsNorm {
@@ -55,14 +57,24 @@ impl RmsNorm {
         Ok(Self {
             w: l.vector(&format!("{name}.weight"), dim)?,
             eps: eps as f32,
+            ggml: l.ggml_numerics(),
         })
+    }
+    /// `1 / sqrt(mean(x²) + eps)` of one row.
+    #[inline]
+    fn inv_rms(&self, x: &[f32]) -> f32 {
+        let ms = if self.ggml {
+            (x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64) as f32
+        } else {
+            x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32
+        };
+        1.0 / (ms + self.eps).sqrt()
     }
     /// Normalize each `w.len()`-sized row of `x` into `y`.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
         let d = self.w.len();
         for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
+            let r = self.inv_rms(xr);
             for ((y, x), w) in yr.iter_mut().zip(xr).zip(&self.w) {
                 *y = x * r * w;
             }
@@ -72,8 +84,7 @@ impl RmsNorm {
     pub fn forward_inplace(&self, x: &mut [f32]) {
         let d = self.w.len();
         for xr in x.chunks_exact_mut(d) {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
+            let r = self.inv_rms(xr);
             for (x, w) in xr.iter_mut().zip(&self.w) {
                 *x = *x * r * w;
             }
@@ -81,10 +92,11 @@ impl RmsNorm {
     }
 }
 
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
 /// GELU, tanh approximation (gemma's `gelu_pytorch_tanh`, ggml's `gelu`).
 #[inline]
 pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
 }
 

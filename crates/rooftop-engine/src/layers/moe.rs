@@ -8,6 +8,7 @@ use super::{gelu_tanh, silu, Linear};
 use crate::model::Scratch;
 use crate::store::{Loader, W};
 use crate::Result;
+use rooftop_gguf::math as ggml;
 
 /// `down(silu(gate(x)) · up(x))` (or GeGLU with [`Mlp::gelu`]).
 pub struct Mlp {
@@ -15,6 +16,8 @@ pub struct Mlp {
     up: Linear,
     down: Linear,
     gelu: bool,
+    /// Activations as ggml computes them (GGUF models: `rooftop_gguf::math`).
+    ggml: bool,
 }
 
 impl Mlp {
@@ -25,6 +28,7 @@ impl Mlp {
             up: Linear::load(l, &format!("{prefix}.up_proj"), inter, hidden, bias)?,
             down: Linear::load(l, &format!("{prefix}.down_proj"), hidden, inter, bias)?,
             gelu: false,
+            ggml: l.ggml_numerics(),
         })
     }
     /// GeGLU: `down(gelu_tanh(gate(x)) · up(x))` (gemma).
@@ -43,7 +47,12 @@ impl Mlp {
         let (g, u) = (&mut s.g[..t * i], &mut s.u[..t * i]);
         self.gate.forward(x, t, g);
         self.up.forward(x, t, u);
-        let act = if self.gelu { gelu_tanh } else { silu };
+        let act = match (self.gelu, self.ggml) {
+            (true, true) => ggml::gelu,
+            (true, false) => gelu_tanh,
+            (false, true) => ggml::silu,
+            (false, false) => silu,
+        };
         g.iter_mut()
             .zip(u.iter())
             .for_each(|(g, u)| *g = act(*g) * u);

@@ -12,6 +12,10 @@ pub struct Rope {
     traditional: bool,
     /// Yarn's input scale on the rotated features.
     mscale: f32,
+    /// ggml's angle recurrence instead of `inv_freq`: `θ₀ = pos`, `θᵢ₊₁ = θᵢ · base^(−2/dims)`
+    /// in f32 (`ggml_rope_cache_init`), for plain rope only.
+    ggml_theta_scale: Option<f32>,
+    base: Option<f64>,
 }
 
 impl Rope {
@@ -25,7 +29,18 @@ impl Rope {
             inv_freq,
             traditional,
             mscale: 1.0,
+            ggml_theta_scale: None,
+            base: Some(base),
         }
+    }
+
+    /// Angles as llama.cpp computes them (see `ggml_theta_scale`); scaled ropes keep
+    /// their frequencies.
+    pub fn ggml(mut self) -> Self {
+        if let Some(b) = self.base {
+            self.ggml_theta_scale = Some((b as f32).powf(-2.0 / self.dims as f32));
+        }
+        self
     }
 
     fn from_periods(dims: usize, periods: Vec<f64>, traditional: bool, mscale: f64) -> Self {
@@ -34,6 +49,8 @@ impl Rope {
             inv_freq: periods.iter().map(|p| (1.0 / p) as f32).collect(),
             traditional,
             mscale: mscale as f32,
+            ggml_theta_scale: None,
+            base: None,
         }
     }
 
@@ -62,6 +79,7 @@ impl Rope {
                 let f = need_factor()?;
                 let mut r = Self::new(dims, base, traditional);
                 r.inv_freq.iter_mut().for_each(|v| *v /= f as f32);
+                r.base = None;
                 r
             }
             "llama3" => {
@@ -131,16 +149,30 @@ impl Rope {
         if self.mscale != 1.0 {
             x[..self.dims].iter_mut().for_each(|v| *v *= self.mscale);
         }
+        let mut theta = pos as f32;
         for (i, f) in self.inv_freq.iter().enumerate() {
-            let (s, c) = (pos as f32 * f).sin_cos();
+            let (s, c) = match self.ggml_theta_scale {
+                Some(ts) => {
+                    let sc = theta.sin_cos();
+                    theta *= ts;
+                    sc
+                }
+                None => (pos as f32 * f).sin_cos(),
+            };
             let (a, b) = if self.traditional {
                 (2 * i, 2 * i + 1)
             } else {
                 (i, i + half)
             };
             let (x1, x2) = (x[a], x[b]);
-            x[a] = x1 * c - x2 * s;
-            x[b] = x1 * s + x2 * c;
+            if self.ggml_theta_scale.is_some() {
+                // ggml's build fuses the first product of each line (checked against it).
+                x[a] = x1.mul_add(c, -(x2 * s));
+                x[b] = x1.mul_add(s, x2 * c);
+            } else {
+                x[a] = x1 * c - x2 * s;
+                x[b] = x1 * s + x2 * c;
+            }
         }
     }
 }

@@ -92,6 +92,8 @@ fn i8s(qs: &[u8; 32]) -> &[i8; 32] {
     bytemuck::cast_ref(qs)
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -103,6 +105,8 @@ pub fn q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     hsum(acc)
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     let (mut acc, mut summs) = (_mm256_setzero_ps(), 0f32);
@@ -114,6 +118,8 @@ pub fn q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     hsum(acc) + summs
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q5_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -130,6 +136,8 @@ pub fn q5_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
     hsum(acc)
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q5_1(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
     let (mut acc, mut summs) = (_mm256_setzero_ps(), 0f32);
@@ -143,6 +151,8 @@ pub fn q5_1(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
     hsum(acc) + summs
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -169,10 +179,11 @@ fn sc16(lo: i32, hi: i32) -> __m256i {
     _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let (mut acc, mut acc_m) = (_mm256_setzero_ps(), [0f32; 4]);
-    let m4 = _mm256_set1_epi8(0x0F);
     for (x, y) in w.iter().zip(a) {
         let d = y.d * h(x.d);
         let dmin = -y.d * h(x.dmin);
@@ -180,16 +191,7 @@ pub fn q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
         for (am, p) in acc_m.iter_mut().zip(super::kmins(&m, &y.bsums)) {
             *am = dmin.mul_add(p as f32, *am);
         }
-        let mut sumi = _mm256_setzero_si256();
-        for c in 0..4 {
-            let q = load32u(&x.qs[32 * c..]);
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let s0 = _mm256_set1_epi16(sc[2 * c] as i16);
-            let s1 = _mm256_set1_epi16(sc[2 * c + 1] as i16);
-            sumi = _mm256_add_epi32(sumi, run_us(lo, &y.qs[64 * c..64 * c + 32], s0));
-            sumi = _mm256_add_epi32(sumi, run_us(hi, &y.qs[64 * c + 32..64 * c + 64], s1));
-        }
+        let sumi = q4_k_lanes(x, y, &sc);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     let (m0, m1) = (acc_m[0] + acc_m[2], acc_m[1] + acc_m[3]);
@@ -207,6 +209,45 @@ fn fifth_bit(qh: __m256i, b: usize) -> __m256i {
     )
 }
 
+/// The quant lanes of one Q4_K block (see [`q4_k`]).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn q4_k_lanes(x: &BlockQ4K, y: &BlockQ8K, sc: &[u8; 8]) -> __m256i {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut sumi = _mm256_setzero_si256();
+    for c in 0..4 {
+        let q = load32u(&x.qs[32 * c..]);
+        let lo = _mm256_and_si256(q, m4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        let s0 = _mm256_set1_epi16(sc[2 * c] as i16);
+        let s1 = _mm256_set1_epi16(sc[2 * c + 1] as i16);
+        sumi = _mm256_add_epi32(sumi, run_us(lo, &y.qs[64 * c..64 * c + 32], s0));
+        sumi = _mm256_add_epi32(sumi, run_us(hi, &y.qs[64 * c + 32..64 * c + 64], s1));
+    }
+    sumi
+}
+
+/// Twin of [`super::q4_k_x8_ref`] (llama.cpp's repacked Q4_K rows).
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
+#[target_feature(enable = "avx2,fma")]
+pub fn q4_k_x8(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let (mut acc, mut acc_m) = (0f32, 0f32);
+    for (x, y) in w.iter().zip(a) {
+        let (sc, m) = scale_min_k4(&x.scales);
+        let mut l = [0i32; 8];
+        // SAFETY: 8 i32.
+        unsafe { _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, q4_k_lanes(x, y, &sc)) };
+        let isum: i32 = l.iter().sum();
+        let imin: i32 = super::kmins(&m, &y.bsums).iter().sum();
+        acc = (isum as f32).mul_add(h(x.d) * y.d, acc);
+        acc_m = (imin as f32).mul_add(h(x.dmin) * y.d, acc_m);
+    }
+    acc - acc_m
+}
+
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q5_k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     let (mut acc, mut summs) = (_mm256_setzero_ps(), 0f32);
@@ -236,6 +277,8 @@ pub fn q5_k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     hsum(acc) + summs
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub fn q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();

@@ -403,6 +403,28 @@ impl VecDot for BlockQ4K {
     }
 }
 
+/// Q4_K rows as llama.cpp computes them after repacking (`q4_K_8x8_q8_K`, used on
+/// AVX2 machines for every Q4_K matrix whose row count is a multiple of 8): per block
+/// one exact integer sum for the quants and one for the mins, each converted to f32
+/// and accumulated with one fused multiply-add, `f16(d)·d_a` and `f16(dmin)·d_a`;
+/// the row is `Σquants − Σmins` (`ggml_gemv_q4_K_8x8_q8_K`, x86).
+pub fn q4_k_x8_ref(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let (mut acc, mut acc_m) = (0f32, 0f32);
+    for (x, y) in w.iter().zip(a) {
+        let (sc, m) = scale_min_k4(&x.scales);
+        let mut isum = 0i32;
+        for (j, &q) in y.qs.iter().enumerate() {
+            let (c, s, l) = (j / 64, (j % 64) / 32, j % 32);
+            let v = ((x.qs[32 * c + l] >> (4 * s)) & 0x0F) as i32;
+            isum += sc[j / 32] as i32 * v * q as i32;
+        }
+        let imin: i32 = kmins(&m, &y.bsums).iter().sum();
+        acc = (isum as f32).mul_add(h(x.d) * y.d, acc);
+        acc_m = (imin as f32).mul_add(h(x.dmin) * y.d, acc_m);
+    }
+    acc - acc_m
+}
+
 impl VecDot for BlockQ5K {
     type Act = BlockQ8K;
     fn quantize(x: &[f32], out: &mut [BlockQ8K]) {
