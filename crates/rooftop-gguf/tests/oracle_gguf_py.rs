@@ -2,7 +2,7 @@
 //! every supported type must decode to exactly the same f32 bits.
 
 use rand::{Rng, SeedableRng};
-use rooftop_gguf::kernels::{dequantize_row, matmul, matmul_ref};
+use rooftop_gguf::kernels::{dequantize_row, matmul, matmul_f32, matmul_portable, matmul_ref};
 use rooftop_gguf::{GgmlType, GgufFile, GgufMatrix, GgufWriter, Value};
 use rooftop_oracle::TempDir;
 use std::path::Path;
@@ -168,7 +168,10 @@ fn gguf_py_quantized_file_reads_and_dequantizes_exactly() {
     assert_eq!(ours, theirs);
 }
 
-/// The kernels on blocks agree with dequantize-then-dot for every type and batch size.
+/// The kernels on blocks agree with dequantize-then-dot for every type and batch size:
+/// `matmul_f32` within f32 rounding; `matmul` (int8 activations, as llama.cpp) within
+/// what quantizing x can move (half a step of each activation block, plus its f16
+/// scale), and the AVX2 path bit-identical to the portable one.
 #[test]
 fn matmul_on_blocks_matches_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -176,19 +179,50 @@ fn matmul_on_blocks_matches_reference() {
     for ty in ALL {
         let data = random_tensor(ty, rows, cols, true, &mut rng);
         let w = GgufMatrix::new(ty, rows, cols, &data).unwrap();
+        let mut wd = vec![0f32; rows * cols];
+        dequantize_row(ty, &data, &mut wd).unwrap();
         for n in [1, 3] {
             let x: Vec<f32> = (0..n * cols)
                 .map(|_| rng.random::<f32>() * 2.0 - 1.0)
                 .collect();
-            let (mut y, mut r) = (vec![0f32; n * rows], vec![0f32; n * rows]);
-            matmul(&w, &x, n, &mut y).unwrap();
+            let mut r = vec![0f32; n * rows];
             matmul_ref(&w, &x, n, &mut r).unwrap();
             let scale = r.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let mut y = vec![0f32; n * rows];
+            matmul_f32(&w, &x, n, &mut y).unwrap();
             for (i, (a, b)) in y.iter().zip(&r).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-4 * scale,
-                    "{ty} n={n} [{i}]: {a} vs {b}"
+                    "{ty} f32 n={n} [{i}]: {a} vs {b}"
                 );
+            }
+            let (mut q, mut p) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+            matmul(&w, &x, n, &mut q).unwrap();
+            matmul_portable(&w, &x, n, &mut p).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&q),
+                bits(&p),
+                "{ty} n={n}: fast and portable paths differ"
+            );
+            let ab = if ty.block_size() == 256 { 256 } else { 32 }; // activation block
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                for o in 0..rows {
+                    let bound: f32 = (0..cols)
+                        .map(|j| {
+                            let b = &xt[j / ab * ab..(j / ab + 1) * ab];
+                            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            wd[o * cols + j].abs() * amax * (1.0 / 254.0 + 1.0 / 1024.0)
+                        })
+                        .sum::<f32>()
+                        + 1e-4 * scale;
+                    let (a, b) = (q[t * rows + o], r[t * rows + o]);
+                    assert!(
+                        (a - b).abs() <= bound,
+                        "{ty} int8 n={n} [{t},{o}]: {a} vs {b}"
+                    );
+                }
             }
         }
         // And a row decoded on its own equals the same row of the whole tensor.
