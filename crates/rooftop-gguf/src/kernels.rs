@@ -160,7 +160,7 @@ pub fn matmul(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> 
     #[cfg(target_arch = "x86_64")]
     if crate::dot::avx2::available() {
         use crate::dot::avx2 as f;
-        // SAFETY (each call): the CPU has AVX2 and FMA (checked above).
+        // SAFETY (each call): the CPU has AVX2, FMA and F16C (checked above).
         match w.ty {
             T::Q4_0 => matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_0(a, b) }),
             T::Q4_1 => matmul_q8(w, x, n, y, |a, b| unsafe { f::q4_1(a, b) }),
@@ -243,15 +243,25 @@ pub fn matmul_ref(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<
 }
 
 /// Writes through a transposed `[rows, n]` buffer so each task owns disjoint rows.
+/// Small matrices (or a one-thread pool) run on the calling thread: handing a job to
+/// rayon and waiting costs a wake-up per matmul, more than a 64 KiB matrix takes.
 fn for_rows(w: &GgufMatrix, n: usize, y: &mut [f32], row: impl Fn(usize, &mut [f32]) + Sync) {
     let mut yt = vec![0f32; w.rows * n];
-    yt.par_chunks_mut(ROWS_PER_TASK * n)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (i, yo) in chunk.chunks_mut(n).enumerate() {
-                row(t * ROWS_PER_TASK + i, yo);
-            }
-        });
+    if w.data.len() < (64 << 10) || rayon::current_num_threads() == 1 {
+        for (r, yo) in yt.chunks_mut(n).enumerate() {
+            row(r, yo);
+        }
+    } else {
+        // Enough tasks to balance, each at least ROWS_PER_TASK rows.
+        let per = (w.rows / (8 * rayon::current_num_threads())).max(ROWS_PER_TASK);
+        yt.par_chunks_mut(per * n)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, yo) in chunk.chunks_mut(n).enumerate() {
+                    row(t * per + i, yo);
+                }
+            });
+    }
     for o in 0..w.rows {
         for t in 0..n {
             y[t * w.rows + o] = yt[o * n + t];

@@ -151,7 +151,7 @@ fn dots_equal_ggml_bit_for_bit() {
             ($b:ty, $f:ident) => {{
                 #[cfg(target_arch = "x86_64")]
                 let f: Option<DotFn<$b>> = if fast {
-                    // SAFETY: AVX2 and FMA are present (checked).
+                    // SAFETY: AVX2, FMA and F16C are present (checked).
                     Some(|a, b| unsafe { dot::avx2::$f(a, b) })
                 } else {
                     None

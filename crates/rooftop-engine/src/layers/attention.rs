@@ -174,28 +174,35 @@ impl Attention {
         let (ck, cv, q) = (&cache.k, &cache.v, &*q);
         if self.ggml {
             let n_kv = (pos + t).div_ceil(32) * 32; // llama.cpp pads the cache view to 32 cells
-            att.par_chunks_mut(hd).enumerate().for_each_init(
-                || (vec![0f32; hd], Vec::with_capacity(pos + t)),
-                |(qh, p), (idx, o)| {
-                    let (i, head) = (idx / h, idx % h);
-                    let len = pos + i + 1;
-                    let first = self.window.map_or(0, |w| len.saturating_sub(w));
-                    let kv = KvView {
-                        k: ck,
-                        v: cv,
-                        row,
-                        off: head / group * hd,
-                        hd,
-                    };
-                    qh.copy_from_slice(&q[idx * hd..(idx + 1) * hd]);
-                    let mut scale = self.scale;
-                    if self.prescale_q {
-                        qh.iter_mut().for_each(|x| *x *= scale);
-                        scale = 1.0;
-                    }
-                    ggml_head(qh, &kv, first..len, n_kv, scale, p, o);
-                },
-            );
+            let head = |(qh, p): &mut (Vec<f32>, Vec<f32>), (idx, o): (usize, &mut [f32])| {
+                let (i, head) = (idx / h, idx % h);
+                let len = pos + i + 1;
+                let first = self.window.map_or(0, |w| len.saturating_sub(w));
+                let kv = KvView {
+                    k: ck,
+                    v: cv,
+                    row,
+                    off: head / group * hd,
+                    hd,
+                };
+                qh.copy_from_slice(&q[idx * hd..(idx + 1) * hd]);
+                let mut scale = self.scale;
+                if self.prescale_q {
+                    qh.iter_mut().for_each(|x| *x *= scale);
+                    scale = 1.0;
+                }
+                ggml_head(qh, &kv, first..len, n_kv, scale, p, o);
+            };
+            let init = || (vec![0f32; hd], Vec::with_capacity(n_kv));
+            // Decode steps over short contexts are cheaper than waking the pool.
+            if t * h * n_kv * hd < (1 << 18) || rayon::current_num_threads() == 1 {
+                let mut sc = init();
+                att.chunks_mut(hd)
+                    .enumerate()
+                    .for_each(|io| head(&mut sc, io));
+            } else {
+                att.par_chunks_mut(hd).enumerate().for_each_init(init, head);
+            }
             self.o.forward(att, t, out);
             return;
         }

@@ -1,4 +1,4 @@
-//! AVX2+FMA twins of the reference dots in [`super`], for the types real files put in
+//! AVX2+FMA(+F16C) twins of the reference dots in [`super`], for the types real files put in
 //! their large matrices. Each forms the reference's eight integer lanes with
 //! `maddubs` (u8×i8 → i16 pairs) and `madd` (→ i32 quads), so lane `k` holds the exact
 //! sum of values `4k..4k+4` of each 32-value run, then scales with one
@@ -12,18 +12,29 @@ use super::{Acc8, BlockQ8K, BlockQ8_1};
 use crate::blocks::*;
 use std::arch::x86_64::*;
 
-/// Whether this CPU runs the kernels here.
+/// Whether this CPU runs the kernels here (AVX2, FMA, F16C; cached).
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
+/// f16 → f32 in one instruction (exact, like the software conversion it replaces, which
+/// cost more than the block's integer dot).
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn h(b: [u8; 2]) -> f32 {
-    half::f16::from_le_bytes(b).to_f32()
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
+    ))
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn hsum(acc: __m256) -> f32 {
     let mut a = [0f32; 8];
     // SAFETY: `a` is 8 f32.
@@ -33,7 +44,7 @@ fn hsum(acc: __m256) -> f32 {
 
 /// 32 values from 16 bytes: low nibbles to bytes 0..16, high nibbles to 16..32.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn nibbles32(qs: &[u8; 16]) -> __m256i {
     // SAFETY: 16 bytes are read from a 16-byte array.
     let t = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
@@ -43,7 +54,7 @@ fn nibbles32(qs: &[u8; 16]) -> __m256i {
 
 /// Bit `j` of `bits` to byte `j`: 0xFF where set, 0 where clear.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn bits32(bits: u32) -> __m256i {
     // Byte j takes byte j/8 of `bits`, then tests bit j%8.
     let spread = _mm256_shuffle_epi8(
@@ -61,27 +72,27 @@ fn bits32(bits: u32) -> __m256i {
 
 /// Unsigned weights × signed activations → eight i32 lanes.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn dot_us(w: __m256i, a: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
 }
 
 /// Signed × signed (sign moved onto the activations) → eight i32 lanes.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn dot_ss(w: __m256i, a: __m256i) -> __m256i {
     dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn load32(p: &[i8; 32]) -> __m256i {
     // SAFETY: 32 bytes from a 32-byte array.
     unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn load32u(p: &[u8]) -> __m256i {
     assert!(p.len() >= 32);
     // SAFETY: at least 32 bytes (checked).
@@ -93,8 +104,8 @@ fn i8s(qs: &[u8; 32]) -> &[i8; 32] {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
@@ -106,8 +117,8 @@ pub fn q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     let (mut acc, mut summs) = (_mm256_setzero_ps(), 0f32);
     for (x, y) in w.iter().zip(a) {
@@ -119,8 +130,8 @@ pub fn q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q5_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
@@ -137,8 +148,8 @@ pub fn q5_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q5_1(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
     let (mut acc, mut summs) = (_mm256_setzero_ps(), 0f32);
     for (x, y) in w.iter().zip(a) {
@@ -152,8 +163,8 @@ pub fn q5_1(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
@@ -166,7 +177,7 @@ pub fn q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
 /// One 32-value run of a K-quant: unsigned `w` × `a`, pairs scaled by `sc` (i16 per
 /// pair lane), into eight i32 lanes.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn run_us(w: __m256i, a: &[i8], sc: __m256i) -> __m256i {
     let a = load32(a.try_into().expect("32 activations"));
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), sc)
@@ -174,14 +185,14 @@ fn run_us(w: __m256i, a: &[i8], sc: __m256i) -> __m256i {
 
 /// Scale vector for a run with one scale per 16 values (`lo` for 0..16, `hi` 16..32).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn sc16(lo: i32, hi: i32) -> __m256i {
     _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let (mut acc, mut acc_m) = (_mm256_setzero_ps(), [0f32; 4]);
     for (x, y) in w.iter().zip(a) {
@@ -200,7 +211,7 @@ pub fn q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
 
 /// 0x10 in each byte whose bit `b` is set in `qh`.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn fifth_bit(qh: __m256i, b: usize) -> __m256i {
     let m = _mm256_set1_epi8((1u8 << b) as i8);
     _mm256_and_si256(
@@ -211,7 +222,7 @@ fn fifth_bit(qh: __m256i, b: usize) -> __m256i {
 
 /// The quant lanes of one Q4_K block (see [`q4_k`]).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn q4_k_lanes(x: &BlockQ4K, y: &BlockQ8K, sc: &[u8; 8]) -> __m256i {
     let m4 = _mm256_set1_epi8(0x0F);
     let mut sumi = _mm256_setzero_si256();
@@ -229,8 +240,8 @@ fn q4_k_lanes(x: &BlockQ4K, y: &BlockQ8K, sc: &[u8; 8]) -> __m256i {
 
 /// Twin of [`super::q4_k_x8_ref`] (llama.cpp's repacked Q4_K rows).
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q4_k_x8(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let (mut acc, mut acc_m) = (0f32, 0f32);
     for (x, y) in w.iter().zip(a) {
@@ -247,8 +258,8 @@ pub fn q4_k_x8(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q5_k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     let (mut acc, mut summs) = (_mm256_setzero_ps(), 0f32);
     let m4 = _mm256_set1_epi8(0x0F);
@@ -278,8 +289,8 @@ pub fn q5_k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]).
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let (m4, m3) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
