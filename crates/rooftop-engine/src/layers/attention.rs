@@ -48,9 +48,12 @@ pub struct Attention {
 
 /// Keys and values of one layer, allocated once for the whole context.
 pub struct KvCache {
-    /// `[max_seq, KV, hd]` each.
+    /// `[max_seq, KV, hd]` each; with ggml numerics v is `[KV, hd, cap]` (llama.cpp's
+    /// transposed V cache: each output feature dots one contiguous column) and
+    /// `cap` is `max_seq` rounded up to the 32-cell padding.
     k: Vec<f32>,
     v: Vec<f32>,
+    cap: usize,
 }
 
 impl Attention {
@@ -114,10 +117,16 @@ impl Attention {
     }
 
     pub fn new_cache(&self, max_seq: usize) -> KvCache {
-        let n = max_seq * self.kv_heads * self.head_dim;
+        let cap = if self.ggml {
+            max_seq.div_ceil(32) * 32
+        } else {
+            max_seq
+        };
+        let n = cap * self.kv_heads * self.head_dim;
         KvCache {
             k: vec![0.0; n],
             v: vec![0.0; n],
+            cap,
         }
     }
 
@@ -156,22 +165,25 @@ impl Attention {
         }
         let row = kvh * hd;
         cache.k[pos * row..(pos + t) * row].copy_from_slice(k);
-        cache.v[pos * row..(pos + t) * row].copy_from_slice(v);
         if self.ggml {
-            // llama.cpp's KV cache is f16.
-            let f16r = |x: &mut f32| *x = half::f16::from_f32(*x).to_f32();
+            // llama.cpp's KV cache is f16, V transposed.
+            let f16r = |x: f32| half::f16::from_f32(x).to_f32();
             cache.k[pos * row..(pos + t) * row]
                 .iter_mut()
-                .for_each(f16r);
-            cache.v[pos * row..(pos + t) * row]
-                .iter_mut()
-                .for_each(f16r);
+                .for_each(|x| *x = f16r(*x));
+            for (i, vi) in v.chunks_exact(row).enumerate() {
+                for (c, &x) in vi.iter().enumerate() {
+                    cache.v[c * cache.cap + pos + i] = f16r(x);
+                }
+            }
+        } else {
+            cache.v[pos * row..(pos + t) * row].copy_from_slice(v);
         }
 
         // Causal softmax(q·kᵀ·scale)·v per (token, head); GQA maps head → head / (H/KV).
         let group = h / kvh;
         let att = &mut s.att[..t * h * hd]; // [T, H·hd]
-        let (ck, cv, q) = (&cache.k, &cache.v, &*q);
+        let (ck, cv, q, cap) = (&cache.k, &cache.v, &*q, cache.cap);
         if self.ggml {
             let n_kv = (pos + t).div_ceil(32) * 32; // llama.cpp pads the cache view to 32 cells
             let head = |(qh, p): &mut (Vec<f32>, Vec<f32>), (idx, o): (usize, &mut [f32])| {
@@ -184,6 +196,7 @@ impl Attention {
                     row,
                     off: head / group * hd,
                     hd,
+                    cap,
                 };
                 qh.copy_from_slice(&q[idx * hd..(idx + 1) * hd]);
                 let mut scale = self.scale;
@@ -243,13 +256,14 @@ impl Attention {
     }
 }
 
-/// One kv head's keys and values in the cache `[max_seq, KV·hd]`.
+/// One kv head's keys `[cap, KV·hd]` and transposed values `[KV·hd, cap]`.
 struct KvView<'a> {
     k: &'a [f32],
     v: &'a [f32],
     row: usize,
     off: usize,
     hd: usize,
+    cap: usize,
 }
 
 /// One query head as llama.cpp's CPU graph computes attention without flash attention:
@@ -280,11 +294,8 @@ fn ggml_head(
     let sum = ggml::softmax_exp(p, max);
     let inv = (1.0 / sum) as f32;
     p.iter_mut().for_each(|x| *x = f16r(*x * inv));
-    let mut col = vec![0f32; n_kv];
     for (d, od) in o.iter_mut().enumerate() {
-        for j in span.clone() {
-            col[j] = kv.v[j * kv.row + kv.off + d];
-        }
-        *od = ggml::dot_f16(&col, p);
+        let c = (kv.off + d) * kv.cap;
+        *od = ggml::dot_f16(&kv.v[c..c + n_kv], p);
     }
 }

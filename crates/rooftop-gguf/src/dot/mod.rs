@@ -56,6 +56,14 @@ fn h(b: [u8; 2]) -> f32 {
     f16::from_le_bytes(b).to_f32()
 }
 
+/// Round half to even for |v| < 2²² (`nearest_int`'s trick; also what
+/// `_mm256_round_ps` gives): adding 1.5·2²³ leaves no fraction bits. No libm call.
+#[inline(always)]
+fn rint(v: f32) -> f32 {
+    const M: f32 = 12_582_912.0;
+    (v + M) - M
+}
+
 /// Max |x| of a 32-value block and `(d, 127/amax)`, as `quantize_row_q8_0` (AVX2).
 #[inline]
 fn q8_scale(x: &[f32]) -> (f32, f32) {
@@ -71,7 +79,7 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
         let (d, id) = q8_scale(xb);
         b.d = f16::from_f32(d).to_le_bytes();
         for (q, v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round_ties_even() as i32 as i8 as u8;
+            *q = rint(v * id) as i32 as i8 as u8;
         }
     }
 }
@@ -83,7 +91,7 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
         b.d = f16::from_f32(d).to_le_bytes();
         let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(xb) {
-            let i = (v * id).round_ties_even() as i32;
+            let i = rint(v * id) as i32;
             sum += i;
             *q = i as i8;
         }
@@ -109,7 +117,7 @@ pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
         let iscale = -127.0 / max;
         for (q, &v) in b.qs.iter_mut().zip(xb) {
             // nearest_int: adding 1.5·2²³ rounds half to even.
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *q = (rint(iscale * v) as i32).min(127) as i8;
         }
         for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = qs.iter().map(|&q| q as i16).sum();
