@@ -58,7 +58,10 @@ fn check(arch: &str, tol: f32) {
     let mut worst = 0f32;
     for (step, top) in e["top"].as_array().unwrap().iter().enumerate() {
         for p in top.as_array().unwrap() {
-            let (id, l) = (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32);
+            let (id, l) = (
+                p[0].as_u64().unwrap() as usize,
+                p[1].as_f64().unwrap() as f32,
+            );
             let d = (logits[id] - l).abs();
             worst = worst.max(d);
             assert!(

@@ -191,7 +191,13 @@ pub fn matmul_portable(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Re
     check_io(w, x, n, y)?;
     use GgmlType as T;
     match w.ty {
-        T::F32 | T::F16 | T::BF16 => matmul_dense(w, x, n, y),
+        T::F32 => matmul_dense(w, x, n, y, crate::math::dot_f32),
+        T::F16 => {
+            // ggml converts the activations to f16 (`vec_dot_type` F16).
+            let xh: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            matmul_dense(w, &xh, n, y, crate::math::dot_f16)
+        }
+        T::BF16 => matmul_dense(w, x, n, y, dot_f32), // not ggml's bf16 dot
         T::Q4_0 => matmul_q8(w, x, n, y, BlockQ4_0::vec_dot_ref),
         T::Q4_1 => matmul_q8(w, x, n, y, BlockQ4_1::vec_dot_ref),
         T::Q5_0 => matmul_q8(w, x, n, y, BlockQ5_0::vec_dot_ref),
@@ -299,7 +305,7 @@ pub fn matmul_f32(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<
     check_io(w, x, n, y)?;
     use GgmlType as T;
     match w.ty {
-        T::F32 | T::F16 | T::BF16 => matmul_dense(w, x, n, y),
+        T::F32 | T::F16 | T::BF16 => matmul_dense(w, x, n, y, dot_f32),
         T::Q4_0 => matmul_blocks::<BlockQ4_0>(w, x, n, y),
         T::Q4_1 => matmul_blocks::<BlockQ4_1>(w, x, n, y),
         T::Q5_0 => matmul_blocks::<BlockQ5_0>(w, x, n, y),
@@ -335,14 +341,20 @@ fn matmul_blocks<B: Block + Sync>(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [
     });
 }
 
-fn matmul_dense(w: &GgufMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+fn matmul_dense(
+    w: &GgufMatrix,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32 + Sync,
+) {
     let rb = w.row_bytes();
     let cols = w.cols;
     for_rows(w, n, y, |r, yo| {
         let mut row = vec![0f32; cols];
         dequantize_row(w.ty, &w.data[r * rb..(r + 1) * rb], &mut row).expect("checked");
         for (t, acc) in yo.iter_mut().enumerate() {
-            *acc = dot_f32(&row, &x[t * cols..(t + 1) * cols]);
+            *acc = dot(&row, &x[t * cols..(t + 1) * cols]);
         }
     });
 }

@@ -156,22 +156,74 @@ fn dot_f16_body(x: &[f32], y: &[f32]) -> f32 {
     sum as f32
 }
 
-/// `ggml_vec_soft_max_f32` (AVX-512) in place over `x` (length a multiple of 16, as
-/// the padded KV view is): `x ← expf(x − max)`, returning the sum, accumulated per 16
-/// in f32 ([`reduce_add16`]) and across in f64.
+/// `ggml_vec_soft_max_f32` (AVX-512) in place: `x ← exp(x − max)`, returning the sum.
+/// Whole 16s use [`expf`] and are summed in f32 ([`reduce_add16`]), then in f64; the
+/// tail uses libm's `expf`, summed in f64.
 pub fn softmax_exp(x: &mut [f32], max: f32) -> f64 {
     let mut sum = 0f64;
-    for c in x.chunks_mut(16) {
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
         let mut v = [0f32; 16];
         for (vi, xi) in v.iter_mut().zip(c.iter_mut()) {
             *xi = expf(*xi - max);
             *vi = *xi;
         }
-        sum += if c.len() == 16 {
-            reduce_add16(&v) as f64
-        } else {
-            c.iter().map(|&e| e as f64).sum()
-        };
+        sum += reduce_add16(&v) as f64;
+    }
+    for xi in chunks.into_remainder() {
+        *xi = (*xi - max).exp();
+        sum += *xi as f64;
+    }
+    sum
+}
+
+/// `ggml_soft_max` of one row without scale or mask (MoE routers): probabilities
+/// `exp(x − max) · f32(1/sum)`.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let inv = (1.0 / softmax_exp(x, max)) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `ggml_vec_dot_f32` (AVX-512): four 16-lane fused accumulators over whole 64s,
+/// reduced like [`dot_f16`], then the tail fused onto an f32 sum.
+pub fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: the CPU has FMA and AVX2 (checked).
+        return unsafe { dot_f32_fma(x, y) };
+    }
+    dot_f32_body(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_f32_fma(x: &[f32], y: &[f32]) -> f32 {
+    dot_f32_body(x, y)
+}
+
+#[inline(always)]
+fn dot_f32_body(x: &[f32], y: &[f32]) -> f32 {
+    let np = x.len() / 64 * 64;
+    let mut sum = 0f32;
+    if np > 0 {
+        let mut acc = [[0f32; 16]; 4];
+        for c in (0..np).step_by(64) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                for (l, al) in a.iter_mut().enumerate() {
+                    let i = c + 16 * j + l;
+                    *al = x[i].mul_add(y[i], *al);
+                }
+            }
+        }
+        let mut a = [0f32; 16];
+        for (l, al) in a.iter_mut().enumerate() {
+            *al = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+        }
+        sum = reduce_add16(&a);
+    }
+    for i in np..x.len() {
+        sum = x[i].mul_add(y[i], sum);
     }
     sum
 }

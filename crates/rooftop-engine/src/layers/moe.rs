@@ -228,6 +228,40 @@ pub struct Moe {
 }
 
 impl Moe {
+    /// llama.cpp's `build_moe_ffn` for softmax routers (GGUF models): `ggml_soft_max`
+    /// of the router logits, top-k in descending order, weights renormalized by their
+    /// f64 sum, each expert's down output times its weight, summed in that order
+    /// (one token at a time: exact, not yet batched per expert for prompts).
+    fn forward_ggml(&self, x: &[f32], t: usize, norm: bool, s: &mut Scratch, out: &mut [f32]) {
+        let d = x.len() / t;
+        let (ne, k, inter) = (self.experts.len(), self.top_k, self.experts.inter());
+        for i in 0..t {
+            let probs = &mut s.router[i * ne..(i + 1) * ne];
+            ggml::softmax(probs);
+            let mut order: Vec<usize> = (0..ne).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            let mut w: Vec<f32> = order[..k].iter().map(|&e| probs[e]).collect();
+            if norm {
+                let sum = w.iter().map(|&v| v as f64).sum::<f64>() as f32;
+                w.iter_mut().for_each(|v| *v /= sum);
+            }
+            let xi = &x[i * d..(i + 1) * d];
+            let o = &mut out[i * d..(i + 1) * d];
+            let (g, u, ye) = (&mut s.g[..inter], &mut s.u[..inter], &mut s.ye[..d]);
+            for (rank, (&e, &we)) in order[..k].iter().zip(&w).enumerate() {
+                rooftop_cpu::matmul(&self.experts.gate[e], xi, 1, g); // [I]
+                rooftop_cpu::matmul(&self.experts.up[e], xi, 1, u); // [I]
+                g.iter_mut()
+                    .zip(u.iter())
+                    .for_each(|(g, u)| *g = ggml::silu(*g) * u);
+                rooftop_cpu::matmul(&self.experts.down[e], g, 1, ye); // [D]
+                for (o, y) in o.iter_mut().zip(ye.iter()) {
+                    *o = if rank == 0 { y * we } else { *o + y * we };
+                }
+            }
+        }
+    }
+
     /// All selected experts (and the shared expert) in rooftop-cpu's fused step: the
     /// gate/up row blocks of every selected expert are one parallel region, down the
     /// next. `s.route` holds (expert, token, weight) in token order. Returns false
@@ -279,6 +313,12 @@ impl Moe {
         let ne = self.experts.len();
         let logits = &mut s.router[..t * ne];
         self.gate.forward(x, t, logits); // [T, E]
+                                         // Shared experts (qwen2moe) are not on this path yet.
+        if matches!(self.gate.w, W::Gguf(_)) && self.shared.is_none() {
+            if let Router::SoftmaxTopK { norm_topk_prob } = self.router {
+                return self.forward_ggml(x, t, norm_topk_prob, s, out);
+            }
+        }
         s.route.clear();
         for i in 0..t {
             self.router.select(
