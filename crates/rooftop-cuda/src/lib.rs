@@ -25,6 +25,7 @@
 //! # Ok::<(), rooftop_cuda::CudaError>(())
 //! ```
 
+mod decoder;
 mod device;
 mod error;
 mod moe;
@@ -34,8 +35,12 @@ pub mod reference;
 mod weight;
 
 pub use cudarc::driver::{CudaGraph, CudaSlice};
+pub use decoder::{
+    CudaAttention, CudaDecoder, CudaFfn, CudaLayer, CudaRope, CudaState, Parts, StepBytes,
+    StepTimes,
+};
 pub use device::{CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
-pub use moe::{CudaMoe, MoeScratch, Routing, RoutingKind};
+pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind};
 pub use ops::{AttnShape, Rope};
 pub use weight::CudaWeight;

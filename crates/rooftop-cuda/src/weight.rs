@@ -81,6 +81,67 @@ impl CudaWeight {
         })
     }
 
+    /// Upload several weights of one format and width as one matrix, rows stacked in
+    /// order: experts `[E·rows, cols]` from per-expert tensors, or q/k/v as one QKV
+    /// projection. One launch then covers them all.
+    pub fn upload_stacked(dev: &CudaDevice, parts: &[WeightView]) -> Result<Self, CudaError> {
+        let Some(first) = parts.first() else {
+            return Err(shape("upload_stacked", "no weights"));
+        };
+        if parts.len() == 1 {
+            return Self::upload(dev, first);
+        }
+        let fmt = |w: &WeightView| match w {
+            WeightView::Dense { dtype, .. } => Some((KernelFormat::dense(*dtype), 32, None)),
+            WeightView::Quant(q) => Some((
+                KernelFormat::quant(q.spec.mode, q.spec.bits, q.scale_dtype),
+                q.spec.group_size,
+                q.global_scale.map(f32::to_bits),
+            )),
+            WeightView::Gguf(_) => None,
+        };
+        let f0 = fmt(first);
+        for p in parts {
+            p.check()
+                .map_err(|e| CudaError::Unsupported(format!("invalid weight: {e}")))?;
+            if fmt(p).is_none() || fmt(p) != f0 || p.cols() != first.cols() {
+                return Err(CudaError::Unsupported(
+                    "stacking weights of different formats, widths or nvfp4 global scales (or GGUF weights)".into(),
+                ));
+            }
+        }
+        check_cols(first.cols())?;
+        let (format, group_size, gs) = f0.expect("checked");
+        let rows: usize = parts.iter().map(|p| p.rows()).sum();
+        let total: usize = parts.iter().map(|p| p.nbytes()).sum();
+        dev.check_fits("weight", total)?;
+        // Each component's bytes are row-major, so stacking rows = concatenating bytes.
+        let w = concat(dev, parts, |p| match p {
+            WeightView::Dense { data, .. } => Some(*data),
+            WeightView::Quant(q) => Some(q.weight),
+            WeightView::Gguf(_) => None,
+        })?
+        .expect("weights are never empty");
+        let s = concat(dev, parts, |p| match p {
+            WeightView::Quant(q) => Some(q.scales),
+            _ => None,
+        })?;
+        let b = concat(dev, parts, |p| match p {
+            WeightView::Quant(q) => q.biases,
+            _ => None,
+        })?;
+        Ok(CudaWeight {
+            format,
+            rows,
+            cols: first.cols(),
+            group_size,
+            global_scale: gs.map(f32::from_bits),
+            w,
+            s,
+            b,
+        })
+    }
+
     /// A weight of the given format filled on the device with random codes and sane
     /// scales — for benchmarks at real model sizes, where quantizing on the host would
     /// take minutes. Never zeros (zeros can run faster than real data).
@@ -227,6 +288,28 @@ impl CudaWeight {
             gmul: self.global_scale.map_or(1.0, |g| g / NVFP4_SCALE_RANGE),
         }
     }
+}
+
+/// One component (codes, scales or biases) of every part, concatenated on the device
+/// (each is row-major, so stacking rows = concatenating bytes); None when absent.
+fn concat<'a>(
+    dev: &CudaDevice,
+    parts: &[WeightView<'a>],
+    get: impl Fn(&WeightView<'a>) -> Option<&'a [u8]>,
+) -> Result<Option<CudaSlice<u8>>, CudaError> {
+    let n: usize = parts.iter().map(|p| get(p).map_or(0, |b| b.len())).sum();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut buf = dev.alloc::<u8>(n)?;
+    let mut at = 0;
+    for p in parts {
+        if let Some(b) = get(p) {
+            dev.write_at(&mut buf, at, b)?;
+            at += b.len();
+        }
+    }
+    Ok(Some(buf))
 }
 
 fn check_cols(cols: usize) -> Result<(), CudaError> {

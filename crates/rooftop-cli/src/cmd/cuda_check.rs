@@ -39,6 +39,10 @@ pub struct Args {
     /// Random seed for inputs.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Also run whole models on the GPU against mlx-lm: a directory of
+    /// `tests/oracle/mlx_lm_model.py` outputs (one subdirectory per architecture).
+    #[arg(long)]
+    models: Option<std::path::PathBuf>,
 }
 
 /// A host weight in any format, owning its bytes.
@@ -447,20 +451,7 @@ struct BenchRow {
 }
 
 fn bench_bandwidth(dev: &CudaDevice, iters: usize) -> Result<f64> {
-    let bytes = 4usize << 30;
-    let mut raw: CudaSlice<u8> = dev.alloc(bytes)?;
-    dev.fill_random(&mut raw, 1)?;
-    let mut sink: CudaSlice<u32> = dev.alloc(1)?;
-    let t = dev.timer()?;
-    dev.stream_read(&raw, &mut sink)?;
-    let mut ms = Vec::new();
-    for _ in 0..iters {
-        t.start(dev)?;
-        dev.stream_read(&raw, &mut sink)?;
-        ms.push(t.stop_ms(dev)?);
-    }
-    let m = median(ms);
-    Ok(bytes as f64 / (m * 1e-3) / 1e9)
+    Ok(dev.read_bandwidth(4 << 30, iters)?)
 }
 
 fn bench_gemv(dev: &CudaDevice, iters: usize, rows_out: &mut Vec<BenchRow>) -> Result<()> {
@@ -539,7 +530,7 @@ fn bench_moe(
     let (px, pr) = (dev.ptr(&x), dev.ptr(&resid));
     let run = |scratch: &mut Vec<rooftop_cuda::MoeScratch>| -> Result<(), rooftop_cuda::CudaError> {
         for (m, s) in moes.iter().zip(scratch.iter_mut()) {
-            m.step_raw(dev, s, px, pr)?;
+            m.step_raw(dev, s, px, pr, None)?;
         }
         Ok(())
     };
@@ -551,7 +542,7 @@ fn bench_moe(
         |parts: [bool; 3], scratch: &mut Vec<rooftop_cuda::MoeScratch>| -> Result<f64> {
             let graph = dev.capture(|| {
                 for (m, s) in moes.iter().zip(scratch.iter_mut()) {
-                    m.step_parts(dev, s, px, pr, parts)?;
+                    m.step_parts(dev, s, px, pr, parts, None)?;
                 }
                 Ok(())
             })?;
@@ -623,6 +614,11 @@ pub fn run(a: Args) -> Result<()> {
         check_gemv(&dev, &mut rng, &mut c)?;
         check_moe(&dev, &mut rng, &mut c)?;
         check_ops(&dev, &mut rng, &mut c)?;
+    }
+    if let Some(root) = &a.models {
+        let checks = super::cuda_models::check_models(&dev, root)?;
+        c.n += checks.len();
+        c.failed.extend(super::cuda_models::report(&checks));
     }
     println!("{} checks, {} failed", c.n, c.failed.len());
 

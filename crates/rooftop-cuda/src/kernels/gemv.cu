@@ -332,6 +332,46 @@ __device__ __forceinline__ void stage_vec(const float* x, int cols, float4* xs) 
     xs[(u & 7) * C + (u >> 3)] = v;
   }
 }
+// Sum of v over the block (every thread gets it). Uses `red` (32 floats of shared memory).
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  __syncthreads();  // red may still be read from a previous call
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = threadIdx.x < 32 && threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+  if (threadIdx.x < 32) {
+    t = warp_sum(t);
+    if (threadIdx.x == 0) red[0] = t;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// stage_vec of RMSNorm(x) * nw (nw == null: x as is). Fusing the norm into every
+// consumer's staging saves a launch and a round trip per norm: each CTA re-reads the
+// 8 KB of x from L2, which costs far less than a kernel boundary.
+__device__ __forceinline__ void stage_vec_norm(const float* x, int cols, float4* xs, const float* nw, float eps) {
+  if (nw == nullptr) {
+    stage_vec(x, cols, xs);
+    return;
+  }
+  __shared__ float red[32];
+  const int C = cols / 32;
+  float ss = 0.f;
+  for (int u = threadIdx.x; u < 8 * C; u += blockDim.x) {
+    const float4 v = ((const float4*)x)[u];
+    ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+  }
+  const float inv = 1.f / sqrtf(block_sum(ss, red) / cols + eps);
+  for (int u = threadIdx.x; u < 8 * C; u += blockDim.x) {
+    float4 v = ((const float4*)x)[u];
+    const float4 w = ((const float4*)nw)[u];
+    v.x = v.x * inv * w.x * X_PRESCALE; v.y = v.y * inv * w.y * X_PRESCALE;
+    v.z = v.z * inv * w.z * X_PRESCALE; v.w = v.w * inv * w.w * X_PRESCALE;
+    xs[(u & 7) * C + (u >> 3)] = v;
+  }
+}
+
 __device__ __forceinline__ void sum_vec(int cols, const float4* xs, float* xsum) {
 #if QMODE == MODE_AFFINE
   const int C = cols / 32;
@@ -354,15 +394,29 @@ __device__ __forceinline__ float reduce_lpr(float v, int lpr) {
 
 // y[t, :] = W x[t, :] for t < n <= NB. Dynamic smem: NB*cols*4 + NB*(cols/32)*4 bytes.
 // R > 1 (batch 1 only): each lane streams R rows (rpw apart) against one read of x.
+// Epilogue of the batch-1 kernels: optional RMSNorm of x (weights nw) fused into the
+// staging, optional bias, and `add` (y += Wx: residual adds without a separate launch;
+// each row is written by exactly one lane, so no atomics).
+struct Epi {
+  const float* nw;
+  float eps;
+  int add;
+  const float* bias;
+};
+__device__ __forceinline__ void epi_store(const Epi& e, float* y, int row, float v) {
+  if (e.bias) v += e.bias[row];
+  y[row] = e.add ? y[row] + v : v;
+}
+
 template <int NB, int R>
-__device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, float* y, int lpr) {
+__device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, float* y, int lpr, const Epi e) {
   extern __shared__ float4 smem4[];
   const int C = W.cols / 32;
   float4* xs = smem4;
   float* xsum = (float*)(smem4 + NB * 8 * C);
   pdl_wait();
   pdl_trigger();
-  for (int t = 0; t < n; t++) stage_vec(x + (size_t)t * W.cols, W.cols, xs + t * 8 * C);
+  for (int t = 0; t < n; t++) stage_vec_norm(x + (size_t)t * W.cols, W.cols, xs + t * 8 * C, e.nw, e.eps);
   __syncthreads();
   for (int t = 0; t < n; t++) sum_vec(W.cols, xs + t * 8 * C, xsum + t * C);
   __syncthreads();
@@ -383,7 +437,7 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
       for (int r = 0; r < R; r++) {
         const float v = reduce_lpr(acc[0][r], lpr);
         const int row = base + r * rpw + rsub;
-        if (row < W.rows && sub == 0) y[row] = v;
+        if (row < W.rows && sub == 0) epi_store(e, y, row, v);
       }
     }
     return;
@@ -399,22 +453,47 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
     if (row < W.rows && sub == 0) {
 #pragma unroll
       for (int t = 0; t < NB; t++)
-        if (t < n) y[(size_t)t * W.rows + row] = acc[t];
+        if (t < n) epi_store(e, y + (size_t)t * W.rows, row, acc[t]);
     }
   }
 }
 
+#define NO_EPI Epi{nullptr, 0.f, 0, nullptr}
 extern "C" __global__ void __launch_bounds__(256) gemv1(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<1, ROWS_GEMV>(W, x, n, y, lpr);
+  gemv_body<1, ROWS_GEMV>(W, x, n, y, lpr, NO_EPI);
 }
 extern "C" __global__ void __launch_bounds__(256) gemv2(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<2, 1>(W, x, n, y, lpr);
+  gemv_body<2, 1>(W, x, n, y, lpr, NO_EPI);
 }
 extern "C" __global__ void __launch_bounds__(256) gemv4(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<4, 1>(W, x, n, y, lpr);
+  gemv_body<4, 1>(W, x, n, y, lpr, NO_EPI);
 }
 extern "C" __global__ void __launch_bounds__(256) gemv8(const QW W, const float* x, int n, float* y, int lpr) {
-  gemv_body<8, 1>(W, x, n, y, lpr);
+  gemv_body<8, 1>(W, x, n, y, lpr, NO_EPI);
+}
+// Batch-1 GEMV with the decoder's epilogue: y (+)= W · rmsnorm(x) (+ bias).
+extern "C" __global__ void __launch_bounds__(256) gemv1_epi(const QW W, const float* x, float* y, int lpr,
+                                                            const Epi e) {
+  gemv_body<1, ROWS_GEMV>(W, x, 1, y, lpr, e);
+}
+
+// Embedding lookup: y[:] = W[tok[0], :] * scale, dequantized. Grid-stride over chunks.
+extern "C" __global__ void __launch_bounds__(256) embed_row(const QW W, const int* tok, float* y, float scale) {
+  pdl_wait();
+  pdl_trigger();
+  const int row = min(max(*tok, 0), W.rows - 1);
+  const int C = W.cols / 32;
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += gridDim.x * blockDim.x) {
+    u32 w[CHUNK_WORDS];
+    load_chunk(chunk_ptr(W, row, c, C), w);
+    const SC sc = load_scales(W, row, c);
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+      const float f = deq(w, j) * X_PRESCALE;
+      const bool hi = QMODE == MODE_NVFP4 && j >= 16;
+      y[c * 32 + j] = chunk_finish(W, sc, hi ? 0.f : f, hi ? f : 0.f, 1.f) * scale;
+    }
+  }
 }
 
 // ---- Fused MoE decode step (batch 1): three launches, no host sync ----------------
@@ -504,8 +583,8 @@ __device__ void route(const float* logits, const Routing rt, int* ids, float* wt
 // `counter` must be 0 before the first launch; the routing CTA resets it.
 extern "C" __global__ void __launch_bounds__(256)
 moe_router(const QW R, const float* x, float* logits, int* ids, float* wts, u32* counter,
-           const Routing rt, int lpr) {
-  gemv_body<1, 1>(R, x, 1, logits, lpr);
+           const Routing rt, int lpr, const float* nw, float eps) {
+  gemv_body<1, 1>(R, x, 1, logits, lpr, Epi{nw, eps, 0, nullptr});
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -526,18 +605,20 @@ __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 // (slot k, own weights [inter_sh, hidden]; inter_sh = 0 when absent).
 extern "C" __global__ void __launch_bounds__(256)
 moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, const int* ids,
-            float* h, int k, int inter, int inter_sh, int lpr) {
+            float* h, int k, int inter, int inter_sh, int lpr, const float* nw, float eps) {
   extern __shared__ float4 smem4[];
-  const int C = G.cols / 32;
+  const int C = SG.cols > 0 ? SG.cols / 32 : G.cols / 32;
   float4* xs = smem4;
   float* xsum = (float*)(smem4 + 8 * C);
   // x was complete before the router started (the router waited for it before letting
-  // this launch begin), so staging it may overlap the router's tail.
-  stage_vec(x, G.cols, xs);
+  // this launch begin), so staging it may overlap the router's tail. Without routed
+  // experts (k = 0: a dense MLP) there is no router: wait first.
+  if (k == 0) pdl_wait();
+  stage_vec_norm(x, C * 32, xs, nw, eps);
   pdl_wait();
   pdl_trigger();
   __syncthreads();
-  sum_vec(G.cols, xs, xsum);
+  sum_vec(C * 32, xs, xsum);
   __syncthreads();
   const int items = k * inter + inter_sh;
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
