@@ -14,7 +14,7 @@ use crate::device::{cfg, launch, CudaDevice};
 use crate::error::{shape, DriverResult};
 use crate::moe::{CudaMlp, CudaMoe, MoeScratch};
 use crate::nvrtc::ModuleSource;
-use crate::weight::{lanes_per_row, stage_bytes, CudaWeight};
+use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg};
 use crate::{AttnShape, CudaError, CudaGraph};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use std::sync::Arc;
@@ -325,6 +325,7 @@ impl CudaDecoder {
         norm: Option<(&CudaSlice<f32>, f32)>,
         add: bool,
         bias: Option<&CudaSlice<f32>>,
+        next: Option<&CudaWeight>,
     ) -> Result<(), CudaError> {
         let dev = &self.dev;
         let m = ModuleSource::gemv(w.format);
@@ -344,6 +345,7 @@ impl CudaDecoder {
             add: add as i32,
             bias: bias.map_or(0, |b| dev.ptr(b)),
         };
+        let pf = PfArg::of(dev, next);
         launch!(
             dev,
             f,
@@ -353,7 +355,8 @@ impl CudaDecoder {
             x,
             y,
             lpr,
-            e
+            e,
+            pf
         )
     }
 
@@ -387,12 +390,14 @@ impl CudaDecoder {
             if parts.ffn {
                 // Feed-forward (+ fused post-attention norm), added into the residual.
                 let norm = Some((&l.ffn_norm, l.eps));
+                // While the down projection runs, fetch the next layer's QKV.
+                let next = self.layers.get(li + 1).map(|n| &n.attn.qkv[0]);
                 match &l.ffn {
                     CudaFfn::Moe(m) => {
                         let sc = s.moe.as_mut().expect("allocated with the state");
-                        m.step_raw(dev, sc, ph, ph, norm)?
+                        m.step_raw(dev, sc, ph, ph, norm, next)?
                     }
-                    CudaFfn::Mlp(m) => m.step_raw(dev, ph, ph, norm)?,
+                    CudaFfn::Mlp(m) => m.step_raw(dev, ph, ph, norm, next)?,
                 }
             }
         }
@@ -402,7 +407,7 @@ impl CudaDecoder {
         // Final norm + lm_head.
         let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
         let plog = dev.ptr(&s.logits);
-        self.gemv(lm, ph, plog, Some((&self.norm, self.eps)), false, None)?;
+        self.gemv(lm, ph, plog, Some((&self.norm, self.eps)), false, None, None)?;
         if greedy {
             let f = dev.function(&ops, "argmax_step")?;
             let (pv, pi, pc, n) = (
@@ -448,6 +453,7 @@ impl CudaDecoder {
             // QKV (+ fused input norm).
             let mut off = 0u64;
             for w in &a.qkv {
+                // The QKV launch prefetches the output projection for later.
                 self.gemv(
                     w,
                     ph,
@@ -455,6 +461,7 @@ impl CudaDecoder {
                     Some((&l.attn_norm, l.eps)),
                     false,
                     None,
+                    Some(&a.o),
                 )?;
                 off += w.rows as u64;
             }
@@ -531,7 +538,7 @@ impl CudaDecoder {
                 hd
             )?;
             // Output projection into the residual stream.
-            self.gemv(&a.o, patt, ph, None, true, a.o_bias.as_ref())?;
+            self.gemv(&a.o, patt, ph, None, true, a.o_bias.as_ref(), None)?;
         }
         Ok(())
     }

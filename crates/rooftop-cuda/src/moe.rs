@@ -11,7 +11,7 @@
 use crate::device::{cfg, launch, CudaDevice};
 use crate::error::shape;
 use crate::nvrtc::{rows_moe, ModuleSource};
-use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
+use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg, QwArg};
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
@@ -257,12 +257,13 @@ impl CudaMoe {
             ));
         }
         let (px, pout) = (dev.ptr(x), dev.ptr(out));
-        self.step_raw(dev, s, px, pout, None)
+        self.step_raw(dev, s, px, pout, None, None)
     }
 
     /// [`CudaMoe::step`] on raw device addresses of `x[H]` and `out[H]`. With `norm`
     /// (weights `[H]`, eps), x is the raw residual stream and the RMSNorm is fused into
-    /// the launches that read it.
+    /// the launches that read it. `next`: a weight the launch after this step reads,
+    /// prefetched into L2 while the down projection runs.
     pub fn step_raw(
         &self,
         dev: &CudaDevice,
@@ -270,8 +271,9 @@ impl CudaMoe {
         x: u64,
         out: u64,
         norm: Option<(&CudaSlice<f32>, f32)>,
+        next: Option<&CudaWeight>,
     ) -> Result<(), CudaError> {
-        self.step_parts(dev, s, x, out, [true; 3], norm)
+        self.step_parts(dev, s, x, out, [true; 3], norm, next)
     }
 
     /// Enqueue only the chosen launches (router, gate/up, down), for per-kernel timing;
@@ -284,6 +286,7 @@ impl CudaMoe {
         out: u64,
         parts: [bool; 3],
         norm: Option<(&CudaSlice<f32>, f32)>,
+        next: Option<&CudaWeight>,
     ) -> Result<(), CudaError> {
         let k = self.routing.top_k;
         let (nw, eps) = norm.map_or((0u64, 0f32), |(w, e)| (dev.ptr(w), e));
@@ -350,6 +353,7 @@ impl CudaMoe {
                 wts: p_wts,
                 h: p_h,
                 norm: (nw, eps),
+                next: PfArg::of(dev, next),
             };
             ffn.enqueue(dev, x, out, [parts[1], parts[2]])?;
         }
@@ -375,6 +379,8 @@ struct FfnLaunch<'a> {
     h: u64,
     /// Fused RMSNorm of x: (weights or 0, eps).
     norm: (u64, f32),
+    /// Prefetched by the down launch for whatever runs next.
+    next: PfArg,
 }
 
 impl FfnLaunch<'_> {
@@ -490,6 +496,7 @@ impl FfnLaunch<'_> {
         let smem_d = slots * (cm * 4 + cm / 32 * 4);
         dev.check_smem("moe down", smem_d)?;
         let per_i = per as i32;
+        let next = self.next;
         if parts[1] {
             launch!(
                 dev,
@@ -507,7 +514,8 @@ impl FfnLaunch<'_> {
                 ii,
                 si,
                 lpr_d,
-                per_i
+                per_i,
+                next
             )?;
         }
         Ok(())
@@ -555,6 +563,7 @@ impl CudaMlp {
         x: u64,
         out: u64,
         norm: Option<(&CudaSlice<f32>, f32)>,
+        next: Option<&CudaWeight>,
     ) -> Result<(), CudaError> {
         let ffn = FfnLaunch {
             gate: None,
@@ -567,6 +576,7 @@ impl CudaMlp {
             wts: 0,
             h: dev.ptr(&self.h),
             norm: norm.map_or((0, 0.0), |(w, e)| (dev.ptr(w), e)),
+            next: PfArg::of(dev, next),
         };
         ffn.enqueue(dev, x, out, [true; 2])
     }

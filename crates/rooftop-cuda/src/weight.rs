@@ -35,6 +35,21 @@ pub(crate) struct QwArg {
 }
 unsafe impl DeviceRepr for QwArg {}
 
+/// Byte ranges a kernel prefetches into L2 for a later launch (`struct Pf`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PfArg {
+    p: [u64; 3],
+    n: [u64; 3],
+}
+unsafe impl DeviceRepr for PfArg {}
+
+impl PfArg {
+    pub(crate) fn of(dev: &CudaDevice, w: Option<&CudaWeight>) -> Self {
+        w.map_or(PfArg::default(), |w| w.prefetch_arg(dev))
+    }
+}
+
 impl CudaWeight {
     /// Upload a weight once. Rows must hold a whole number of 32-weight chunks.
     pub fn upload(dev: &CudaDevice, wv: &WeightView) -> Result<Self, CudaError> {
@@ -275,6 +290,16 @@ impl CudaWeight {
     /// Bytes of `n` rows (one expert's share of a stacked weight).
     pub fn rows_nbytes(&self, n: usize) -> usize {
         self.nbytes() / self.rows * n
+    }
+
+    /// The launch-after-next prefetch of this whole weight (`struct Pf` in common.cuh).
+    pub(crate) fn prefetch_arg(&self, dev: &CudaDevice) -> PfArg {
+        let r = |s: &Option<CudaSlice<u8>>| s.as_ref().map_or((0, 0), |s| (dev.ptr(s), s.len() as u64));
+        let (s, b) = (r(&self.s), r(&self.b));
+        PfArg {
+            p: [dev.ptr(&self.w), s.0, b.0],
+            n: [self.w.len() as u64, s.1, b.1],
+        }
     }
 
     pub(crate) fn arg(&self, dev: &CudaDevice) -> QwArg {

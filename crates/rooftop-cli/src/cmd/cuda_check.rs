@@ -530,7 +530,7 @@ fn bench_moe(
     let (px, pr) = (dev.ptr(&x), dev.ptr(&resid));
     let run = |scratch: &mut Vec<rooftop_cuda::MoeScratch>| -> Result<(), rooftop_cuda::CudaError> {
         for (m, s) in moes.iter().zip(scratch.iter_mut()) {
-            m.step_raw(dev, s, px, pr, None)?;
+            m.step_raw(dev, s, px, pr, None, None)?;
         }
         Ok(())
     };
@@ -542,7 +542,7 @@ fn bench_moe(
         |parts: [bool; 3], scratch: &mut Vec<rooftop_cuda::MoeScratch>| -> Result<f64> {
             let graph = dev.capture(|| {
                 for (m, s) in moes.iter().zip(scratch.iter_mut()) {
-                    m.step_parts(dev, s, px, pr, parts, None)?;
+                    m.step_parts(dev, s, px, pr, parts, None, None)?;
                 }
                 Ok(())
             })?;

@@ -394,6 +394,24 @@ __device__ __forceinline__ float reduce_lpr(float v, int lpr) {
 
 // y[t, :] = W x[t, :] for t < n <= NB. Dynamic smem: NB*cols*4 + NB*(cols/32)*4 bytes.
 // R > 1 (batch 1 only): each lane streams R rows (rpw apart) against one read of x.
+// Prefetch rows [r0, r0 + nr) of W (codes, scales, biases) into L2; see prefetch_l2.
+__device__ __forceinline__ void prefetch_rows(const QW& W, int r0, int nr, int t, int nt) {
+  if (nr <= 0) return;
+  const u64 rb = (u64)(W.cols / 32) * CHUNK_WORDS * 4;
+  prefetch_l2(W.w + (u64)r0 * rb, (u64)nr * rb, t, nt);
+#if QMODE == MODE_AFFINE
+  const u64 sb = (u64)(W.cols / W.group) * (QSDT == SDT_F32 ? 4 : 2);
+  prefetch_l2(W.s + (u64)r0 * sb, (u64)nr * sb, t, nt);
+  prefetch_l2(W.b + (u64)r0 * sb, (u64)nr * sb, t, nt);
+#elif QMODE == MODE_NVFP4
+  const u64 sb = W.cols / 16;
+  prefetch_l2(W.s + (u64)r0 * sb, (u64)nr * sb, t, nt);
+#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
+  const u64 sb = W.cols / 32;
+  prefetch_l2(W.s + (u64)r0 * sb, (u64)nr * sb, t, nt);
+#endif
+}
+
 // Epilogue of the batch-1 kernels: optional RMSNorm of x (weights nw) fused into the
 // staging, optional bias, and `add` (y += Wx: residual adds without a separate launch;
 // each row is written by exactly one lane, so no atomics).
@@ -414,6 +432,15 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
   const int C = W.cols / 32;
   float4* xs = smem4;
   float* xsum = (float*)(smem4 + NB * 8 * C);
+  {
+    // Weights do not depend on the previous kernel: ask for this CTA's first two
+    // grid-stride row ranges before waiting for it (later ranges would only evict).
+    const int per = (blockDim.x >> 5) * (32 / lpr) * (NB == 1 && R > 1 ? R : 1);
+    for (int it = 0; it < 2; it++) {
+      const int r0 = (blockIdx.x + it * gridDim.x) * per;
+      if (r0 < W.rows) prefetch_rows(W, r0, min(per, W.rows - r0), threadIdx.x, blockDim.x);
+    }
+  }
   pdl_wait();
   pdl_trigger();
   for (int t = 0; t < n; t++) stage_vec_norm(x + (size_t)t * W.cols, W.cols, xs + t * 8 * C, e.nw, e.eps);
@@ -473,7 +500,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv8(const QW W, const float*
 }
 // Batch-1 GEMV with the decoder's epilogue: y (+)= W · rmsnorm(x) (+ bias).
 extern "C" __global__ void __launch_bounds__(256) gemv1_epi(const QW W, const float* x, float* y, int lpr,
-                                                            const Epi e) {
+                                                            const Epi e, const Pf next) {
+  prefetch_next(next);
   gemv_body<1, ROWS_GEMV>(W, x, 1, y, lpr, e);
 }
 
@@ -613,6 +641,13 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
   // x was complete before the router started (the router waited for it before letting
   // this launch begin), so staging it may overlap the router's tail. Without routed
   // experts (k = 0: a dense MLP) there is no router: wait first.
+  if (inter_sh > 0) {
+    // The shared expert's rows are known before routing: split them over the grid.
+    const int per = (inter_sh + gridDim.x - 1) / gridDim.x, r0 = blockIdx.x * per;
+    const int nr = min(per, inter_sh - r0);
+    prefetch_rows(SG, r0, nr, threadIdx.x, blockDim.x);
+    prefetch_rows(SU, r0, nr, threadIdx.x, blockDim.x);
+  }
   if (k == 0) pdl_wait();
   stage_vec_norm(x, C * 32, xs, nw, eps);
   pdl_wait();
@@ -674,8 +709,20 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
 // in place). Dynamic smem: max_slots * (max(I, S) * 4 + max(I, S) / 32 * 4) bytes.
 extern "C" __global__ void __launch_bounds__(256)
 moe_down(const QW D, const QW SD, const float* h, const int* ids, const float* wts, float* out,
-         int k, int hidden, int inter, int inter_sh, int lpr, int per) {
+         int k, int hidden, int inter, int inter_sh, int lpr, int per, const Pf next) {
   extern __shared__ float4 smem4[];
+  {
+    // This launch starts once gate/up passed its wait, i.e. after the router finished:
+    // ids are final, so this CTA's expert rows can be fetched before waiting for h.
+    const int items = (k + (inter_sh > 0)) * hidden;
+    const int lo = blockIdx.x * per, hi = min(items, lo + per);
+    for (int s = lo / hidden; lo < hi && s <= (hi - 1) / hidden; s++) {
+      const int a = max(lo, s * hidden) - s * hidden, b = min(hi, (s + 1) * hidden) - s * hidden;
+      if (s < k) prefetch_rows(D, __ldg(ids + s) * hidden + a, b - a, threadIdx.x, blockDim.x);
+      else prefetch_rows(SD, a, b - a, threadIdx.x, blockDim.x);
+    }
+  }
+  prefetch_next(next);
   pdl_wait();
   pdl_trigger();
   const int Cr = inter / 32, Cs = inter_sh / 32, Cm = Cr > Cs ? Cr : Cs;
