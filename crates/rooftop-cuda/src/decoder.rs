@@ -13,6 +13,7 @@
 use crate::device::{cfg, launch, CudaDevice};
 use crate::error::{shape, DriverResult};
 use crate::moe::{CudaMlp, CudaMoe, MoeScratch};
+use crate::persistent::Persistent;
 use crate::nvrtc::ModuleSource;
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg};
 use crate::{AttnShape, CudaError, CudaGraph};
@@ -143,6 +144,8 @@ pub struct CudaState {
     max_seq: usize,
     len: usize,
     graphs: [Option<CudaGraph>; 2],
+    /// All layers in one launch, when the model suits the persistent kernel.
+    persistent: Option<Persistent>,
 }
 
 impl CudaState {
@@ -157,7 +160,14 @@ impl CudaState {
     }
     /// The experts the last MoE layer of the last step chose (None without MoE layers).
     pub fn moe_ids(&self, dev: &CudaDevice) -> Result<Option<Vec<i32>>, CudaError> {
+        if let (Some(p), Some(_)) = (&self.persistent, &self.moe) {
+            return Ok(Some(dev.download(p.ids())?));
+        }
         self.moe.as_ref().map(|m| dev.download(&m.ids)).transpose()
+    }
+    /// Whether decode steps run as one persistent launch for all layers.
+    pub fn persistent(&self) -> bool {
+        self.persistent.is_some()
     }
 }
 
@@ -290,7 +300,9 @@ impl CudaDecoder {
             kc.push(dev.alloc::<u16>(n)?);
             vc.push(dev.alloc::<u16>(n)?);
         }
+        let persistent = Persistent::new(self, &kc, &vc)?;
         Ok(CudaState {
+            persistent,
             h: dev.alloc(d)?,
             qkv: dev.alloc(qkv)?,
             att: dev.alloc(att)?,
@@ -383,7 +395,17 @@ impl CudaDecoder {
             )?;
         }
 
+        let fused = parts.attention && parts.ffn && s.persistent.is_some();
+        if fused {
+            let (pq, patt) = (dev.ptr(&s.qkv), dev.ptr(&s.att));
+            let (max_seq, hidden) = (s.max_seq, self.hidden());
+            let p = s.persistent.as_mut().expect("checked");
+            p.enqueue(dev, ph, pq, patt, ppos, hidden, max_seq)?;
+        }
         for (li, l) in self.layers.iter().enumerate() {
+            if fused {
+                break;
+            }
             if parts.attention {
                 self.enqueue_attention(s, li)?;
             }

@@ -31,6 +31,7 @@ mod error;
 mod moe;
 pub mod nvrtc;
 mod ops;
+mod persistent;
 pub mod reference;
 mod weight;
 

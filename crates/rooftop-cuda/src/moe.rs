@@ -53,8 +53,8 @@ impl Routing {
 
 /// `struct Routing` in gemv.cu.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct RoutingArg {
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RoutingArg {
     bias: u64,
     n_experts: i32,
     k: i32,
@@ -194,7 +194,20 @@ impl CudaMoe {
         })
     }
 
-    fn inter_shared(&self) -> usize {
+    pub(crate) fn routing_arg(&self, dev: &CudaDevice) -> RoutingArg {
+        RoutingArg {
+            bias: self.bias.as_ref().map_or(0, |b| dev.ptr(b)),
+            n_experts: self.n_experts as i32,
+            k: self.routing.top_k as i32,
+            sigmoid: (self.routing.kind == RoutingKind::Sigmoid) as i32,
+            norm: self.routing.norm_topk_prob as i32,
+            n_group: self.routing.n_group as i32,
+            topk_group: self.routing.topk_group as i32,
+            scale: self.routing.routed_scaling_factor,
+        }
+    }
+
+    pub(crate) fn inter_shared(&self) -> usize {
         self.shared.as_ref().map_or(0, |s| s[0].rows)
     }
 

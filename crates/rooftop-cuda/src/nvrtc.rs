@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 const COMMON: &str = include_str!("kernels/common.cuh");
 const GEMV: &str = include_str!("kernels/gemv.cu");
 const OPS: &str = include_str!("kernels/ops.cu");
+const DECODE: &str = include_str!("kernels/decode.cu");
 
 /// The weight layout a GEMV module is specialised for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -157,7 +158,7 @@ impl ModuleSource {
     pub fn gemv(f: KernelFormat) -> Self {
         Self {
             name: format!("gemv_{}", f.name()),
-            source: format!("{COMMON}\n{GEMV}"),
+            source: format!("{COMMON}\n{GEMV}\n{DECODE}"),
             defines: vec![
                 format!("-DQMODE={}", f.mode),
                 format!("-DQBITS={}", f.bits),

@@ -66,6 +66,9 @@ struct Report {
     roofline_tok_s: f64,
     /// Distinct experts chosen in the last MoE layer of the last step (routing sanity).
     last_layer_unique_experts: Option<usize>,
+    /// All layers of a token in one persistent launch (else one launch per op).
+    persistent: bool,
+    /// Each component alone on the launch-per-op path.
     kernels: Kernels,
 }
 
@@ -203,6 +206,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         roofline_pct: 100.0 * achieved / roof,
         roofline_tok_s: roof * 1e9 / bpt,
         last_layer_unique_experts: last_unique,
+        persistent: st.persistent(),
         kernels: Kernels {
             step_ms: times.step,
             attention_ms: times.attention,
@@ -234,8 +238,15 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         r.prefill_tok_s, r.prompt_tokens
     );
     println!(
-        "decode     {:>8.1} tok/s   ({:.3} ms/token, {} tokens, one graph launch each)",
-        r.decode_tok_s, r.decode_ms_per_token, n
+        "decode     {:>8.1} tok/s   ({:.3} ms/token, {} tokens, one graph launch each; {})",
+        r.decode_tok_s,
+        r.decode_ms_per_token,
+        n,
+        if r.persistent {
+            "all layers in one persistent kernel"
+        } else {
+            "one launch per op"
+        }
     );
     match cfg_bytes {
         Some(c) => println!(
@@ -251,7 +262,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     );
     let k = &r.kernels;
     println!(
-        "kernels    step {:.3} ms | attention {:.3} ms ({:.0} GB/s) | ffn/moe {:.3} ms ({:.0} GB/s) | lm_head+argmax {:.3} ms ({:.0} GB/s)",
+        "kernels    step {:.3} ms | per-op path alone: attention {:.3} ms ({:.0} GB/s) | ffn/moe {:.3} ms ({:.0} GB/s) | lm_head+argmax {:.3} ms ({:.0} GB/s)",
         k.step_ms, k.attention_ms, k.attention_gb_s, k.ffn_ms, k.ffn_gb_s, k.head_ms, k.head_gb_s
     );
     if let Some(u) = last_unique {
