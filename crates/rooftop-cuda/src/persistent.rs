@@ -177,7 +177,7 @@ impl Persistent {
             smem = smem
                 .max(stage(h))
                 .max(stage(a.o.cols))
-                .max((11 * 256 + 64) * 4);
+                .max((4 * 256 + 64 + 2048 + 256) * 4);
             let (inter, ish, k) = match &l.ffn {
                 CudaFfn::Moe(m) => {
                     d.router = m.router.arg(dev);
@@ -275,6 +275,13 @@ impl Persistent {
                 "persistent decode needs one CTA per head ({}) but only {grid} fit; set ROOFTOP_PERSISTENT=0",
                 self.max_heads
             )));
+        }
+        if std::env::var("ROOFTOP_VERBOSE").is_ok() {
+            eprintln!(
+                "persistent decode: grid {grid} x 256 threads, {} B shared, {} regs/thread",
+                self.smem,
+                f.num_regs().unwrap_or(-1)
+            );
         }
         let arg = StepArg {
             layers: dev.ptr(&self.descs),

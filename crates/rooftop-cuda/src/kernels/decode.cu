@@ -49,9 +49,11 @@ __device__ __forceinline__ void grid_sync(u32* bar, u32& gen) {
     atomicAdd(bar, 1u);
     const u32 target = gen * gridDim.x;
     u32 v;
-    do {
+    while (true) {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
-    } while (v < target);
+      if (v >= target) break;
+      __nanosleep(32);
+    }
   }
   __syncthreads();
 }
@@ -134,75 +136,111 @@ __device__ __forceinline__ void head_prep(const LayerDesc& L, const float* src, 
   __syncthreads();
 }
 
-#define DEC_WARPS 8
+// Block-wide max (every thread gets it); `red` is 32 floats of shared memory.
+__device__ __forceinline__ float block_max(float v, float* red) {
+  v = warp_max(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = threadIdx.x < 32 && threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : -INFINITY;
+  if (threadIdx.x < 32) {
+    t = warp_max(t);
+    if (threadIdx.x == 0) red[0] = t;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+#define ATT_TILE 2048
 // Phase 2 for q head `head` (this CTA): attention over positions 0..p, the current one
-// from shared memory (rounded to f16 as the cache stores it).
+// from shared memory (rounded to f16 as the cache stores it). Positions are spread over
+// all threads (one score each per pass, K rows read with 16-byte loads), then each
+// thread accumulates one output feature over a share of the positions, so a pass costs
+// two memory round trips whatever the context length (per tile of ATT_TILE positions).
+// Shared floats: 4 * HD_MAX + 64 + ATT_TILE + blockDim.
 __device__ void attention_phase(const LayerDesc& L, const Step& st, int head, int p, float* sm) {
   const int hd = L.head_dim, group = L.heads / L.kv_heads, kvh = head / group;
   float* q = sm;
   float* k = sm + HD_MAX;
   float* v = sm + 2 * HD_MAX;
   float* red = sm + 3 * HD_MAX;
-  float* wm = red + 32;                // [DEC_WARPS] max
-  float* wl = wm + DEC_WARPS;          // [DEC_WARPS] sum
-  float* wo = wl + DEC_WARPS;          // [DEC_WARPS][HD_MAX]
+  float* sc = red + 64;
+  float* part = sc + ATT_TILE;
   const float* qkv = st.qkv;
   const float* qb = L.qkv_bias;
   head_prep(L, qkv + head * hd, qb ? qb + head * hd : nullptr, L.q_norm, true, p, q, red);
   const int ko = (L.heads + kvh) * hd, vo = (L.heads + L.kv_heads + kvh) * hd;
   head_prep(L, qkv + ko, qb ? qb + ko : nullptr, L.k_norm, true, p, k, red);
   head_prep(L, qkv + vo, qb ? qb + vo : nullptr, nullptr, false, p, v, red);
-  const int d = threadIdx.x;
-  if (d < hd) {
-    const unsigned short kh = f32_to_f16(k[d]), vh = f32_to_f16(v[d]);
+  const int tid = threadIdx.x;
+  if (tid < hd) {
+    const unsigned short kh = f32_to_f16(k[tid]), vh = f32_to_f16(v[tid]);
     if (head % group == 0 && p < st.max_seq) {
-      const size_t o = ((size_t)kvh * st.max_seq + p) * hd + d;
+      const size_t o = ((size_t)kvh * st.max_seq + p) * hd + tid;
       L.kc[o] = kh;
       L.vc[o] = vh;
     }
-    k[d] = f16_to_f32(kh);
-    v[d] = f16_to_f32(vh);
-    q[d] *= L.scale;
+    k[tid] = f16_to_f32(kh);
+    v[tid] = f16_to_f32(vh);
+    q[tid] *= L.scale;
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nd = hd / 32;
-  float o[HD_MAX / 32];
-#pragma unroll
-  for (int j = 0; j < HD_MAX / 32; j++) o[j] = 0.f;
-  float m = -INFINITY, l = 0.f;
+  const unsigned short* kbase = L.kc + (size_t)kvh * st.max_seq * hd;
+  const unsigned short* vbase = L.vc + (size_t)kvh * st.max_seq * hd;
   const int len = min(p + 1, st.max_seq);
-  for (int j = w; j < len; j += DEC_WARPS) {
-    const unsigned short* kp = L.kc + ((size_t)kvh * st.max_seq + j) * hd;
-    const unsigned short* vp = L.vc + ((size_t)kvh * st.max_seq + j) * hd;
-    const bool cur = j == p;
-    float s = 0.f;
+  const int nparts = blockDim.x / hd, d = tid % hd, pi = tid / hd;
+  float M = -INFINITY, Lsum = 0.f, acc = 0.f;
+  for (int t0 = 0; t0 < len; t0 += ATT_TILE) {
+    const int n = min(ATT_TILE, len - t0);
+    float mloc = -INFINITY;
+    for (int j = tid; j < n; j += blockDim.x) {
+      const int pos = t0 + j;
+      float s = 0.f;
+      if (pos == p) {
+        for (int e = 0; e < hd; e++) s += q[e] * k[e];
+      } else {
+        const uint4* kr = (const uint4*)(kbase + (size_t)pos * hd);
+        for (int e8 = 0; e8 < hd / 8; e8++) {
+          const uint4 w = __ldcg(kr + e8);
+          const u32 ww[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-    for (int jj = 0; jj < HD_MAX / 32; jj++)
-      if (jj < nd) s += q[lane + 32 * jj] * (cur ? k[lane + 32 * jj] : f16_to_f32(__ldcg(kp + lane + 32 * jj)));
-    s = warp_sum(s);
-    const float mn = fmaxf(m, s), corr = expf(m - mn), pw = expf(s - mn);
-    l = l * corr + pw;
-#pragma unroll
-    for (int jj = 0; jj < HD_MAX / 32; jj++)
-      if (jj < nd) o[jj] = o[jj] * corr + pw * (cur ? v[lane + 32 * jj] : f16_to_f32(__ldcg(vp + lane + 32 * jj)));
-    m = mn;
-  }
-  if (lane == 0) { wm[w] = m; wl[w] = l; }
-#pragma unroll
-  for (int jj = 0; jj < HD_MAX / 32; jj++)
-    if (jj < nd) wo[w * HD_MAX + lane + 32 * jj] = o[jj];
-  __syncthreads();
-  if (d < hd) {
-    float M = -INFINITY;
-    for (int i = 0; i < DEC_WARPS; i++) M = fmaxf(M, wm[i]);
-    float Ls = 0.f, acc = 0.f;
-    for (int i = 0; i < DEC_WARPS; i++) {
-      if (wm[i] == -INFINITY) continue;
-      const float e = expf(wm[i] - M);
-      Ls += e * wl[i];
-      acc += e * wo[i * HD_MAX + d];
+          for (int h2 = 0; h2 < 4; h2++) {
+            s += q[e8 * 8 + 2 * h2] * f16_to_f32((unsigned short)(ww[h2] & 0xFFFFu));
+            s += q[e8 * 8 + 2 * h2 + 1] * f16_to_f32((unsigned short)(ww[h2] >> 16));
+          }
+        }
+      }
+      sc[j] = s;
+      mloc = fmaxf(mloc, s);
     }
-    st.att[head * hd + d] = acc / Ls;
+    const float Mn = fmaxf(M, block_max(mloc, red));
+    float sloc = 0.f;
+    for (int j = tid; j < n; j += blockDim.x) {
+      const float e = expf(sc[j] - Mn);
+      sc[j] = e;
+      sloc += e;
+    }
+    const float tile_sum = block_sum(sloc, red);  // also orders the sc writes
+    const float corr = expf(M - Mn);
+    Lsum = Lsum * corr + tile_sum;
+    acc *= corr;
+    if (pi < nparts) {
+#pragma unroll 8
+      for (int j = pi; j < n; j += nparts) {
+        const int pos = t0 + j;
+        const float vv = pos == p ? v[d] : f16_to_f32(__ldcg(vbase + (size_t)pos * hd + d));
+        acc += sc[j] * vv;
+      }
+    }
+    M = Mn;
+    __syncthreads();
+  }
+  part[tid] = acc;
+  __syncthreads();
+  if (tid < hd) {
+    float o = 0.f;
+    for (int i = 0; i < nparts; i++) o += part[i * hd + tid];
+    st.att[head * hd + tid] = o / Lsum;
   }
   __syncthreads();
 }
