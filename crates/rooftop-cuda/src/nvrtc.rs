@@ -166,6 +166,10 @@ impl ModuleSource {
                 format!("-DUNROLL_BYTES={}", unroll_bytes()),
                 format!("-DROWS_GEMV={}", f.rows_gemv()),
                 format!("-DROWS_MOE={}", rows_moe()),
+                format!(
+                    "-DDEC_MINB={}",
+                    env_usize("ROOFTOP_DEC_MINB", 1..=4).unwrap_or(2)
+                ),
             ],
         }
     }

@@ -245,7 +245,11 @@ __device__ void attention_phase(const LayerDesc& L, const Step& st, int head, in
   __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
+// CTAs per SM the register budget is tuned for (2: at most 128 registers a thread).
+#ifndef DEC_MINB
+#define DEC_MINB 2
+#endif
+extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const Step st) {
   extern __shared__ float4 smem4[];
   __shared__ int s_ids[64];
   __shared__ float s_wts[64];
@@ -265,27 +269,40 @@ extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
       __syncthreads();
       sum_vec(H, xs, xsum);
       __syncthreads();
-      gemv_phase(L.qkv, xs, xsum, st.qkv, L.lpr_qkv, false, nullptr);
-      if (st.prefetch) prefetch_gemv_rows(L.o, L.o.rows, L.lpr_o);
+      // Weight descriptors are copied into registers: read through the reference they
+      // would be re-loaded from global memory after every store.
+      const QW W = L.qkv;
+      gemv_phase(W, xs, xsum, st.qkv, L.lpr_qkv, false, nullptr);
+      if (st.prefetch) {
+        const QW O = L.o;
+        prefetch_gemv_rows(O, O.rows, L.lpr_o);
+      }
     }
     grid_sync(st.bar, gen);
     // 2. Attention (CTAs past the heads prefetch the router).
     if ((int)blockIdx.x < L.heads) attention_phase(L, st, blockIdx.x, p, (float*)smem4);
-    else if (st.prefetch && L.rt.k > 0) prefetch_gemv_rows(L.router, L.router.rows, L.lpr_router);
+    else if (st.prefetch && L.rt.k > 0) {
+      const QW R = L.router;
+      prefetch_gemv_rows(R, R.rows, L.lpr_router);
+    }
     grid_sync(st.bar, gen);
     // 3. Output projection into the residual.
     {
-      const int C = L.o.cols / 32;
+      const QW O = L.o;
+      const int C = O.cols / 32;
       float* xsum = (float*)(xs + 8 * C);
-      stage_cg(st.att, L.o.cols, xs, nullptr, 0.f);
+      stage_cg(st.att, O.cols, xs, nullptr, 0.f);
       __syncthreads();
-      sum_vec(L.o.cols, xs, xsum);
+      sum_vec(O.cols, xs, xsum);
       __syncthreads();
-      gemv_phase(L.o, xs, xsum, st.h, L.lpr_o, true, L.o_bias);
-      if (st.prefetch && L.rt.k > 0) prefetch_gemv_rows(L.router, L.router.rows, L.lpr_router);
+      gemv_phase(O, xs, xsum, st.h, L.lpr_o, true, L.o_bias);
+      if (st.prefetch && L.rt.k > 0) {
+        const QW R = L.router;
+        prefetch_gemv_rows(R, R.rows, L.lpr_router);
+      }
     }
     grid_sync(st.bar, gen);
-    const int k = L.rt.k, inter = L.inter, ish = L.inter_sh;
+    const int k = L.rt.k, inter = L.inter, ish = L.inter_sh, lpr_gu = L.lpr_gu, lpr_down = L.lpr_down;
     const int C = H / 32;
     float* xsum = (float*)(xs + 8 * C);
     // 4. Router logits (the normed x stays staged for gate/up).
@@ -294,10 +311,12 @@ extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
     sum_vec(H, xs, xsum);
     __syncthreads();
     if (k > 0) {
-      gemv_phase(L.router, xs, xsum, st.logits, L.lpr_router, false, nullptr);
+      const QW R = L.router;
+      const Routing rt = L.rt;
+      gemv_phase(R, xs, xsum, st.logits, L.lpr_router, false, nullptr);
       grid_sync(st.bar, gen);
       // Every CTA routes for itself (no barrier); CTA 0 publishes the choice.
-      if (threadIdx.x < 32) route(st.logits, L.rt, s_ids, s_wts);
+      if (threadIdx.x < 32) route(st.logits, rt, s_ids, s_wts);
       __syncthreads();
       if (blockIdx.x == 0 && threadIdx.x < k) {
         st.ids[threadIdx.x] = s_ids[threadIdx.x];
@@ -308,16 +327,18 @@ extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
     //    ask for them first.
     const int items_d = (k + (ish > 0)) * H;
     const int lane = threadIdx.x & 31;
+    const QW D = L.down, SD = L.sd;
     if (st.prefetch) {
-      const int rpw = 32 / L.lpr_down, per = (blockDim.x >> 5) * rpw;
+      const int rpw = 32 / lpr_down, per = (blockDim.x >> 5) * rpw;
       for (int i0 = blockIdx.x * per; i0 < items_d; i0 += gridDim.x * per) {
         const int s = i0 / H, r = i0 % H, n = min(per, H - r);
-        if (s < k) prefetch_rows(L.down, s_ids[s] * H + r, n, threadIdx.x, blockDim.x);
-        else prefetch_rows(L.sd, r, n, threadIdx.x, blockDim.x);
+        if (s < k) prefetch_rows(D, s_ids[s] * H + r, n, threadIdx.x, blockDim.x);
+        else prefetch_rows(SD, r, n, threadIdx.x, blockDim.x);
       }
     }
     {
-      const int lpr = L.lpr_gu, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+      const QW G = L.gate, U = L.up, SG = L.sg, SU = L.su;
+      const int lpr = lpr_gu, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
       const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, nwarps = (gridDim.x * blockDim.x) >> 5;
       const int items = k * inter + ish;
       for (int base = warp * rpw; base < items; base += nwarps * rpw) {
@@ -326,8 +347,8 @@ extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
         if (i < items) {
           const bool routed = i < k * inter;
           const int row = routed ? s_ids[i / inter] * inter + i % inter : i - k * inter;
-          const QW Wg = pick(routed, L.gate, L.sg);
-          const QW Wu = pick(routed, L.up, L.su);
+          const QW Wg = pick(routed, G, SG);
+          const QW Wu = pick(routed, U, SU);
           row_dot2(Wg, row, Wu, row, C, sub, lpr, xs, xsum, g, u);
         }
         g[0] = reduce_lpr(g[0], lpr);
@@ -345,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
       __syncthreads();
       for (int s = 0; s < slots; s++) sum_vec(s < k ? inter : ish, xs + s * 8 * Cm, asum + s * Cm);
       __syncthreads();
-      const int lpr = L.lpr_down, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+      const int lpr = lpr_down, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
       const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, nwarps = (gridDim.x * blockDim.x) >> 5;
       for (int base = warp * rpw; base < items_d; base += nwarps * rpw) {
         const int i = base + rsub;
@@ -356,7 +377,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
           const int slot = i / H;
           r = i % H;
           const bool routed = slot < k;
-          const QW W = pick(routed, L.down, L.sd);
+          const QW W = pick(routed, D, SD);
           const int row = routed ? s_ids[slot] * H + r : r;
           wt = routed ? s_wts[slot] : 1.f;
           row_dot<1>(W, row, routed ? Cr : Cs, sub, lpr, xs + slot * 8 * Cm, asum + slot * Cm, acc);
@@ -365,8 +386,8 @@ extern "C" __global__ void __launch_bounds__(256) decode_layers(const Step st) {
         if (i < items_d && sub == 0) atomicAdd(st.h + r, wt * acc[0]);
       }
       if (st.prefetch && li + 1 < st.n_layers) {
-        const LayerDesc& N = st.layers[li + 1];
-        prefetch_gemv_rows(N.qkv, N.qkv.rows, N.lpr_qkv);
+        const QW N = st.layers[li + 1].qkv;
+        prefetch_gemv_rows(N, N.rows, st.layers[li + 1].lpr_qkv);
       }
     }
     grid_sync(st.bar, gen);
