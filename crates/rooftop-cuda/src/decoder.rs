@@ -165,6 +165,13 @@ impl CudaState {
         }
         self.moe.as_ref().map(|m| dev.download(&m.ids)).transpose()
     }
+    /// Per-phase timing of the persistent kernel's last step (ROOFTOP_VERBOSE only).
+    pub fn phase_report(&self, dev: &CudaDevice) -> Result<Option<String>, CudaError> {
+        match &self.persistent {
+            Some(p) => p.phase_report(dev),
+            None => Ok(None),
+        }
+    }
     /// Whether decode steps run as one persistent launch for all layers.
     pub fn persistent(&self) -> bool {
         self.persistent.is_some()

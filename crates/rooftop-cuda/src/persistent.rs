@@ -66,6 +66,7 @@ struct StepArg {
     ids: u64,
     pos: u64,
     bar: u64,
+    dbg: u64,
     n_layers: i32,
     hidden: i32,
     max_seq: i32,
@@ -86,6 +87,8 @@ pub(crate) struct Persistent {
     smem: usize,
     prefetch: bool,
     max_heads: usize,
+    /// `[n_layers][8]` phase timestamps (ROOFTOP_VERBOSE).
+    dbg: Option<CudaSlice<u64>>,
 }
 
 /// The single format of every layer weight, if there is one (and the shapes suit the
@@ -239,7 +242,39 @@ impl Persistent {
             smem,
             prefetch: !std::env::var("ROOFTOP_PREFETCH").is_ok_and(|v| v == "0"),
             max_heads: dec.layers.iter().map(|l| l.attn.heads).max().unwrap_or(1),
+            dbg: if std::env::var("ROOFTOP_VERBOSE").is_ok() {
+                Some(dev.alloc(dec.layers.len() * 8)?)
+            } else {
+                None
+            },
         }))
+    }
+
+    /// Mean microseconds of each phase over the layers of the last step (CTA 0's view),
+    /// when ROOFTOP_VERBOSE was set.
+    pub(crate) fn phase_report(&self, dev: &CudaDevice) -> Result<Option<String>, CudaError> {
+        let Some(d) = &self.dbg else { return Ok(None) };
+        let t = dev.download(d)?;
+        let names = ["qkv", "attention", "o_proj", "router", "gate/up", "down"];
+        let mut sum = [0f64; 6];
+        let n = self.n_layers;
+        for l in 0..n {
+            let row = &t[l * 8..l * 8 + 8];
+            // Stamps: 0 start, 1..=6 after each barrier (router's is 4; a dense layer
+            // skips it and leaves the previous step's value, so clamp at 0).
+            for (i, s) in sum.iter_mut().enumerate() {
+                let (a, b) = (row[i], row[i + 1]);
+                *s += b.saturating_sub(a) as f64 / 1e3;
+            }
+        }
+        Ok(Some(
+            names
+                .iter()
+                .zip(sum)
+                .map(|(n_, s)| format!("{n_} {:.1} us", s / n as f64))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ))
     }
 
     /// The experts the last MoE layer chose.
@@ -294,6 +329,7 @@ impl Persistent {
             ids: dev.ptr(&self.ids),
             pos,
             bar: dev.ptr(&self.bar),
+            dbg: self.dbg.as_ref().map_or(0, |d| dev.ptr(d)),
             n_layers: self.n_layers as i32,
             hidden: hidden as i32,
             max_seq: max_seq as i32,

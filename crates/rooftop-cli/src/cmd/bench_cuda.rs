@@ -167,6 +167,9 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     dev.synchronize()?;
     let decode_s = t.elapsed().as_secs_f64();
     let last_unique = last_layer_unique(&dec, &st)?;
+    if let Some(r) = st.phase_report(&dev)? {
+        say(format!("persistent phases (mean per layer): {r}"));
+    }
     let times = dec.time_parts(&mut st, 20)?;
     let bw1 = dev.read_bandwidth(bw_bytes, 10)?;
 

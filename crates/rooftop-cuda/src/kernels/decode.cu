@@ -38,8 +38,17 @@ struct Step {
   int* ids;
   const int* pos;
   u32* bar;
+  u64* dbg;  // null, or [n_layers][8] global-timer stamps taken by CTA 0 after each phase
   int n_layers, hidden, max_seq, prefetch;
 };
+
+__device__ __forceinline__ void stamp(const Step& st, int li, int ph) {
+  if (st.dbg && blockIdx.x == 0 && threadIdx.x == 0) {
+    u64 t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    st.dbg[li * 8 + ph] = t;
+  }
+}
 
 __device__ __forceinline__ void grid_sync(u32* bar, u32& gen) {
   __syncthreads();
@@ -260,6 +269,7 @@ extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const 
   const int p = __ldcg(st.pos);
   for (int li = 0; li < st.n_layers; li++) {
     const LayerDesc& L = st.layers[li];
+    stamp(st, li, 0);
     float4* xs = smem4;
     // 1. QKV.
     {
@@ -279,6 +289,7 @@ extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const 
       }
     }
     grid_sync(st.bar, gen);
+    stamp(st, li, 1);
     // 2. Attention (CTAs past the heads prefetch the router).
     if ((int)blockIdx.x < L.heads) attention_phase(L, st, blockIdx.x, p, (float*)smem4);
     else if (st.prefetch && L.rt.k > 0) {
@@ -286,6 +297,7 @@ extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const 
       prefetch_gemv_rows(R, R.rows, L.lpr_router);
     }
     grid_sync(st.bar, gen);
+    stamp(st, li, 2);
     // 3. Output projection into the residual.
     {
       const QW O = L.o;
@@ -302,6 +314,7 @@ extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const 
       }
     }
     grid_sync(st.bar, gen);
+    stamp(st, li, 3);
     const int k = L.rt.k, inter = L.inter, ish = L.inter_sh, lpr_gu = L.lpr_gu, lpr_down = L.lpr_down;
     const int C = H / 32;
     float* xsum = (float*)(xs + 8 * C);
@@ -315,6 +328,7 @@ extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const 
       const Routing rt = L.rt;
       gemv_phase(R, xs, xsum, st.logits, L.lpr_router, false, nullptr);
       grid_sync(st.bar, gen);
+    stamp(st, li, 4);
       // Every CTA routes for itself (no barrier); CTA 0 publishes the choice.
       if (threadIdx.x < 32) route(st.logits, rt, s_ids, s_wts);
       __syncthreads();
@@ -357,6 +371,7 @@ extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const 
       }
     }
     grid_sync(st.bar, gen);
+    stamp(st, li, 5);
     // 6. Down, weighted into the residual.
     {
       const int Cr = inter / 32, Cs = ish / 32, Cm = Cr > Cs ? Cr : Cs;
@@ -391,5 +406,6 @@ extern "C" __global__ void __launch_bounds__(256, DEC_MINB) decode_layers(const 
       }
     }
     grid_sync(st.bar, gen);
+    stamp(st, li, 6);
   }
 }
