@@ -139,6 +139,30 @@ pub fn rows_moe() -> usize {
     env_usize("ROOFTOP_ROWS_MOE", 1..=8).unwrap_or(1)
 }
 
+static ACT_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Exact f32 activations in every GEMV (`ROOFTOP_CUDA_ACT=f32`, or
+/// [`set_f32_activations`]); by default 4-bit affine weights meet int8 activations (per
+/// 32, like llama.cpp's q8_1).
+pub fn f32_activations() -> bool {
+    match ACT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("ROOFTOP_CUDA_ACT").is_ok_and(|v| v == "f32"),
+    }
+}
+
+/// Force exact f32 activations on or off for modules loaded from now on (checks run
+/// both; each variant is its own module).
+pub fn set_f32_activations(on: bool) {
+    ACT_OVERRIDE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether kernels for `f` use int8 activations (see gemv.cu's INT8_ACT).
+pub fn int8_activations(f: KernelFormat) -> bool {
+    f.mode == 1 && f.bits == 4 && !f32_activations()
+}
+
 fn env_usize(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
     std::env::var(name)
         .ok()
@@ -157,7 +181,11 @@ pub struct ModuleSource {
 impl ModuleSource {
     pub fn gemv(f: KernelFormat) -> Self {
         Self {
-            name: format!("gemv_{}", f.name()),
+            name: format!(
+                "gemv_{}{}",
+                f.name(),
+                if f32_activations() { "_f32act" } else { "" }
+            ),
             source: format!("{COMMON}\n{GEMV}\n{DECODE}"),
             defines: vec![
                 format!("-DQMODE={}", f.mode),
@@ -166,6 +194,11 @@ impl ModuleSource {
                 format!("-DUNROLL_BYTES={}", unroll_bytes()),
                 format!("-DROWS_GEMV={}", f.rows_gemv()),
                 format!("-DROWS_MOE={}", rows_moe()),
+                if f32_activations() {
+                    "-DACT_F32=1".into()
+                } else {
+                    "-DACT_INT8=1".into()
+                },
                 format!(
                     "-DDEC_MINB={}",
                     env_usize("ROOFTOP_DEC_MINB", 1..=4).unwrap_or(2)

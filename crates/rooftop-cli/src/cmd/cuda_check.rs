@@ -193,6 +193,38 @@ fn check_gemv(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> 
     Ok(())
 }
 
+/// 4-bit affine GEMV with int8 activations (the default path) against the exact f32
+/// reference: x quantized per 32 to int8 costs ~0.5% relative error.
+fn check_gemv_int8(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> {
+    println!("GEMV affine 4-bit, int8 activations vs rooftop_cpu::matmul_ref (tolerance 2e-2)");
+    for (g, dtype, (rows, cols)) in [
+        (64, DType::BF16, (200, 768)),
+        (32, DType::BF16, (96, 2048)),
+        (128, DType::F16, (130, 1408)),
+        (64, DType::F32, (77, 384)),
+    ] {
+        let spec = Some(QuantSpec::affine(4, g)?);
+        let cols = if cols % g != 0 { 1536 } else { cols };
+        let hw = random_weight(rng, spec, dtype, rows, cols, None)?;
+        let wd = CudaWeight::upload(dev, &hw.view())?;
+        for n in [1usize, 3, 8] {
+            let x = randn(rng, n * cols, 1.0);
+            let mut want = vec![0f32; n * rows];
+            rooftop_cpu::matmul_ref(&hw.view(), &x, n, &mut want);
+            let xd = dev.upload(&x)?;
+            let mut yd = dev.upload(&vec![f32::NAN; n * rows])?;
+            dev.matmul(&wd, &xd, n, &mut yd)?;
+            let got = dev.download(&yd)?;
+            let name = format!(
+                "gemv int8-act {} n={n} [{rows}x{cols}]",
+                spec_name(spec, dtype)
+            );
+            c.record(&name, rel_err(&got, &want), 2e-2);
+        }
+    }
+    Ok(())
+}
+
 struct MoeCase {
     name: &'static str,
     spec: QuantSpec,
@@ -611,9 +643,14 @@ pub fn run(a: Args) -> Result<()> {
         n: 0,
     };
     if !a.skip_checks {
+        // Exact f32 activations: every kernel against the f32 CPU reference at 1e-4.
+        rooftop_cuda::nvrtc::set_f32_activations(true);
         check_gemv(&dev, &mut rng, &mut c)?;
         check_moe(&dev, &mut rng, &mut c)?;
         check_ops(&dev, &mut rng, &mut c)?;
+        // The default: 4-bit affine GEMV with int8 activations (looser: x is quantized).
+        rooftop_cuda::nvrtc::set_f32_activations(false);
+        check_gemv_int8(&dev, &mut rng, &mut c)?;
     }
     if let Some(root) = &a.models {
         let checks = super::cuda_models::check_models(&dev, root)?;

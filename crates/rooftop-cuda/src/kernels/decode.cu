@@ -80,6 +80,10 @@ __device__ __forceinline__ void stage_cg(const float* x, int cols, float4* xs, c
     }
     inv = 1.f / sqrtf(block_sum(ss, red) / cols + eps);
   }
+#if INT8_ACT
+  stage_int8(x, cols, xs, nw, inv, true);
+  return;
+#endif
   for (int u = threadIdx.x; u < 8 * C; u += blockDim.x) {
     float4 v = __ldcg((const float4*)x + u);
     if (nw) {
