@@ -141,15 +141,23 @@ pub fn rows_moe() -> usize {
 
 static ACT_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Exact f32 activations in every GEMV (`ROOFTOP_CUDA_ACT=f32`, or
-/// [`set_f32_activations`]); by default 4-bit affine weights meet int8 activations (per
-/// 32, like llama.cpp's q8_1).
+/// Exact f32 activations in every GEMV: the default. `ROOFTOP_CUDA_ACT=int8` (or
+/// [`set_f32_activations`]`(false)`) gives 4-bit affine weights int8 activations (per
+/// 32, like llama.cpp's q8_1): 1.7× faster on a large GEMV (lm_head), but 9% slower
+/// whole-model decode on an H200 today (the per-chunk quantization lengthens each
+/// kernel's staging) and ~1.5% relative error; see docs/PERFORMANCE-cuda.md.
 pub fn f32_activations() -> bool {
     match ACT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         1 => true,
         2 => false,
-        _ => std::env::var("ROOFTOP_CUDA_ACT").is_ok_and(|v| v == "f32"),
+        _ => !std::env::var("ROOFTOP_CUDA_ACT").is_ok_and(|v| v == "int8"),
     }
+}
+
+/// L2 prefetch of weights ahead of use (`ROOFTOP_PREFETCH=1`). Off by default: on an
+/// H200 it made launch-per-op decode 15% slower and the persistent kernel no faster.
+pub fn prefetch() -> bool {
+    std::env::var("ROOFTOP_PREFETCH").is_ok_and(|v| v == "1")
 }
 
 /// Force exact f32 activations on or off for modules loaded from now on (checks run
@@ -199,6 +207,7 @@ impl ModuleSource {
                 } else {
                     "-DACT_INT8=1".into()
                 },
+                format!("-DPREFETCH={}", prefetch() as u8),
                 format!(
                     "-DDEC_MINB={}",
                     env_usize("ROOFTOP_DEC_MINB", 1..=4).unwrap_or(2)

@@ -1,6 +1,8 @@
 //! Host side of the persistent decode kernel (`kernels/decode.cu`): every layer of a
-//! token in one launch. Used when all of a model's layer weights share one format (the
-//! kernel is compiled per format); other models take the launch-per-op path.
+//! token in one launch, for models whose layer weights share one format (the kernel is
+//! compiled per format). Opt-in (`ROOFTOP_PERSISTENT=1`): on an H200 it is still slower
+//! than the launch-per-op path (5.3 vs 3.5 ms per qwen3-30b-a3b token; its per-phase
+//! timing, `ROOFTOP_VERBOSE=1`, shows the attention and gate/up phases dominate).
 
 use crate::decoder::{CudaDecoder, CudaFfn};
 use crate::device::{cfg, launch, CudaDevice};
@@ -136,7 +138,8 @@ impl Persistent {
         kc: &[CudaSlice<u16>],
         vc: &[CudaSlice<u16>],
     ) -> Result<Option<Self>, CudaError> {
-        if std::env::var("ROOFTOP_PERSISTENT").is_ok_and(|v| v == "0") {
+        // Opt-in until it beats the launch-per-op path (docs/PERFORMANCE-cuda.md).
+        if !std::env::var("ROOFTOP_PERSISTENT").is_ok_and(|v| v == "1") {
             return Ok(None);
         }
         let Some(format) = uniform_format(dec) else {
@@ -240,7 +243,7 @@ impl Persistent {
             ids: dev.alloc(max_k)?,
             n_layers: dec.layers.len(),
             smem,
-            prefetch: !std::env::var("ROOFTOP_PREFETCH").is_ok_and(|v| v == "0"),
+            prefetch: crate::nvrtc::prefetch(),
             max_heads: dec.layers.iter().map(|l| l.attn.heads).max().unwrap_or(1),
             dbg: if std::env::var("ROOFTOP_VERBOSE").is_ok() {
                 Some(dev.alloc(dec.layers.len() * 8)?)

@@ -194,9 +194,10 @@ fn check_gemv(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> 
 }
 
 /// 4-bit affine GEMV with int8 activations (the default path) against the exact f32
-/// reference: x quantized per 32 to int8 costs ~0.5% relative error.
+/// reference: x quantized per 32 to int8 costs 1–2.5% relative error on these random
+/// weights (unsigned 4-bit codes carry the quantization error of x's chunk sum).
 fn check_gemv_int8(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> {
-    println!("GEMV affine 4-bit, int8 activations vs rooftop_cpu::matmul_ref (tolerance 2e-2)");
+    println!("GEMV affine 4-bit, int8 activations vs rooftop_cpu::matmul_ref (tolerance 4e-2)");
     for (g, dtype, (rows, cols)) in [
         (64, DType::BF16, (200, 768)),
         (32, DType::BF16, (96, 2048)),
@@ -219,7 +220,7 @@ fn check_gemv_int8(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result
                 "gemv int8-act {} n={n} [{rows}x{cols}]",
                 spec_name(spec, dtype)
             );
-            c.record(&name, rel_err(&got, &want), 2e-2);
+            c.record(&name, rel_err(&got, &want), 4e-2);
         }
     }
     Ok(())
@@ -648,9 +649,10 @@ pub fn run(a: Args) -> Result<()> {
         check_gemv(&dev, &mut rng, &mut c)?;
         check_moe(&dev, &mut rng, &mut c)?;
         check_ops(&dev, &mut rng, &mut c)?;
-        // The default: 4-bit affine GEMV with int8 activations (looser: x is quantized).
+        // The opt-in int8-activation GEMV (looser: x is quantized), then back to f32.
         rooftop_cuda::nvrtc::set_f32_activations(false);
         check_gemv_int8(&dev, &mut rng, &mut c)?;
+        rooftop_cuda::nvrtc::set_f32_activations(true);
     }
     if let Some(root) = &a.models {
         let checks = super::cuda_models::check_models(&dev, root)?;

@@ -105,6 +105,9 @@ struct Pf {
   u64 n[3];
 };
 __device__ __forceinline__ void prefetch_next(const Pf& f) {
+#if defined(PREFETCH) && PREFETCH == 0
+  return;
+#endif
   const int t = blockIdx.x * blockDim.x + threadIdx.x, nt = gridDim.x * blockDim.x;
 #pragma unroll
   for (int i = 0; i < 3; i++) prefetch_l2(f.p[i], f.n[i], t, nt);

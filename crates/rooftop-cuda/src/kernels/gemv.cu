@@ -494,8 +494,11 @@ __device__ __forceinline__ float reduce_lpr(float v, int lpr) {
 // y[t, :] = W x[t, :] for t < n <= NB. Dynamic smem: NB*cols*4 + NB*(cols/32)*4 bytes.
 // R > 1 (batch 1 only): each lane streams R rows (rpw apart) against one read of x.
 // Prefetch rows [r0, r0 + nr) of W (codes, scales, biases) into L2; see prefetch_l2.
+#ifndef PREFETCH
+#define PREFETCH 0
+#endif
 __device__ __forceinline__ void prefetch_rows(const QW& W, int r0, int nr, int t, int nt) {
-  if (nr <= 0) return;
+  if (!PREFETCH || nr <= 0) return;
   const u64 rb = (u64)(W.cols / 32) * CHUNK_WORDS * 4;
   prefetch_l2(W.w + (u64)r0 * rb, (u64)nr * rb, t, nt);
 #if QMODE == MODE_AFFINE
