@@ -13,8 +13,8 @@
 use crate::device::{cfg, launch, CudaDevice};
 use crate::error::{shape, DriverResult};
 use crate::moe::{CudaMlp, CudaMoe, MoeScratch};
-use crate::persistent::Persistent;
 use crate::nvrtc::ModuleSource;
+use crate::persistent::Persistent;
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg};
 use crate::{AttnShape, CudaError, CudaGraph};
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -436,7 +436,15 @@ impl CudaDecoder {
         // Final norm + lm_head.
         let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
         let plog = dev.ptr(&s.logits);
-        self.gemv(lm, ph, plog, Some((&self.norm, self.eps)), false, None, None)?;
+        self.gemv(
+            lm,
+            ph,
+            plog,
+            Some((&self.norm, self.eps)),
+            false,
+            None,
+            None,
+        )?;
         if greedy {
             let f = dev.function(&ops, "argmax_step")?;
             let (pv, pi, pc, n) = (

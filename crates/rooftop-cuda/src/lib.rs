@@ -44,4 +44,5 @@ pub use device::{CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
 pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind};
 pub use ops::{AttnShape, Rope};
+pub use persistent::set_persistent;
 pub use weight::CudaWeight;

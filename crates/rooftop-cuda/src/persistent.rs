@@ -12,6 +12,14 @@ use crate::weight::{lanes_per_row, QwArg};
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
+static PERSISTENT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Use (or not) the persistent kernel for decoder states made from now on, whatever
+/// `ROOFTOP_PERSISTENT` says (checks run both paths).
+pub fn set_persistent(on: bool) {
+    PERSISTENT.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `struct LayerDesc` in decode.cu (field for field).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -119,7 +127,9 @@ fn uniform_format(dec: &CudaDecoder) -> Option<KernelFormat> {
                     && same(m.gate.format)
                     && same(m.up.format)
                     && same(m.down.format)
-                    && m.shared.as_ref().is_none_or(|s| s.iter().all(|w| same(w.format)))
+                    && m.shared
+                        .as_ref()
+                        .is_none_or(|s| s.iter().all(|w| same(w.format)))
             }
             CudaFfn::Mlp(m) => m.w.iter().all(|w| same(w.format)),
         };
@@ -132,14 +142,20 @@ fn uniform_format(dec: &CudaDecoder) -> Option<KernelFormat> {
 
 impl Persistent {
     /// Build the layer table for a state whose KV caches are `kc`/`vc`. None when the
-    /// model does not suit the kernel or `ROOFTOP_PERSISTENT=0`.
+    /// model does not suit the kernel, or it is not asked for (`ROOFTOP_PERSISTENT=1`
+    /// or [`set_persistent`]).
     pub(crate) fn new(
         dec: &CudaDecoder,
         kc: &[CudaSlice<u16>],
         vc: &[CudaSlice<u16>],
     ) -> Result<Option<Self>, CudaError> {
         // Opt-in until it beats the launch-per-op path (docs/PERFORMANCE-cuda.md).
-        if !std::env::var("ROOFTOP_PERSISTENT").is_ok_and(|v| v == "1") {
+        let on = match PERSISTENT.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => std::env::var("ROOFTOP_PERSISTENT").is_ok_and(|v| v == "1"),
+        };
+        if !on {
             return Ok(None);
         }
         let Some(format) = uniform_format(dec) else {
@@ -310,7 +326,7 @@ impl Persistent {
         let grid = dev.grid_for(&f, 256, self.smem, usize::MAX);
         if (grid as usize) < self.max_heads {
             return Err(CudaError::Unsupported(format!(
-                "persistent decode needs one CTA per head ({}) but only {grid} fit; set ROOFTOP_PERSISTENT=0",
+                "persistent decode needs one CTA per head ({}) but only {grid} fit; unset ROOFTOP_PERSISTENT",
                 self.max_heads
             )));
         }
@@ -338,12 +354,6 @@ impl Persistent {
             max_seq: max_seq as i32,
             prefetch: self.prefetch as i32,
         };
-        launch!(
-            dev,
-            f,
-            cfg((grid, 1), 256, self.smem),
-            "decode_layers",
-            arg
-        )
+        launch!(dev, f, cfg((grid, 1), 256, self.smem), "decode_layers", arg)
     }
 }

@@ -294,7 +294,8 @@ impl CudaWeight {
 
     /// The launch-after-next prefetch of this whole weight (`struct Pf` in common.cuh).
     pub(crate) fn prefetch_arg(&self, dev: &CudaDevice) -> PfArg {
-        let r = |s: &Option<CudaSlice<u8>>| s.as_ref().map_or((0, 0), |s| (dev.ptr(s), s.len() as u64));
+        let r =
+            |s: &Option<CudaSlice<u8>>| s.as_ref().map_or((0, 0), |s| (dev.ptr(s), s.len() as u64));
         let (s, b) = (r(&self.s), r(&self.b));
         PfArg {
             p: [dev.ptr(&self.w), s.0, b.0],

@@ -20,9 +20,11 @@ pub fn parse_device(s: &str) -> Result<Option<usize>> {
         "cpu" => Ok(None),
         "cuda" | "gpu" => Ok(Some(0)),
         _ => match s.strip_prefix("cuda:") {
-            Some(n) => Ok(Some(n.parse().with_context(|| {
-                format!("--device {s}: expected cuda:<ordinal>")
-            })?)),
+            Some(n) => {
+                Ok(Some(n.parse().with_context(|| {
+                    format!("--device {s}: expected cuda:<ordinal>")
+                })?))
+            }
             None => bail!("--device {s}: expected cpu, cuda or cuda:<ordinal>"),
         },
     }
@@ -106,7 +108,15 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
             let dec = m.to_cuda(dev.clone(), !a.json)?;
             let n = dec.layers.len();
             let k = m.config().num_experts_per_tok;
-            (dec, dir.display().to_string(), n, n, "from the model".to_string(), None, k)
+            (
+                dec,
+                dir.display().to_string(),
+                n,
+                n,
+                "from the model".to_string(),
+                None,
+                k,
+            )
         }
         None => {
             let preset = sized_preset_gpu(a.synthetic, a.layers, &recipe, dev.total_mem)?;
@@ -121,7 +131,12 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
             ));
             let dec = synthetic(&dev, &preset, &recipe)?;
             // KV at f16 on the GPU: the config count's f32 KV bytes, halved.
-            let mut tb = synth::token_bytes(&preset, &recipe, ctx - a.gen_tokens / 2, preset.top_k as f64);
+            let mut tb = synth::token_bytes(
+                &preset,
+                &recipe,
+                ctx - a.gen_tokens / 2,
+                preset.top_k as f64,
+            );
             tb.kv_cache /= 2.0;
             (
                 dec,
@@ -287,10 +302,18 @@ fn last_layer_unique(dec: &CudaDecoder, st: &rooftop_cuda::CudaState) -> Result<
 
 /// A preset at `layers`, or with none given the whole model when it fits in 80% of the
 /// card's memory (else as many layers as do).
-fn sized_preset_gpu(name: &str, layers: Option<usize>, recipe: &Recipe, mem: usize) -> Result<Preset> {
+fn sized_preset_gpu(
+    name: &str,
+    layers: Option<usize>,
+    recipe: &Recipe,
+    mem: usize,
+) -> Result<Preset> {
     let p = synth::preset(name).with_context(|| {
         let names: Vec<_> = synth::PRESETS.iter().map(|p| p.name).collect();
-        format!("unknown preset {name:?} (expected one of {})", names.join(", "))
+        format!(
+            "unknown preset {name:?} (expected one of {})",
+            names.join(", ")
+        )
     })?;
     if let Some(l) = layers {
         return Ok(p.with_layers(l));
@@ -341,8 +364,16 @@ fn synthetic(dev: &Arc<CudaDevice>, p: &Preset, recipe: &Recipe) -> Result<CudaD
             qkv_bias: None,
             o: weight(dev, f("o_proj"), h, q, next())?,
             o_bias: None,
-            q_norm: if p.qk_norm { Some(ones(p.head_dim)?) } else { None },
-            k_norm: if p.qk_norm { Some(ones(p.head_dim)?) } else { None },
+            q_norm: if p.qk_norm {
+                Some(ones(p.head_dim)?)
+            } else {
+                None
+            },
+            k_norm: if p.qk_norm {
+                Some(ones(p.head_dim)?)
+            } else {
+                None
+            },
             qk_eps: 1e-6,
             heads: p.heads,
             kv_heads: p.kv_heads,
@@ -420,7 +451,13 @@ fn synthetic(dev: &Arc<CudaDevice>, p: &Preset, recipe: &Recipe) -> Result<CudaD
         layers,
         norm: ones(h)?,
         eps: 1e-6,
-        lm_head: Some(weight(dev, recipe.format("lm_head", n, n), p.vocab, h, next())?),
+        lm_head: Some(weight(
+            dev,
+            recipe.format("lm_head", n, n),
+            p.vocab,
+            h,
+            next(),
+        )?),
         dev: dev.clone(),
     })
 }

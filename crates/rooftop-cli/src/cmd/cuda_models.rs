@@ -64,56 +64,71 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                     continue;
                 }
             };
-            // Logits at every position.
-            let (shape, want) = npy::read_f32(&arch.join(format!("{vname}.npy")))?;
-            let vocab = shape[1];
-            let mut st = dec.new_state(tokens.len() + 64)?;
-            let mut got = Vec::with_capacity(want.len());
-            for &t in &tokens {
-                dec.feed(&mut st, t)?;
-                got.extend(dec.logits(&st)?);
-            }
-            let logits_err = rel_err(&got, &want[..got.len().min(want.len())]);
-            // Greedy continuation with the device's argmax.
-            let greedy: Vec<u32> = serde_json::from_value(v["greedy"].clone())?;
-            let margins: Vec<f64> = serde_json::from_value(v["margins"].clone())?;
-            let mut st = dec.new_state(prompt.len() + greedy.len() + 1)?;
-            let (last, rest) = prompt.split_last().context("empty prompt")?;
-            for &t in rest {
-                dec.feed(&mut st, t)?;
-            }
-            let mut next = dec.feed_greedy(&mut st, *last)?;
-            let mut ours = vec![next];
-            while ours.len() < greedy.len() {
-                next = dec.feed_greedy(&mut st, next)?;
-                ours.push(next);
-            }
-            let first_diff = ours.iter().zip(&greedy).position(|(a, b)| a != b);
-            let (greedy_ok, greedy_note) = match first_diff {
-                None => (true, format!("{} tokens equal", greedy.len())),
-                Some(i) if margins.get(i).is_some_and(|m| *m < NEAR_TIE) => (
-                    true,
-                    format!("equal for {i} tokens, then a near tie (margin {:.3})", margins[i]),
-                ),
-                Some(i) => (
-                    false,
-                    format!(
-                        "differs at token {i} (margin {:.3}): ours {:?} vs mlx-lm {:?}",
-                        margins.get(i).copied().unwrap_or(f64::NAN),
-                        &ours[i..(i + 4).min(ours.len())],
-                        &greedy[i..(i + 4).min(greedy.len())]
+            for persistent in [false, true] {
+                rooftop_cuda::set_persistent(persistent);
+                let name = if persistent {
+                    format!("{name} (persistent)")
+                } else {
+                    name.clone()
+                };
+                // Logits at every position.
+                let (shape, want) = npy::read_f32(&arch.join(format!("{vname}.npy")))?;
+                let vocab = shape[1];
+                let mut st = dec.new_state(tokens.len() + 64)?;
+                if persistent && !st.persistent() {
+                    continue; // mixed formats: only the launch-per-op path applies
+                }
+                let mut got = Vec::with_capacity(want.len());
+                for &t in &tokens {
+                    dec.feed(&mut st, t)?;
+                    got.extend(dec.logits(&st)?);
+                }
+                let logits_err = rel_err(&got, &want[..got.len().min(want.len())]);
+                // Greedy continuation with the device's argmax.
+                let greedy: Vec<u32> = serde_json::from_value(v["greedy"].clone())?;
+                let margins: Vec<f64> = serde_json::from_value(v["margins"].clone())?;
+                let mut st = dec.new_state(prompt.len() + greedy.len() + 1)?;
+                let (last, rest) = prompt.split_last().context("empty prompt")?;
+                for &t in rest {
+                    dec.feed(&mut st, t)?;
+                }
+                let mut next = dec.feed_greedy(&mut st, *last)?;
+                let mut ours = vec![next];
+                while ours.len() < greedy.len() {
+                    next = dec.feed_greedy(&mut st, next)?;
+                    ours.push(next);
+                }
+                let first_diff = ours.iter().zip(&greedy).position(|(a, b)| a != b);
+                let (greedy_ok, greedy_note) = match first_diff {
+                    None => (true, format!("{} tokens equal", greedy.len())),
+                    Some(i) if margins.get(i).is_some_and(|m| *m < NEAR_TIE) => (
+                        true,
+                        format!(
+                            "equal for {i} tokens, then a near tie (margin {:.3})",
+                            margins[i]
+                        ),
                     ),
-                ),
-            };
-            let _ = vocab;
-            out.push(ModelCheck {
-                name,
-                logits_err,
-                greedy_ok,
-                greedy_note,
-            });
+                    Some(i) => (
+                        false,
+                        format!(
+                            "differs at token {i} (margin {:.3}): ours {:?} vs mlx-lm {:?}",
+                            margins.get(i).copied().unwrap_or(f64::NAN),
+                            &ours[i..(i + 4).min(ours.len())],
+                            &greedy[i..(i + 4).min(greedy.len())]
+                        ),
+                    ),
+                };
+                let _ = vocab;
+                out.push(ModelCheck {
+                    name,
+                    logits_err,
+                    greedy_ok,
+                    greedy_note,
+                });
+            }
         }
     }
+    rooftop_cuda::set_persistent(false);
     Ok(out)
 }
 
