@@ -141,16 +141,16 @@ pub fn rows_moe() -> usize {
 
 static ACT_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Exact f32 activations in every GEMV: the default. `ROOFTOP_CUDA_ACT=int8` (or
-/// [`set_f32_activations`]`(false)`) gives 4-bit affine weights int8 activations (per
-/// 32, like llama.cpp's q8_1): 1.7× faster on a large GEMV (lm_head), but 9% slower
-/// whole-model decode on an H200 today (the per-chunk quantization lengthens each
-/// kernel's staging) and ~1.5% relative error; see docs/PERFORMANCE-cuda.md.
+/// Whether every GEMV takes exact f32 activations (`ROOFTOP_CUDA_ACT=f32`, or
+/// [`set_f32_activations`]). By default 4-bit affine weights meet int8 activations (per
+/// 32, like llama.cpp's q8_1): on an H200 that made qwen3-30b-a3b decode 18% faster
+/// (381.8 vs 322.7 tok/s) and lm_head 1.6× faster, at ~1.5% relative GEMV error; the
+/// whole-model checks against mlx-lm pass either way (docs/PERFORMANCE-cuda.md).
 pub fn f32_activations() -> bool {
     match ACT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         1 => true,
         2 => false,
-        _ => !std::env::var("ROOFTOP_CUDA_ACT").is_ok_and(|v| v == "int8"),
+        _ => std::env::var("ROOFTOP_CUDA_ACT").is_ok_and(|v| v == "f32"),
     }
 }
 
