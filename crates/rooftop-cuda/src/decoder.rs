@@ -49,6 +49,8 @@ pub struct CudaAttention {
     pub rope: CudaRope,
 }
 
+// One per layer, built once: the variants' size difference is irrelevant.
+#[allow(clippy::large_enum_variant)]
 pub enum CudaFfn {
     Moe(CudaMoe),
     Mlp(CudaMlp),
@@ -121,6 +123,15 @@ struct EpiArg {
     bias: u64,
 }
 unsafe impl DeviceRepr for EpiArg {}
+
+/// Epilogue options of one decoder GEMV.
+#[derive(Clone, Copy, Default)]
+struct Gemv<'a> {
+    norm: Option<(&'a CudaSlice<f32>, f32)>,
+    add: bool,
+    bias: Option<&'a CudaSlice<f32>>,
+    next: Option<&'a CudaWeight>,
+}
 
 /// Per-sequence device state: residual stream, scratch, KV caches, the token and
 /// position the captured graph reads, and the graph itself.
@@ -336,16 +347,14 @@ impl CudaDecoder {
         self.dev.write(&mut s.pos, &[0])
     }
 
-    fn gemv(
-        &self,
-        w: &CudaWeight,
-        x: u64,
-        y: u64,
-        norm: Option<(&CudaSlice<f32>, f32)>,
-        add: bool,
-        bias: Option<&CudaSlice<f32>>,
-        next: Option<&CudaWeight>,
-    ) -> Result<(), CudaError> {
+    /// `y (+)= W · norm(x) (+ bias)`, prefetching `next` for a later launch.
+    fn gemv(&self, w: &CudaWeight, x: u64, y: u64, o: Gemv) -> Result<(), CudaError> {
+        let Gemv {
+            norm,
+            add,
+            bias,
+            next,
+        } = o;
         let dev = &self.dev;
         let m = ModuleSource::gemv(w.format);
         let f = dev.function(&m, "gemv1_epi")?;
@@ -436,15 +445,12 @@ impl CudaDecoder {
         // Final norm + lm_head.
         let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
         let plog = dev.ptr(&s.logits);
-        self.gemv(
-            lm,
-            ph,
-            plog,
-            Some((&self.norm, self.eps)),
-            false,
-            None,
-            None,
-        )?;
+        let norm = Some((&self.norm, self.eps));
+        let o = Gemv {
+            norm,
+            ..Default::default()
+        };
+        self.gemv(lm, ph, plog, o)?;
         if greedy {
             let f = dev.function(&ops, "argmax_step")?;
             let (pv, pi, pc, n) = (
@@ -491,15 +497,12 @@ impl CudaDecoder {
             let mut off = 0u64;
             for w in &a.qkv {
                 // The QKV launch prefetches the output projection for later.
-                self.gemv(
-                    w,
-                    ph,
-                    pq + off * 4,
-                    Some((&l.attn_norm, l.eps)),
-                    false,
-                    None,
-                    Some(&a.o),
-                )?;
+                let o = Gemv {
+                    norm: Some((&l.attn_norm, l.eps)),
+                    next: Some(&a.o),
+                    ..Default::default()
+                };
+                self.gemv(w, ph, pq + off * 4, o)?;
                 off += w.rows as u64;
             }
             // Bias, q/k norm, rope, KV append.
@@ -575,7 +578,12 @@ impl CudaDecoder {
                 hd
             )?;
             // Output projection into the residual stream.
-            self.gemv(&a.o, patt, ph, None, true, a.o_bias.as_ref(), None)?;
+            let o = Gemv {
+                add: true,
+                bias: a.o_bias.as_ref(),
+                ..Default::default()
+            };
+            self.gemv(&a.o, patt, ph, o)?;
         }
         Ok(())
     }

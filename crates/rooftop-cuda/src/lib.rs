@@ -42,7 +42,7 @@ pub use decoder::{
 };
 pub use device::{CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
-pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind};
+pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind, StepOpts};
 pub use ops::{AttnShape, Rope};
 pub use persistent::set_persistent;
 pub use weight::CudaWeight;

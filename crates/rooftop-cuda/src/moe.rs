@@ -24,6 +24,17 @@ pub enum RoutingKind {
     Sigmoid,
 }
 
+/// Options of [`CudaMoe::step_parts`].
+#[derive(Clone, Copy)]
+pub struct StepOpts<'a> {
+    /// Which launches to enqueue: router, gate/up, down.
+    pub parts: [bool; 3],
+    /// RMSNorm (weights, eps) fused into the launches that read x.
+    pub norm: Option<(&'a CudaSlice<f32>, f32)>,
+    /// A weight to prefetch into L2 for whatever runs after the step.
+    pub next: Option<&'a CudaWeight>,
+}
+
 /// Router configuration, as in the model's config.json.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Routing {
@@ -286,7 +297,17 @@ impl CudaMoe {
         norm: Option<(&CudaSlice<f32>, f32)>,
         next: Option<&CudaWeight>,
     ) -> Result<(), CudaError> {
-        self.step_parts(dev, s, x, out, [true; 3], norm, next)
+        self.step_parts(
+            dev,
+            s,
+            x,
+            out,
+            StepOpts {
+                parts: [true; 3],
+                norm,
+                next,
+            },
+        )
     }
 
     /// Enqueue only the chosen launches (router, gate/up, down), for per-kernel timing;
@@ -297,10 +318,9 @@ impl CudaMoe {
         s: &mut MoeScratch,
         x: u64,
         out: u64,
-        parts: [bool; 3],
-        norm: Option<(&CudaSlice<f32>, f32)>,
-        next: Option<&CudaWeight>,
+        o: StepOpts,
     ) -> Result<(), CudaError> {
+        let StepOpts { parts, norm, next } = o;
         let k = self.routing.top_k;
         let (nw, eps) = norm.map_or((0u64, 0f32), |(w, e)| (dev.ptr(w), e));
         let (h, inter) = (self.hidden, self.inter);

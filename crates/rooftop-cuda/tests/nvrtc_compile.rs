@@ -60,6 +60,7 @@ fn gemv_modules_export_every_kernel() {
         "moe_down",
         "gemv1_epi",
         "embed_row",
+        "decode_layers",
     ] {
         assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
     }

@@ -65,7 +65,7 @@ fn attention(dev: &CudaDevice, a: &Attention) -> Result<CudaAttention> {
         .as_ref()
         .or(a.k_norm.as_ref())
         .map_or(0.0, |n| n.eps);
-    if a.head_dim % 32 != 0 || a.head_dim > 256 {
+    if !a.head_dim.is_multiple_of(32) || a.head_dim > 256 {
         return Err(unsupported(&format!("head_dim {}", a.head_dim)));
     }
     Ok(CudaAttention {

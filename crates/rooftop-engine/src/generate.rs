@@ -79,7 +79,8 @@ enum Out {
     Token(u32),
 }
 
-/// Where the forward passes run.
+/// Where the forward passes run. (One per generation: variant sizes are irrelevant.)
+#[allow(clippy::large_enum_variant)]
 enum Runner<'a> {
     Cpu(&'a Model, Cache, Logits),
     Cuda {

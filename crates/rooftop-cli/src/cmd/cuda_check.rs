@@ -575,7 +575,17 @@ fn bench_moe(
         |parts: [bool; 3], scratch: &mut Vec<rooftop_cuda::MoeScratch>| -> Result<f64> {
             let graph = dev.capture(|| {
                 for (m, s) in moes.iter().zip(scratch.iter_mut()) {
-                    m.step_parts(dev, s, px, pr, parts, None, None)?;
+                    m.step_parts(
+                        dev,
+                        s,
+                        px,
+                        pr,
+                        rooftop_cuda::StepOpts {
+                            parts,
+                            norm: None,
+                            next: None,
+                        },
+                    )?;
                 }
                 Ok(())
             })?;
