@@ -12,10 +12,10 @@ use rooftop_gguf::math as ggml;
 
 /// `down(silu(gate(x)) · up(x))` (or GeGLU with [`Mlp::gelu`]).
 pub struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    gelu: bool,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+    pub(crate) gelu: bool,
     /// Activations as ggml computes them (GGUF models: `rooftop_gguf::math`).
     ggml: bool,
 }
@@ -62,9 +62,9 @@ impl Mlp {
 
 /// Per-expert SwiGLU weights.
 pub struct Experts {
-    gate: Vec<W>, // E × [I, D]
-    up: Vec<W>,   // E × [I, D]
-    down: Vec<W>, // E × [D, I]
+    pub(crate) gate: Vec<W>, // E × [I, D]
+    pub(crate) up: Vec<W>,   // E × [I, D]
+    pub(crate) down: Vec<W>, // E × [D, I]
 }
 
 impl Experts {
