@@ -341,7 +341,7 @@ impl VecDot for BlockQ2K {
                 let (hf, s, l) = (j / 128, (j % 128) / 32, j % 32);
                 *v = ((x.qs[32 * hf + l] >> (2 * s)) & 3) as i32;
             }
-            let sc: Vec<i32> = x.scales.iter().map(|&s| (s & 0x0F) as i32).collect();
+            let sc: [i32; 16] = std::array::from_fn(|j| (x.scales[j] & 0x0F) as i32);
             acc.fma(d, &lanes256(&q, &y.qs, &sc, 16));
         }
         acc.hsum()
@@ -364,7 +364,8 @@ impl VecDot for BlockQ3K {
                 let bit = (x.hmask[l] >> (j / 32)) & 1;
                 *v = low - if bit == 0 { 4 } else { 0 };
             }
-            let sc: Vec<i32> = x.sub_scales().iter().map(|&s| s as i32).collect();
+            let ss = x.sub_scales();
+            let sc: [i32; 16] = std::array::from_fn(|j| ss[j] as i32);
             acc.fma(d, &lanes256(&q, &y.qs, &sc, 16));
         }
         acc.hsum()
@@ -403,7 +404,7 @@ impl VecDot for BlockQ4K {
                 let (c, s, l) = (j / 64, (j % 64) / 32, j % 32);
                 *v = ((x.qs[32 * c + l] >> (4 * s)) & 0x0F) as i32;
             }
-            let sc: Vec<i32> = sc.iter().map(|&s| s as i32).collect();
+            let sc: [i32; 8] = std::array::from_fn(|j| sc[j] as i32);
             acc.fma(d, &lanes256(&q, &y.qs, &sc, 32));
         }
         let (m0, m1) = (acc_m[0] + acc_m[2], acc_m[1] + acc_m[3]);
@@ -453,7 +454,7 @@ impl VecDot for BlockQ5K {
                 let lo = ((x.qs[32 * c + l] >> (4 * s)) & 0x0F) as i32;
                 *v = lo | ((((x.qh[l] >> (j / 32)) & 1) as i32) << 4);
             }
-            let sc: Vec<i32> = sc.iter().map(|&s| s as i32).collect();
+            let sc: [i32; 8] = std::array::from_fn(|j| sc[j] as i32);
             acc.fma(d, &lanes256(&q, &y.qs, &sc, 32));
         }
         acc.hsum() + summs
@@ -476,7 +477,7 @@ impl VecDot for BlockQ6K {
                 let hi = (x.qh[32 * hf + l] >> (2 * s)) & 3;
                 *v = (lo | (hi << 4)) as i32 - 32;
             }
-            let sc: Vec<i32> = x.scales.iter().map(|&s| s as i8 as i32).collect();
+            let sc: [i32; 16] = std::array::from_fn(|j| x.scales[j] as i8 as i32);
             acc.fma(d, &lanes256(&q, &y.qs, &sc, 16));
         }
         acc.hsum()
