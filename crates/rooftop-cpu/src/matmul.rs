@@ -197,6 +197,23 @@ mod tests {
     }
 
     #[test]
+    fn batch1_row_blocks_with_a_remainder() {
+        // 37 rows: blocks of 4 rows plus a 1-row tail, in every nibble format.
+        for (spec, label) in [
+            (QuantSpec::affine(4, 32).unwrap(), "affine4g32"),
+            (QuantSpec::affine(4, 64).unwrap(), "affine4g64"),
+            (QuantSpec::affine(4, 128).unwrap(), "affine4g128"),
+            (QuantSpec::nvfp4(), "nvfp4"),
+            (QuantSpec::mxfp4(), "mxfp4"),
+        ] {
+            let q = weights::<bf16>(spec, 37, 1024, 21, None);
+            check(&WeightView::Quant(q.view()), 1, 5, label);
+        }
+        let q = weights::<f32>(QuantSpec::nvfp4(), 37, 1024, 22, Some(3.5));
+        check(&WeightView::Quant(q.view()), 1, 6, "nvfp4+global");
+    }
+
+    #[test]
     fn large_matrix_splits_across_threads() {
         let q = weights::<bf16>(QuantSpec::affine(4, 64).unwrap(), 1000, 512, 11, None);
         check(&WeightView::Quant(q.view()), 1, 3, "affine4 1000x512");
