@@ -147,6 +147,12 @@ struct Report {
     prefill_tok_s: f64,
     decode_tok_s: f64,
     decode_ms_per_token: f64,
+    /// From the median token's time: robust to the other processes of a shared machine.
+    decode_tok_s_median: f64,
+    roofline_pct_median: f64,
+    /// On-CPU time of all threads during decode ÷ (wall time × threads): below ~0.9 the
+    /// machine's other load took cores away from this run (spinning counts as on-CPU).
+    on_cpu_share: f64,
     bytes_per_token: f64,
     bytes_per_token_config: f64,
     unique_experts_per_layer: f64,
@@ -232,14 +238,24 @@ pub fn run(args: Args) -> Result<()> {
     // Decode.
     m.times = Breakdown::default();
     let (mut bytes, mut uniq, mut nuniq) = (0f64, 0usize, 0usize);
+    let mut step_s = Vec::with_capacity(args.gen_tokens);
+    let cpu0 = on_cpu_seconds();
     let t = Instant::now();
     for _ in 0..args.gen_tokens {
+        let ts = Instant::now();
         next = m.step(pool, &[next])?;
+        step_s.push(ts.elapsed().as_secs_f64());
         bytes += m.last_bytes;
         uniq += m.last_unique_experts.iter().sum::<usize>();
         nuniq += m.last_unique_experts.len();
     }
     let decode_s = t.elapsed().as_secs_f64();
+    let cpu_share = match (cpu0, on_cpu_seconds()) {
+        (Some(a), Some(b)) => (b - a) / (decode_s * pool.threads() as f64),
+        _ => f64::NAN,
+    };
+    step_s.sort_by(f64::total_cmp);
+    let median_s = step_s[step_s.len() / 2];
     let bw1 = rooftop_cpu::bandwidth::measure(pool, bw_bytes, 3);
 
     let n = args.gen_tokens;
@@ -268,6 +284,9 @@ pub fn run(args: Args) -> Result<()> {
         prefill_tok_s: prompt.len() as f64 / prefill_s,
         decode_tok_s: tok_s,
         decode_ms_per_token: 1e3 / tok_s,
+        decode_tok_s_median: 1.0 / median_s,
+        roofline_pct_median: 100.0 * bpt / median_s / 1e9 / roof,
+        on_cpu_share: cpu_share,
         bytes_per_token: bpt,
         bytes_per_token_config: cfg_bytes,
         unique_experts_per_layer: uniq as f64 / nuniq.max(1) as f64,
@@ -314,7 +333,25 @@ pub fn run(args: Args) -> Result<()> {
         "achieved   {:>8.1} GB/s = {:.0}% of the measured {:.1} GB/s roofline",
         achieved, r.roofline_pct, roof
     );
+    println!(
+        "median     {:>8.1} tok/s   = {:.0}% of roofline (median token); on a CPU {:.2} ms/token, all threads ({:.0}% of their time)",
+        r.decode_tok_s_median,
+        r.roofline_pct_median,
+        r.on_cpu_share * r.threads as f64 * r.decode_ms_per_token,
+        100.0 * r.on_cpu_share
+    );
     println!("time/token attention {:.2} ms ({:.0}%), router {:.2} ({:.0}%), experts {:.2} ({:.0}%), lm_head {:.2} ({:.0}%), other {:.2} ({:.0}%)",
         b.attention, pct(b.attention), b.router, pct(b.router), b.experts, pct(b.experts), b.lm_head, pct(b.lm_head), b.other, pct(b.other));
     Ok(())
+}
+
+/// Seconds all of this process's threads have spent on a CPU (Linux schedstat).
+fn on_cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for e in std::fs::read_dir("/proc/self/task").ok()? {
+        let p = e.ok()?.path().join("schedstat");
+        let s = std::fs::read_to_string(p).ok()?;
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
 }
