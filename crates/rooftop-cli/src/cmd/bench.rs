@@ -1,5 +1,7 @@
 //! `rooftop bench`: decode and prefill speed against the machine's own roofline.
 
+mod model;
+
 use anyhow::{bail, Context, Result};
 use rooftop_cpu::pool::Pool;
 use rooftop_cpu::synth::{self, Breakdown, Preset, Recipe, SynthModel};
@@ -98,13 +100,14 @@ With no arguments it runs the qwen3-30b-a3b shape (affine 4-bit g64), with as ma
 48 layers as fit in a third of free memory. Synthetic weights are random bytes in the chosen \
 format; routing is what the router computes on random weights.\n\n\
 Examples:\n  rooftop bench\n  rooftop bench --synthetic qwen3-30b-a3b --layers 8 --q-mode nvfp4\n  \
-rooftop bench --synthetic glm-4.5-air --layers 4 --q-bits 3 --json"
+rooftop bench --synthetic glm-4.5-air --layers 4 --q-bits 3 --json\n  \
+rooftop bench --model Qwen3-30B-A3B-4bit --fidelity"
 )]
 pub struct Args {
     /// Preset of a real model's shape: qwen3-30b-a3b, glm-4.5-air, olmoe-1b-7b, qwen3-moe-0.9b.
     #[arg(long, default_value = "qwen3-30b-a3b")]
     synthetic: String,
-    /// A converted model directory (needs the engine; not available in this build).
+    /// A converted model directory (safetensors + config.json), run by the engine.
     #[arg(long, conflicts_with = "synthetic")]
     model: Option<std::path::PathBuf>,
     /// Keep only this many layers (default: as many as fit in memory).
@@ -125,6 +128,10 @@ pub struct Args {
     /// f32 activations for quantized weights (exact, slower) instead of int8.
     #[arg(long)]
     exact: bool,
+    /// With --model: also compare int8 against exact activations on the prompt
+    /// (KL, top-1 agreement, logit error).
+    #[arg(long, requires = "model")]
+    fidelity: bool,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -187,14 +194,11 @@ impl BreakdownMs {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(dir) = &args.model {
-        bail!(
-            "--model {}: benchmarking a converted model needs the inference engine, which this build does not have yet; use --synthetic",
-            dir.display()
-        );
-    }
     if args.gen_tokens == 0 {
         bail!("--gen-tokens must be at least 1");
+    }
+    if let Some(dir) = &args.model {
+        return model::run(&args, dir);
     }
     let recipe = args.recipe.recipe()?;
     rooftop_cpu::set_int8_activations(!args.exact);

@@ -94,17 +94,22 @@ static INT8: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
 
 /// Whether quantized weights run with int8 activations (fast, ~1/250 relative error per
 /// activation block, like llama.cpp's q8) or f32 activations (exact up to f32 rounding,
-/// what MLX computes; the engine's oracle tests need it). Default: exact, unless
-/// `ROOFTOP_ACTIVATIONS=int8`.
+/// what MLX computes; the mlx-lm oracle tests need it, at 1e-4).
+///
+/// Default: int8 — decode speed is the product, and llama.cpp makes the same trade
+/// (its CPU matmuls quantize activations to q8). `ROOFTOP_ACTIVATIONS=exact` (or `f32`)
+/// or [`set_int8_activations`]`(false)` choose exact; the measured cost of int8 on
+/// real logits is in docs/PERFORMANCE-cpu.md.
 pub fn int8_activations() -> bool {
     use std::sync::atomic::Ordering;
     match INT8.load(Ordering::Relaxed) {
         0 => false,
         1 => true,
         _ => {
-            let on = std::env::var("ROOFTOP_ACTIVATIONS").is_ok_and(|v| v == "int8");
-            INT8.store(u8::from(on), Ordering::Relaxed);
-            on
+            let exact = std::env::var("ROOFTOP_ACTIVATIONS")
+                .is_ok_and(|v| v.eq_ignore_ascii_case("exact") || v.eq_ignore_ascii_case("f32"));
+            INT8.store(u8::from(!exact), Ordering::Relaxed);
+            !exact
         }
     }
 }
