@@ -199,7 +199,7 @@ pub fn run(args: &Args, dir: &Path) -> Result<()> {
 /// Logits of every prompt position with exact and with int8 activations.
 fn fidelity(model: &Model, prompt: &[u32]) -> Result<Fidelity> {
     let vocab = model.vocab_size();
-    let mut run = |int8: bool| -> Result<Vec<f32>> {
+    let run = |int8: bool| -> Result<Vec<f32>> {
         rooftop_cpu::set_int8_activations(int8);
         let mut cache = model.new_cache(prompt.len());
         Ok(model.forward(prompt, &mut cache, Logits::All)?)
@@ -261,7 +261,9 @@ fn kv_bytes(cfg: &Value, ctx: usize) -> Result<f64> {
         usize_of(cfg, "hidden_size")?,
         usize_of(cfg, "num_attention_heads")?,
     );
-    let kv = cfg["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
+    let kv = cfg["num_key_value_heads"]
+        .as_u64()
+        .map_or(heads, |v| v as usize);
     let hd = cfg["head_dim"].as_u64().map_or(h / heads, |v| v as usize);
     Ok(2.0 * (usize_of(cfg, "num_hidden_layers")? * ctx * kv * hd) as f64 * 4.0)
 }
@@ -328,7 +330,9 @@ fn config_bytes(cfg: &Value, ctx: usize) -> Result<f64> {
     } / 8.0;
     let h = usize_of(cfg, "hidden_size")?;
     let heads = usize_of(cfg, "num_attention_heads")?;
-    let kv = cfg["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
+    let kv = cfg["num_key_value_heads"]
+        .as_u64()
+        .map_or(heads, |v| v as usize);
     let hd = cfg["head_dim"].as_u64().map_or(h / heads, |v| v as usize);
     let layers = usize_of(cfg, "num_hidden_layers")?;
     let vocab = usize_of(cfg, "vocab_size")?;
@@ -346,10 +350,8 @@ fn config_bytes(cfg: &Value, ctx: usize) -> Result<f64> {
     let mut w = 0f64;
     for l in 0..layers {
         w += h * hd * (2.0 * heads + 2.0 * kv);
-        let moe = ne > 0.0
-            && l >= first_dense
-            && (l + 1) % step == 0
-            && !mlp_only.contains(&(l as u64));
+        let moe =
+            ne > 0.0 && l >= first_dense && (l + 1) % step == 0 && !mlp_only.contains(&(l as u64));
         if moe {
             // Mixtral's experts are intermediate_size wide.
             let ei = if moe_inter > 0.0 { moe_inter } else { inter };
