@@ -206,8 +206,16 @@ mod tests {
             (QuantSpec::nvfp4(), "nvfp4"),
             (QuantSpec::mxfp4(), "mxfp4"),
         ] {
-            let q = weights::<bf16>(spec, 37, 1024, 21, None);
-            check(&WeightView::Quant(q.view()), 1, 5, label);
+            // 768 and 384: group counts that are not multiples of 8 (MoE down rows).
+            for inp in [1024, 768, 384] {
+                let q = weights::<bf16>(spec, 37, inp, 21, None);
+                check(
+                    &WeightView::Quant(q.view()),
+                    1,
+                    5,
+                    &format!("{label} in={inp}"),
+                );
+            }
         }
         let q = weights::<f32>(QuantSpec::nvfp4(), 37, 1024, 22, Some(3.5));
         check(&WeightView::Quant(q.view()), 1, 6, "nvfp4+global");

@@ -174,6 +174,8 @@ struct Report {
 #[derive(Serialize)]
 struct BreakdownMs {
     attention: f64,
+    /// Of `attention`: norms, RoPE, softmax(q·K)·V (no weights).
+    attention_core: f64,
     router: f64,
     experts: f64,
     lm_head: f64,
@@ -185,6 +187,7 @@ impl BreakdownMs {
         let f = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n.max(1) as f64;
         BreakdownMs {
             attention: f(b.attention),
+            attention_core: f(b.attention_core),
             router: f(b.router),
             experts: f(b.experts),
             lm_head: f(b.lm_head),
@@ -344,8 +347,8 @@ pub fn run(args: Args) -> Result<()> {
         r.on_cpu_share * r.threads as f64 * r.decode_ms_per_token,
         100.0 * r.on_cpu_share
     );
-    println!("time/token attention {:.2} ms ({:.0}%), router {:.2} ({:.0}%), experts {:.2} ({:.0}%), lm_head {:.2} ({:.0}%), other {:.2} ({:.0}%)",
-        b.attention, pct(b.attention), b.router, pct(b.router), b.experts, pct(b.experts), b.lm_head, pct(b.lm_head), b.other, pct(b.other));
+    println!("time/token attention {:.2} ms ({:.0}%; {:.2} of it over the cache), router {:.2} ({:.0}%), experts {:.2} ({:.0}%), lm_head {:.2} ({:.0}%), other {:.2} ({:.0}%)",
+        b.attention, pct(b.attention), b.attention_core, b.router, pct(b.router), b.experts, pct(b.experts), b.lm_head, pct(b.lm_head), b.other, pct(b.other));
     Ok(())
 }
 

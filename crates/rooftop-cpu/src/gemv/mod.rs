@@ -309,7 +309,7 @@ unsafe fn portable_rows(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorize without reassociating.
     let mut acc = [0f32; 8];

@@ -348,20 +348,28 @@ unsafe fn nibble_block1<D: Dot, const FP4: bool, const G: usize, const R: usize>
             acc[i] = _mm256_fmadd_ps(t, chunk_scale::<G>(ws.add(i * stride), c), acc[i]);
         }
     }
+    let mut out = [0f32; R];
     if affine {
-        // Σ_g bias_g · Σx_g, 8 groups per vector (ng is a multiple of 8 here).
+        // Σ_g bias_g · Σx_g, 8 groups per vector, then the rest (MoE down rows of
+        // 768 have 12 groups of 64).
         let gs = a.gsum.as_ptr();
-        for k in (0..ng).step_by(8) {
+        let mut k = 0;
+        while k + 8 <= ng {
             let s = _mm256_loadu_ps(gs.add(k));
             for i in 0..R {
                 let b = _mm256_loadu_ps(wb.add(i * stride + k));
                 acc[i] = _mm256_fmadd_ps(b, s, acc[i]);
             }
+            k += 8;
+        }
+        for k in k..ng {
+            for i in 0..R {
+                out[i] += *wb.add(i * stride + k) * *gs.add(k);
+            }
         }
     }
-    let mut out = [0f32; R];
     for i in 0..R {
-        out[i] = hsum(acc[i]);
+        out[i] += hsum(acc[i]);
     }
     out
 }
@@ -429,7 +437,7 @@ unsafe fn nibble_rows1<D: Dot, const FP4: bool, const G: usize>(
 unsafe fn nibble_rows<D: Dot, const FP4: bool>(r: &RowArgs, a: &QActs, scratch: &mut Vec<f32>) {
     let w = r.q();
     let g = w.spec.group_size;
-    if a.n == 1 && (w.cols / g).is_multiple_of(8) {
+    if a.n == 1 {
         match g {
             16 => return nibble_rows1::<D, FP4, 16>(r, a, scratch),
             32 => return nibble_rows1::<D, FP4, 32>(r, a, scratch),
