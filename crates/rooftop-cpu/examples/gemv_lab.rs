@@ -18,7 +18,7 @@ struct Owned {
     spec: QuantSpec,
     rows: usize,
     cols: usize,
-    weight: Vec<u8>,
+    weight: rooftop_cpu::mem::HugeBuf,
     scales: Vec<u8>,
     biases: Vec<u8>,
 }
@@ -28,9 +28,11 @@ impl Owned {
         let wb = rows * cols * spec.bits as usize / 8;
         let ng = rows * cols / spec.group_size;
         let sb = spec.scale_bytes(DType::BF16);
-        let weight = (0..wb)
-            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
-            .collect();
+        // Huge pages, as the synthetic models and the engine's copies have.
+        let mut weight = rooftop_cpu::mem::HugeBuf::zeroed(wb);
+        for (i, v) in weight.iter_mut().enumerate() {
+            *v = (i.wrapping_mul(2654435761) >> 7) as u8;
+        }
         let scales: Vec<u8> = (0..ng * sb)
             .map(|i| match (sb, i % 2) {
                 (2, 1) => 0x3c,

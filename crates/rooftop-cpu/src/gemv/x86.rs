@@ -275,8 +275,25 @@ unsafe fn nibble_tile<D: Dot, const FP4: bool, const NT: usize>(
 /// Rows decoded together by the batch-1 nibble kernel: they share every activation
 /// load, and their four horizontal sums are done at once.
 const R1: usize = 4;
-/// Software prefetch distance of the batch-1 kernel, in blocks of `R1` rows.
-const PF_BLOCKS: usize = 2;
+/// Software prefetch distance of the batch-1 kernel in bytes (`ROOFTOP_PF_BYTES` for
+/// A/B runs). Measured with `examples/gemv_lab.rs` (151936×2048 affine4 on huge pages,
+/// 1 thread, two sweeps): 0 → 9.8 GB/s, 1 KiB 13.5, 2 KiB 18, 3 KiB 24–26, 4 KiB
+/// 22–23, 6 KiB 18–19, 8 KiB 14–16; NVFP4 peaks at 4 KiB (19). Farther is worse:
+/// lines prefetched into L1 too early are evicted before use.
+fn pf_dist() -> usize {
+    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("ROOFTOP_PF_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4096)
+    })
+}
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+}
 
 /// Scale of chunk `c`'s 8 integer lanes for group size `G` (see `acts`: lane k holds
 /// elements [8k, 8k+8) of the chunk). `ws`: the row's f32 scales, padded by 8.
@@ -316,6 +333,7 @@ unsafe fn nibble_block1<D: Dot, const FP4: bool, const G: usize, const R: usize>
     let lut = fp4_lut();
     let wrow = w.weight.as_ptr().add(row * cols / 2);
     let (q, ldx, lin) = (a.q.as_ptr(), a.lane_dx.as_ptr(), a.lane_init.as_ptr());
+    let pf_dist = pf_dist();
     let mut acc = [_mm256_setzero_ps(); R];
     for c in 0..nch {
         let xlo = _mm256_loadu_si256(q.add(c * 64) as *const __m256i);
@@ -329,10 +347,10 @@ unsafe fn nibble_block1<D: Dot, const FP4: bool, const G: usize, const R: usize>
         // The R rows are read interleaved, which the hardware prefetcher does not
         // follow across pages: fetch ahead ourselves, R·32 bytes per chunk, up to
         // the end of the caller's rows (`pf_end`).
-        let pf = wrow.add(PF_BLOCKS * R * cols / 2 + c * R * 32);
+        let pf = wrow.add(pf_dist + c * R * 32);
         if pf < pf_end {
             for l in (0..R * 32).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(pf.add(l) as *const i8);
+                prefetch(pf.add(l));
             }
         }
         for i in 0..R {
@@ -392,9 +410,10 @@ unsafe fn nibble_rows1<D: Dot, const FP4: bool, const G: usize>(
     let pf_end = base.add(r.rows.end * row_bytes);
     // The first blocks: nothing ahead of them fetched them.
     let first = base.add(r.rows.start * row_bytes);
-    let n0 = (PF_BLOCKS * R1).min(r.rows.len()) * row_bytes;
+    let pf_dist = pf_dist();
+    let n0 = pf_dist.min(r.rows.len() * row_bytes);
     for l in (0..n0).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(first.add(l) as *const i8);
+        prefetch(first.add(l));
     }
     let mut row = r.rows.start;
     while row < r.rows.end {
