@@ -3,11 +3,11 @@
 //! For each 4-bit format it times one decode GEMV (best of many, which filters out the
 //! other processes of a shared machine) on
 //! - a weight that fits in L2 (compute-bound rate: bytes per second of instructions),
-//! - the lm_head shape (151936×2048, streamed from DRAM),
+//! - the lm_head shape (151936×2048, streamed from DRAM) or `rows cols` given,
 //!
 //! with 1 thread and with every thread, beside the streaming-read bandwidth of the same
 //! thread count measured in the same run.
-//! `cargo run --release -p rooftop-cpu --example gemv_lab [reps]`
+//! `cargo run --release -p rooftop-cpu --example gemv_lab [reps [rows cols]]`
 use rooftop_cpu::acts::QActs;
 use rooftop_cpu::gemv::{isa, matmul_on};
 use rooftop_cpu::pool::Pool;
@@ -80,10 +80,14 @@ fn time(pool: &Pool, w: &WeightView, reps: usize) -> f64 {
 
 fn main() {
     rooftop_cpu::set_int8_activations(true);
-    let reps: usize = std::env::args()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let arg = |i: usize, d: usize| {
+        std::env::args()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    // [reps] [rows cols] of the DRAM-sized weight (default: the lm_head).
+    let (reps, rows, cols) = (arg(1, 20), arg(2, 151936), arg(3, 2048));
     let all = Pool::global();
     let one = Pool::new(1);
     let bw = rooftop_cpu::bandwidth::measure(all, 1 << 30, 3);
@@ -95,13 +99,13 @@ fn main() {
         bw.all_threads
     );
     for spec in [QuantSpec::affine(4, 64).unwrap(), QuantSpec::nvfp4()] {
-        let small = Owned::new(spec, 256, 2048);
-        let big = Owned::new(spec, 151936, 2048);
+        let small = Owned::new(spec, 256, cols);
+        let big = Owned::new(spec, rows, cols);
         let l2 = time(&one, &small.view(), reps * 100);
         let d1 = time(&one, &big.view(), reps);
         let d2 = time(all, &big.view(), reps);
         println!(
-            "{:>11}: in L2 (1 thread) {l2:5.1} GB/s | 151936x2048 1 thread {d1:5.1} GB/s ({:.0}% of {:.1}) | {} threads {d2:5.1} GB/s ({:.0}% of {:.1})",
+            "{:>11}: in L2 (1 thread) {l2:5.1} GB/s | {rows}x{cols} 1 thread {d1:5.1} GB/s ({:.0}% of {:.1}) | {} threads {d2:5.1} GB/s ({:.0}% of {:.1})",
             spec.to_string(),
             100.0 * d1 / bw.one_thread,
             bw.one_thread,

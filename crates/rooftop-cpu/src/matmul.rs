@@ -217,8 +217,16 @@ mod tests {
                 );
             }
         }
-        let q = weights::<f32>(QuantSpec::nvfp4(), 37, 1024, 22, Some(3.5));
-        check(&WeightView::Quant(q.view()), 1, 6, "nvfp4+global");
+        // 192: 12 NVFP4 groups (a scalar scale tail), with and without a global scale.
+        for (inp, gs) in [(1024, Some(3.5)), (192, Some(3.5)), (192, None)] {
+            let q = weights::<f32>(QuantSpec::nvfp4(), 37, inp, 22, gs);
+            check(
+                &WeightView::Quant(q.view()),
+                1,
+                6,
+                &format!("nvfp4 {gs:?} in={inp}"),
+            );
+        }
     }
 
     #[test]

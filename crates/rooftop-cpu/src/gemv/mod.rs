@@ -10,7 +10,6 @@ mod x86;
 
 use crate::acts::{ActLayout, QActs, QBLOCK};
 use crate::pool::Pool;
-use rooftop_quant::fp8::e8m0_to_f32;
 use rooftop_quant::{DType, QuantMode, QuantView, WeightView};
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -214,39 +213,6 @@ impl RowArgs<'_> {
 fn e4m3_table() -> &'static [f32; 256] {
     static T: OnceLock<[f32; 256]> = OnceLock::new();
     T.get_or_init(rooftop_quant::fp8::e4m3_table)
-}
-
-/// Row `row`'s scales as f32 into `ws` (fp4: halved, for the doubled E2M1 table) and
-/// affine biases into `wb`.
-pub(crate) fn row_scales(w: &QuantView, row: usize, fp4: bool, ws: &mut [f32], wb: &mut [f32]) {
-    let ng = w.cols / w.spec.group_size;
-    match w.spec.mode {
-        QuantMode::Affine => {
-            let sb = w.scale_dtype.size();
-            let r = row * ng * sb..(row + 1) * ng * sb;
-            rooftop_quant::dtype::bytes_to_f32(w.scale_dtype, &w.scales[r.clone()], &mut ws[..ng]);
-            rooftop_quant::dtype::bytes_to_f32(
-                w.scale_dtype,
-                &w.biases.unwrap_or(&[])[r],
-                &mut wb[..ng],
-            );
-        }
-        QuantMode::Nvfp4 => {
-            let t = e4m3_table();
-            let k = if fp4 { 0.5 } else { 1.0 }
-                * w.global_scale
-                    .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
-            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
-                *o = t[c as usize] * k;
-            }
-        }
-        QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
-            let k = if fp4 { 0.5 } else { 1.0 };
-            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
-                *o = e8m0_to_f32(c) * k;
-            }
-        }
-    }
 }
 
 /// Dense tail elements as f32 (`kind`: 0 f32, 1 f16, 2 bf16).

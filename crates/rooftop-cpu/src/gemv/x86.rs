@@ -138,28 +138,30 @@ unsafe fn row_scales(
     wb: &mut [f32],
 ) {
     let ng = w.cols / w.spec.group_size;
-    if !ng.is_multiple_of(8) {
-        return super::row_scales(w, row, fp4, ws, wb);
-    }
+    // Whole vectors of 8 here, the rest (MoE down rows of 768: 12 groups) in scalar.
+    let nv = ng & !7;
     let half = if fp4 { 0.5 } else { 1.0 };
     match w.spec.mode {
         QuantMode::Nvfp4 => {
             let k = half
-                * 256.0
                 * w.global_scale
                     .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
-            let k = _mm256_set1_ps(k);
+            let kv = _mm256_set1_ps(k * 256.0);
             let s = w.scales.as_ptr().add(row * ng);
-            for i in (0..ng).step_by(8) {
+            for i in (0..nv).step_by(8) {
                 let v = load8::<3>(s.add(i));
-                _mm256_storeu_ps(ws.as_mut_ptr().add(i), _mm256_mul_ps(v, k));
+                _mm256_storeu_ps(ws.as_mut_ptr().add(i), _mm256_mul_ps(v, kv));
+            }
+            let t = super::e4m3_table();
+            for i in nv..ng {
+                ws[i] = t[*s.add(i) as usize] * k;
             }
             return;
         }
         QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
             let k = _mm256_set1_ps(half);
             let s = w.scales.as_ptr().add(row * ng);
-            for i in (0..ng).step_by(8) {
+            for i in (0..nv).step_by(8) {
                 let e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(s.add(i) as *const __m128i));
                 // 2^(e−127) as f32 bits; e = 0 is the subnormal 2^−127 (MLX's exp2).
                 let bits = _mm256_slli_epi32(e, 23);
@@ -167,6 +169,9 @@ unsafe fn row_scales(
                 let bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x0040_0000), zero);
                 let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), k);
                 _mm256_storeu_ps(ws.as_mut_ptr().add(i), v);
+            }
+            for i in nv..ng {
+                ws[i] = rooftop_quant::fp8::e8m0_to_f32(*s.add(i)) * half;
             }
             return;
         }
@@ -176,9 +181,32 @@ unsafe fn row_scales(
     let sz = dt.size();
     let s = w.scales.as_ptr().add(row * ng * sz);
     let b = w.biases.unwrap_or(&[]).as_ptr().add(row * ng * sz);
-    for i in (0..ng).step_by(8) {
+    for i in (0..nv).step_by(8) {
         _mm256_storeu_ps(ws.as_mut_ptr().add(i), load8_dtype(dt, s.add(i * sz)));
         _mm256_storeu_ps(wb.as_mut_ptr().add(i), load8_dtype(dt, b.add(i * sz)));
+    }
+    if nv < ng && (row * ng + nv + 8) * sz <= w.scales.len() {
+        // One more vector, read past the row (still inside the tensor) with the lanes
+        // beyond it zeroed: the batch-1 bias dot then runs whole vectors.
+        let keep = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32((ng - nv) as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        let z = _mm256_setzero_ps();
+        let m = _mm256_castsi256_ps(keep);
+        let sv = _mm256_blendv_ps(z, load8_dtype(dt, s.add(nv * sz)), m);
+        let bv = _mm256_blendv_ps(z, load8_dtype(dt, b.add(nv * sz)), m);
+        _mm256_storeu_ps(ws.as_mut_ptr().add(nv), sv);
+        _mm256_storeu_ps(wb.as_mut_ptr().add(nv), bv);
+    } else if nv < ng {
+        let n = ng - nv;
+        let tail = |p: *const u8, out: &mut [f32]| {
+            let bytes = std::slice::from_raw_parts(p.add(nv * sz), n * sz);
+            rooftop_quant::dtype::bytes_to_f32(dt, bytes, &mut out[nv..ng]);
+            out[ng..nv + 8].fill(0.0);
+        };
+        tail(s, ws);
+        tail(b, wb);
     }
 }
 
@@ -275,19 +303,27 @@ unsafe fn nibble_tile<D: Dot, const FP4: bool, const NT: usize>(
 /// Rows decoded together by the batch-1 nibble kernel: they share every activation
 /// load, and their four horizontal sums are done at once.
 const R1: usize = 4;
-/// Software prefetch distance of the batch-1 kernel in bytes (`ROOFTOP_PF_BYTES` for
-/// A/B runs). Measured with `examples/gemv_lab.rs` (151936×2048 affine4 on huge pages,
-/// 1 thread, two sweeps): 0 → 9.8 GB/s, 1 KiB 13.5, 2 KiB 18, 3 KiB 24–26, 4 KiB
-/// 22–23, 6 KiB 18–19, 8 KiB 14–16; NVFP4 peaks at 4 KiB (19). Farther is worse:
-/// lines prefetched into L1 too early are evicted before use.
-fn pf_dist() -> usize {
+/// Software prefetch lead of the batch-1 kernel: whole blocks of `R1` rows ahead, at
+/// least this many bytes (`ROOFTOP_PF_BYTES` for A/B runs). Measured with
+/// `examples/gemv_lab.rs` (affine4 on huge pages, 1 thread, two sweeps each):
+/// 151936×2048 (4 KiB blocks): 0 → 9.8 GB/s, 1 KiB 13.5, 2 KiB 18, 3 KiB 24–26,
+/// 4 KiB 22–23, 6 KiB 18–19, 8 KiB 14–16. A lead inside the current block (2048-col
+/// rows with 4096 columns: 8 KiB blocks) leaves the next block's last rows
+/// unfetched: 4–11 GB/s at 2–4 KiB against 13 at one block.
+fn pf_min() -> usize {
     static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *D.get_or_init(|| {
         std::env::var("ROOFTOP_PF_BYTES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(4096)
+            .unwrap_or(3072)
     })
+}
+
+/// Prefetch distance for blocks of `block` bytes: whole blocks, at least `pf_min()`.
+#[inline(always)]
+fn pf_dist(block: usize) -> usize {
+    block * pf_min().div_ceil(block.max(1)).max(1)
 }
 
 #[inline(always)]
@@ -333,7 +369,7 @@ unsafe fn nibble_block1<D: Dot, const FP4: bool, const G: usize, const R: usize>
     let lut = fp4_lut();
     let wrow = w.weight.as_ptr().add(row * cols / 2);
     let (q, ldx, lin) = (a.q.as_ptr(), a.lane_dx.as_ptr(), a.lane_init.as_ptr());
-    let pf_dist = pf_dist();
+    let pf_dist = pf_dist(R1 * cols / 2);
     let mut acc = [_mm256_setzero_ps(); R];
     for c in 0..nch {
         let xlo = _mm256_loadu_si256(q.add(c * 64) as *const __m256i);
@@ -368,21 +404,16 @@ unsafe fn nibble_block1<D: Dot, const FP4: bool, const G: usize, const R: usize>
     }
     let mut out = [0f32; R];
     if affine {
-        // Σ_g bias_g · Σx_g, 8 groups per vector, then the rest (MoE down rows of
-        // 768 have 12 groups of 64).
+        // Σ_g bias_g · Σx_g, 8 groups per vector (MoE down rows of 768 have 12 groups
+        // of 64).
+        // `row_scales` zeroed `wb` past the row and `QActs` pads `gsum` with zeros, so
+        // the last vector may run past `ng`.
         let gs = a.gsum.as_ptr();
-        let mut k = 0;
-        while k + 8 <= ng {
+        for k in (0..ng).step_by(8) {
             let s = _mm256_loadu_ps(gs.add(k));
             for i in 0..R {
                 let b = _mm256_loadu_ps(wb.add(i * stride + k));
                 acc[i] = _mm256_fmadd_ps(b, s, acc[i]);
-            }
-            k += 8;
-        }
-        for k in k..ng {
-            for i in 0..R {
-                out[i] += *wb.add(i * stride + k) * *gs.add(k);
             }
         }
     }
@@ -410,8 +441,7 @@ unsafe fn nibble_rows1<D: Dot, const FP4: bool, const G: usize>(
     let pf_end = base.add(r.rows.end * row_bytes);
     // The first blocks: nothing ahead of them fetched them.
     let first = base.add(r.rows.start * row_bytes);
-    let pf_dist = pf_dist();
-    let n0 = pf_dist.min(r.rows.len() * row_bytes);
+    let n0 = pf_dist(R1 * row_bytes).min(r.rows.len() * row_bytes);
     for l in (0..n0).step_by(64) {
         prefetch(first.add(l));
     }
@@ -480,7 +510,8 @@ unsafe fn nibble_rows_n<D: Dot, const FP4: bool>(r: &RowArgs, a: &QActs, scratch
         _ => _mm256_setzero_si256(),
     };
     let row_bytes = cols / 2;
-    scratch.resize(2 * ng + 8, 0.0);
+    // Both halves padded by 8: `row_scales` may store a whole vector past `ng`.
+    scratch.resize(2 * (ng + 8), 0.0);
     for row in r.rows.clone() {
         let (ws, wb) = scratch.split_at_mut(ng + 8);
         row_scales(w, row, FP4, ws, wb);
@@ -614,7 +645,8 @@ unsafe fn natural_rows<D: Dot, const B: usize>(r: &RowArgs, a: &QActs, scratch: 
     let g = w.spec.group_size;
     let ng = cols / g;
     let row_bytes = cols * B / 8;
-    scratch.resize(2 * ng + 8, 0.0);
+    // Both halves padded by 8: `row_scales` may store a whole vector past `ng`.
+    scratch.resize(2 * (ng + 8), 0.0);
     for row in r.rows.clone() {
         let (ws, wb) = scratch.split_at_mut(ng + 8);
         row_scales(w, row, false, ws, wb);
