@@ -141,3 +141,35 @@ fn generate_cli_matches_mlx_lm_and_reports_errors() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("context"), "{err}");
 }
+
+/// On a machine without the NVIDIA driver (CI), `--device cuda` must fail with a clear
+/// message, not a panic; where a driver exists, a bad ordinal must fail the same way.
+#[test]
+fn device_cuda_without_a_gpu_is_a_clear_error() {
+    let has_driver = ["libcuda.so.1", "libcuda.so"]
+        .iter()
+        .any(|n| unsafe { libloading::Library::new(*n) }.is_ok());
+    let device = if has_driver { "cuda:97" } else { "cuda" };
+    let o = rooftop(&[
+        "bench",
+        "--device",
+        device,
+        "--layers",
+        "1",
+        "--gen-tokens",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "bench --device {device} succeeded");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("CUDA") || err.contains("cuda") || err.contains("driver"),
+        "unclear error: {err}"
+    );
+    let o = rooftop(&["bench", "--device", "tpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("expected cpu, cuda"),
+        "{err}"
+    );
+}

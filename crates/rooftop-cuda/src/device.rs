@@ -152,6 +152,27 @@ impl CudaDevice {
             .memcpy_htod(data, &mut dst.slice_mut(..data.len()))
             .op("host-to-device copy")
     }
+    /// Copy `data` into `dst` starting at element `at`.
+    pub fn write_at<T: DeviceRepr>(
+        &self,
+        dst: &mut CudaSlice<T>,
+        at: usize,
+        data: &[T],
+    ) -> Result<(), CudaError> {
+        if at + data.len() > dst.len() {
+            return Err(crate::error::shape(
+                "write",
+                format!(
+                    "{} elements at {at} into a buffer of {}",
+                    data.len(),
+                    dst.len()
+                ),
+            ));
+        }
+        self.stream
+            .memcpy_htod(data, &mut dst.slice_mut(at..at + data.len()))
+            .op("host-to-device copy")
+    }
     /// Copy to the host (synchronizes the stream).
     pub fn download<T: DeviceRepr + Default + Clone>(
         &self,

@@ -25,17 +25,24 @@
 //! # Ok::<(), rooftop_cuda::CudaError>(())
 //! ```
 
+mod decoder;
 mod device;
 mod error;
 mod moe;
 pub mod nvrtc;
 mod ops;
+mod persistent;
 pub mod reference;
 mod weight;
 
 pub use cudarc::driver::{CudaGraph, CudaSlice};
+pub use decoder::{
+    CudaAttention, CudaDecoder, CudaFfn, CudaLayer, CudaRope, CudaState, Parts, StepBytes,
+    StepTimes,
+};
 pub use device::{CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
-pub use moe::{CudaMoe, MoeScratch, Routing, RoutingKind};
+pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind, StepOpts};
 pub use ops::{AttnShape, Rope};
+pub use persistent::set_persistent;
 pub use weight::CudaWeight;

@@ -11,7 +11,7 @@
 use crate::device::{cfg, launch, CudaDevice};
 use crate::error::shape;
 use crate::nvrtc::{rows_moe, ModuleSource};
-use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
+use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg, QwArg};
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
@@ -22,6 +22,17 @@ pub enum RoutingKind {
     Softmax,
     /// DeepSeek-V3 / GLM-4.5: sigmoid; top-k on sigmoid + e_score_correction_bias.
     Sigmoid,
+}
+
+/// Options of [`CudaMoe::step_parts`].
+#[derive(Clone, Copy)]
+pub struct StepOpts<'a> {
+    /// Which launches to enqueue: router, gate/up, down.
+    pub parts: [bool; 3],
+    /// RMSNorm (weights, eps) fused into the launches that read x.
+    pub norm: Option<(&'a CudaSlice<f32>, f32)>,
+    /// A weight to prefetch into L2 for whatever runs after the step.
+    pub next: Option<&'a CudaWeight>,
 }
 
 /// Router configuration, as in the model's config.json.
@@ -53,8 +64,8 @@ impl Routing {
 
 /// `struct Routing` in gemv.cu.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct RoutingArg {
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RoutingArg {
     bias: u64,
     n_experts: i32,
     k: i32,
@@ -142,19 +153,22 @@ impl CudaMoe {
                 "routing {routing:?} does not fit {e} experts (n_group <= 32 dividing E)"
             ));
         }
-        if up.format != gate.format || down.format != gate.format {
+        // gate/up (and the shared expert's) run in one launch, down (and the shared
+        // down) in another: each launch needs one format, the two may differ (mlx-lm's
+        // mixed recipes give down_proj more bits).
+        if up.format != gate.format {
             return Err(CudaError::Unsupported(format!(
-                "fused MoE needs one format for gate/up/down; got {}, {}, {}",
+                "fused MoE needs one format for gate and up; got {}, {}",
                 gate.format.name(),
-                up.format.name(),
-                down.format.name()
+                up.format.name()
             )));
         }
         if let Some([sg, su, sd]) = &shared {
-            if sg.format != gate.format || su.format != gate.format || sd.format != gate.format {
+            if sg.format != gate.format || su.format != gate.format || sd.format != down.format {
                 return Err(CudaError::Unsupported(format!(
-                    "fused MoE needs the shared expert in the experts' format ({})",
-                    gate.format.name()
+                    "fused MoE needs the shared expert in the experts' formats (gate/up {}, down {})",
+                    gate.format.name(),
+                    down.format.name()
                 )));
             }
             if sg.cols != h
@@ -191,7 +205,20 @@ impl CudaMoe {
         })
     }
 
-    fn inter_shared(&self) -> usize {
+    pub(crate) fn routing_arg(&self, dev: &CudaDevice) -> RoutingArg {
+        RoutingArg {
+            bias: self.bias.as_ref().map_or(0, |b| dev.ptr(b)),
+            n_experts: self.n_experts as i32,
+            k: self.routing.top_k as i32,
+            sigmoid: (self.routing.kind == RoutingKind::Sigmoid) as i32,
+            norm: self.routing.norm_topk_prob as i32,
+            n_group: self.routing.n_group as i32,
+            topk_group: self.routing.topk_group as i32,
+            scale: self.routing.routed_scaling_factor,
+        }
+    }
+
+    pub(crate) fn inter_shared(&self) -> usize {
         self.shared.as_ref().map_or(0, |s| s[0].rows)
     }
 
@@ -254,18 +281,33 @@ impl CudaMoe {
             ));
         }
         let (px, pout) = (dev.ptr(x), dev.ptr(out));
-        self.step_raw(dev, s, px, pout)
+        self.step_raw(dev, s, px, pout, None, None)
     }
 
-    /// [`CudaMoe::step`] on raw device addresses of `x[H]` and `out[H]`.
+    /// [`CudaMoe::step`] on raw device addresses of `x[H]` and `out[H]`. With `norm`
+    /// (weights `[H]`, eps), x is the raw residual stream and the RMSNorm is fused into
+    /// the launches that read it. `next`: a weight the launch after this step reads,
+    /// prefetched into L2 while the down projection runs.
     pub fn step_raw(
         &self,
         dev: &CudaDevice,
         s: &mut MoeScratch,
         x: u64,
         out: u64,
+        norm: Option<(&CudaSlice<f32>, f32)>,
+        next: Option<&CudaWeight>,
     ) -> Result<(), CudaError> {
-        self.step_parts(dev, s, x, out, [true; 3])
+        self.step_parts(
+            dev,
+            s,
+            x,
+            out,
+            StepOpts {
+                parts: [true; 3],
+                norm,
+                next,
+            },
+        )
     }
 
     /// Enqueue only the chosen launches (router, gate/up, down), for per-kernel timing;
@@ -276,10 +318,12 @@ impl CudaMoe {
         s: &mut MoeScratch,
         x: u64,
         out: u64,
-        parts: [bool; 3],
+        o: StepOpts,
     ) -> Result<(), CudaError> {
+        let StepOpts { parts, norm, next } = o;
         let k = self.routing.top_k;
-        let (h, inter, ish) = (self.hidden, self.inter, self.inter_shared());
+        let (nw, eps) = norm.map_or((0u64, 0f32), |(w, e)| (dev.ptr(w), e));
+        let (h, inter) = (self.hidden, self.inter);
         let (p_logits, p_ids, p_wts, p_h, p_cnt) = (
             dev.ptr(&s.logits),
             dev.ptr(&s.ids),
@@ -303,22 +347,6 @@ impl CudaMoe {
             scale: self.routing.routed_scaling_factor,
         };
         let lpr = lanes_per_row(h, self.router.format.unroll());
-        // Row blocking (ROWS_MOE > 1): each lane streams R rows of gate and of up against
-        // one read of x, so as many lanes per row as divide it; a warp's rpw*R items must
-        // not straddle the routed/shared boundary (k*I a multiple of rpw*R).
-        let rm_rows = rows_moe();
-        let lpr_e = if rm_rows > 1 {
-            lanes_per_row(h, 1)
-        } else {
-            lanes_per_row(h, self.gate.format.unroll())
-        };
-        let span_e = 32 / lpr_e as usize * rm_rows;
-        if rm_rows > 1 && ish > 0 && !(k * inter).is_multiple_of(span_e) {
-            return Err(CudaError::Unsupported(format!(
-                "fused MoE with {rm_rows} rows per lane needs top_k*moe_intermediate ({}) to be a multiple of {span_e}; set ROOFTOP_ROWS_MOE=1",
-                k * inter
-            )));
-        }
         let smem = stage_bytes(1, h);
         dev.check_smem("moe router", smem)?;
         let grid = dev.grid_for(
@@ -340,23 +368,110 @@ impl CudaMoe {
                 p_wts,
                 p_cnt,
                 rt,
-                lpr
+                lpr,
+                nw,
+                eps
             )?;
         }
 
-        // 2. Gate/up of the selected experts and the shared expert.
-        let m = ModuleSource::gemv(self.gate.format);
+        if parts[1] || parts[2] {
+            let ffn = FfnLaunch {
+                gate: Some((&self.gate, &self.up)),
+                down: Some(&self.down),
+                shared: self.shared.as_ref(),
+                k,
+                inter,
+                hidden: h,
+                ids: p_ids,
+                wts: p_wts,
+                h: p_h,
+                norm: (nw, eps),
+                next: PfArg::of(dev, next),
+            };
+            ffn.enqueue(dev, x, out, [parts[1], parts[2]])?;
+        }
+        Ok(())
+    }
+}
+
+/// The gate/up and down launches of a feed-forward: the routed experts of a MoE (with
+/// its optional shared expert), or a dense SwiGLU MLP run as a shared expert alone
+/// (`k = 0`, no router).
+struct FfnLaunch<'a> {
+    /// Stacked routed gate and up `[E·I, H]` (None for a dense MLP).
+    gate: Option<(&'a CudaWeight, &'a CudaWeight)>,
+    /// Stacked routed down `[E·H, I]`.
+    down: Option<&'a CudaWeight>,
+    shared: Option<&'a [CudaWeight; 3]>,
+    k: usize,
+    inter: usize,
+    hidden: usize,
+    ids: u64,
+    wts: u64,
+    /// `[k·I + S]` activated intermediate.
+    h: u64,
+    /// Fused RMSNorm of x: (weights or 0, eps).
+    norm: (u64, f32),
+    /// Prefetched by the down launch for whatever runs next.
+    next: PfArg,
+}
+
+impl FfnLaunch<'_> {
+    fn enqueue(
+        &self,
+        dev: &CudaDevice,
+        x: u64,
+        out: u64,
+        parts: [bool; 2],
+    ) -> Result<(), CudaError> {
+        let (k, inter, h) = (self.k, self.inter, self.hidden);
+        let ish = self.shared.map_or(0, |s| s[0].rows);
         let none = QwArg::default();
-        let (sg, su, sd) = match &self.shared {
+        let (sg, su, sd) = match self.shared {
             Some([g, u, d]) => (g.arg(dev), u.arg(dev), d.arg(dev)),
             None => (none, none, none),
         };
+        let (g, u) = self
+            .gate
+            .map_or((none, none), |(g, u)| (g.arg(dev), u.arg(dev)));
+        let gate_fmt = match (self.gate, self.shared) {
+            (Some((g, _)), _) => g.format,
+            (None, Some(s)) => s[0].format,
+            (None, None) => return Err(shape("ffn", "neither experts nor a shared MLP")),
+        };
+        let down_w = self
+            .down
+            .or(self.shared.map(|s| &s[2]))
+            .expect("checked above");
+        let down_fmt = down_w.format;
+        let (nw, eps) = self.norm;
+
+        // Gate/up of the selected experts and the shared expert. Row blocking
+        // (ROWS_MOE > 1): each lane streams R rows of gate and of up against one read of
+        // x, so as many lanes per row as divide it; a warp's rpw*R items must not
+        // straddle the routed/shared boundary (k*I a multiple of rpw*R).
+        let rm_rows = rows_moe();
+        let lpr_e = if rm_rows > 1 {
+            lanes_per_row(h, 1)
+        } else {
+            lanes_per_row(h, gate_fmt.unroll())
+        };
+        let span_e = 32 / lpr_e as usize * rm_rows;
+        if rm_rows > 1 && ish > 0 && !(k * inter).is_multiple_of(span_e) {
+            return Err(CudaError::Unsupported(format!(
+                "fused MoE with {rm_rows} rows per lane needs top_k*moe_intermediate ({}) to be a multiple of {span_e}; set ROOFTOP_ROWS_MOE=1",
+                k * inter
+            )));
+        }
+        let smem = stage_bytes(1, h);
+        dev.check_smem("moe gate/up", smem)?;
+        let m = ModuleSource::gemv(gate_fmt);
         let f = dev.function(&m, "moe_gate_up")?;
-        let (g, u) = (self.gate.arg(dev), self.up.arg(dev));
         let (ki, ii, si) = (k as i32, inter as i32, ish as i32);
         let items = k * inter + ish;
         let grid = dev.grid_for(&f, 256, smem, items.div_ceil(span_e).div_ceil(8));
-        if parts[1] {
+        let (p_ids, p_h, p_wts) = (self.ids, self.h, self.wts);
+        if parts[0] {
             launch!(
                 dev,
                 f,
@@ -372,17 +487,25 @@ impl CudaMoe {
                 ki,
                 ii,
                 si,
-                lpr_e
+                lpr_e,
+                nw,
+                eps
             )?;
         }
 
-        // 3. Down projection, weighted sum into the residual stream.
+        // Down projection, weighted sum into the residual stream.
+        let m = ModuleSource::gemv(down_fmt);
         let f = dev.function(&m, "moe_down")?;
-        let d = self.down.arg(dev);
+        let d = self.down.map_or(none, |d| d.arg(dev));
+        let min_cols = match (k, ish) {
+            (0, s) => s,
+            (_, 0) => inter,
+            (_, s) => inter.min(s),
+        };
         let lpr_d = if rm_rows > 1 {
-            lanes_per_row(inter.min(if ish > 0 { ish } else { inter }), 1)
+            lanes_per_row(min_cols, 1)
         } else {
-            lanes_per_row(inter, self.gate.format.unroll())
+            lanes_per_row(min_cols, down_fmt.unroll())
         };
         // With row blocking a warp's rpw*R items must lie in one slot: H and each block's
         // range are multiples of that span.
@@ -406,7 +529,8 @@ impl CudaMoe {
         let smem_d = slots * (cm * 4 + cm / 32 * 4);
         dev.check_smem("moe down", smem_d)?;
         let per_i = per as i32;
-        if parts[2] {
+        let next = self.next;
+        if parts[1] {
             launch!(
                 dev,
                 f,
@@ -423,9 +547,70 @@ impl CudaMoe {
                 ii,
                 si,
                 lpr_d,
-                per_i
+                per_i,
+                next
             )?;
         }
         Ok(())
+    }
+}
+
+/// A dense SwiGLU MLP (`down(silu(gate x) * up x)`) on the MoE kernels: the MLP is a
+/// shared expert with no routed ones, so it gets the same two fused launches.
+pub struct CudaMlp {
+    /// gate `[I, H]`, up `[I, H]`, down `[H, I]`.
+    pub w: [CudaWeight; 3],
+    /// `[I]` activated intermediate.
+    h: CudaSlice<f32>,
+}
+
+impl CudaMlp {
+    pub fn new(dev: &CudaDevice, w: [CudaWeight; 3]) -> Result<Self, CudaError> {
+        let [g, u, d] = &w;
+        if u.rows != g.rows || u.cols != g.cols || d.cols != g.rows || d.rows != g.cols {
+            return Err(shape(
+                "mlp",
+                format!(
+                    "gate [{}, {}], up [{}, {}], down [{}, {}]",
+                    g.rows, g.cols, u.rows, u.cols, d.rows, d.cols
+                ),
+            ));
+        }
+        if u.format != g.format {
+            return Err(CudaError::Unsupported(format!(
+                "a fused MLP needs one format for gate and up; got {}, {}",
+                g.format.name(),
+                u.format.name()
+            )));
+        }
+        let h = dev.alloc(g.rows)?;
+        Ok(CudaMlp { w, h })
+    }
+    pub fn bytes(&self) -> usize {
+        self.w.iter().map(|w| w.nbytes()).sum()
+    }
+    /// `out[H] += mlp(norm(x[H]))` on raw device addresses (norm: weights, eps).
+    pub fn step_raw(
+        &self,
+        dev: &CudaDevice,
+        x: u64,
+        out: u64,
+        norm: Option<(&CudaSlice<f32>, f32)>,
+        next: Option<&CudaWeight>,
+    ) -> Result<(), CudaError> {
+        let ffn = FfnLaunch {
+            gate: None,
+            down: None,
+            shared: Some(&self.w),
+            k: 0,
+            inter: 0,
+            hidden: self.w[0].cols,
+            ids: 0,
+            wts: 0,
+            h: dev.ptr(&self.h),
+            norm: norm.map_or((0, 0.0), |(w, e)| (dev.ptr(w), e)),
+            next: PfArg::of(dev, next),
+        };
+        ffn.enqueue(dev, x, out, [true; 2])
     }
 }

@@ -254,6 +254,24 @@ impl CudaDevice {
         launch!(self, f, cfg((grid, 1), 256, 0), "stream_read", pb, n16, ps)
     }
 
+    /// The card's streaming-read bandwidth in GB/s: median of `iters` timed reads of a
+    /// `bytes` buffer (make it many times the L2) with the GEMV's own load instruction.
+    pub fn read_bandwidth(&self, bytes: usize, iters: usize) -> Result<f64, CudaError> {
+        let mut raw: CudaSlice<u8> = self.alloc(bytes)?;
+        self.fill_random(&mut raw, 1)?;
+        let mut sink: CudaSlice<u32> = self.alloc(1)?;
+        let t = self.timer()?;
+        self.stream_read(&raw, &mut sink)?;
+        let mut ms = Vec::with_capacity(iters);
+        for _ in 0..iters.max(1) {
+            t.start(self)?;
+            self.stream_read(&raw, &mut sink)?;
+            ms.push(t.stop_ms(self)? as f64);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(bytes as f64 / (ms[ms.len() / 2] * 1e-3) / 1e9)
+    }
+
     /// Fill a buffer with random bytes on the device (benchmark data; never zeros).
     pub fn fill_random(&self, buf: &mut CudaSlice<u8>, seed: u32) -> Result<(), CudaError> {
         let f = self.function(&ModuleSource::ops(), "fill_u32")?;

@@ -35,6 +35,21 @@ pub(crate) struct QwArg {
 }
 unsafe impl DeviceRepr for QwArg {}
 
+/// Byte ranges a kernel prefetches into L2 for a later launch (`struct Pf`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PfArg {
+    p: [u64; 3],
+    n: [u64; 3],
+}
+unsafe impl DeviceRepr for PfArg {}
+
+impl PfArg {
+    pub(crate) fn of(dev: &CudaDevice, w: Option<&CudaWeight>) -> Self {
+        w.map_or(PfArg::default(), |w| w.prefetch_arg(dev))
+    }
+}
+
 impl CudaWeight {
     /// Upload a weight once. Rows must hold a whole number of 32-weight chunks.
     pub fn upload(dev: &CudaDevice, wv: &WeightView) -> Result<Self, CudaError> {
@@ -78,6 +93,67 @@ impl CudaWeight {
                 },
             },
             WeightView::Gguf(_) => unreachable!("returned above"),
+        })
+    }
+
+    /// Upload several weights of one format and width as one matrix, rows stacked in
+    /// order: experts `[E·rows, cols]` from per-expert tensors, or q/k/v as one QKV
+    /// projection. One launch then covers them all.
+    pub fn upload_stacked(dev: &CudaDevice, parts: &[WeightView]) -> Result<Self, CudaError> {
+        let Some(first) = parts.first() else {
+            return Err(shape("upload_stacked", "no weights"));
+        };
+        if parts.len() == 1 {
+            return Self::upload(dev, first);
+        }
+        let fmt = |w: &WeightView| match w {
+            WeightView::Dense { dtype, .. } => Some((KernelFormat::dense(*dtype), 32, None)),
+            WeightView::Quant(q) => Some((
+                KernelFormat::quant(q.spec.mode, q.spec.bits, q.scale_dtype),
+                q.spec.group_size,
+                q.global_scale.map(f32::to_bits),
+            )),
+            WeightView::Gguf(_) => None,
+        };
+        let f0 = fmt(first);
+        for p in parts {
+            p.check()
+                .map_err(|e| CudaError::Unsupported(format!("invalid weight: {e}")))?;
+            if fmt(p).is_none() || fmt(p) != f0 || p.cols() != first.cols() {
+                return Err(CudaError::Unsupported(
+                    "stacking weights of different formats, widths or nvfp4 global scales (or GGUF weights)".into(),
+                ));
+            }
+        }
+        check_cols(first.cols())?;
+        let (format, group_size, gs) = f0.expect("checked");
+        let rows: usize = parts.iter().map(|p| p.rows()).sum();
+        let total: usize = parts.iter().map(|p| p.nbytes()).sum();
+        dev.check_fits("weight", total)?;
+        // Each component's bytes are row-major, so stacking rows = concatenating bytes.
+        let w = concat(dev, parts, |p| match p {
+            WeightView::Dense { data, .. } => Some(*data),
+            WeightView::Quant(q) => Some(q.weight),
+            WeightView::Gguf(_) => None,
+        })?
+        .expect("weights are never empty");
+        let s = concat(dev, parts, |p| match p {
+            WeightView::Quant(q) => Some(q.scales),
+            _ => None,
+        })?;
+        let b = concat(dev, parts, |p| match p {
+            WeightView::Quant(q) => q.biases,
+            _ => None,
+        })?;
+        Ok(CudaWeight {
+            format,
+            rows,
+            cols: first.cols(),
+            group_size,
+            global_scale: gs.map(f32::from_bits),
+            w,
+            s,
+            b,
         })
     }
 
@@ -216,6 +292,17 @@ impl CudaWeight {
         self.nbytes() / self.rows * n
     }
 
+    /// The launch-after-next prefetch of this whole weight (`struct Pf` in common.cuh).
+    pub(crate) fn prefetch_arg(&self, dev: &CudaDevice) -> PfArg {
+        let r =
+            |s: &Option<CudaSlice<u8>>| s.as_ref().map_or((0, 0), |s| (dev.ptr(s), s.len() as u64));
+        let (s, b) = (r(&self.s), r(&self.b));
+        PfArg {
+            p: [dev.ptr(&self.w), s.0, b.0],
+            n: [self.w.len() as u64, s.1, b.1],
+        }
+    }
+
     pub(crate) fn arg(&self, dev: &CudaDevice) -> QwArg {
         QwArg {
             w: dev.ptr(&self.w),
@@ -227,6 +314,28 @@ impl CudaWeight {
             gmul: self.global_scale.map_or(1.0, |g| g / NVFP4_SCALE_RANGE),
         }
     }
+}
+
+/// One component (codes, scales or biases) of every part, concatenated on the device
+/// (each is row-major, so stacking rows = concatenating bytes); None when absent.
+fn concat<'a>(
+    dev: &CudaDevice,
+    parts: &[WeightView<'a>],
+    get: impl Fn(&WeightView<'a>) -> Option<&'a [u8]>,
+) -> Result<Option<CudaSlice<u8>>, CudaError> {
+    let n: usize = parts.iter().map(|p| get(p).map_or(0, |b| b.len())).sum();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut buf = dev.alloc::<u8>(n)?;
+    let mut at = 0;
+    for p in parts {
+        if let Some(b) = get(p) {
+            dev.write_at(&mut buf, at, b)?;
+            at += b.len();
+        }
+    }
+    Ok(Some(buf))
 }
 
 fn check_cols(cols: usize) -> Result<(), CudaError> {

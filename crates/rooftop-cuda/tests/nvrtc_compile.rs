@@ -58,6 +58,9 @@ fn gemv_modules_export_every_kernel() {
         "moe_router",
         "moe_gate_up",
         "moe_down",
+        "gemv1_epi",
+        "embed_row",
+        "decode_layers",
     ] {
         assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
     }

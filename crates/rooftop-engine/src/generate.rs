@@ -1,7 +1,7 @@
 //! Prefill the prompt in one batch, then decode token by token with a sampler,
 //! streaming text and stopping on EOS ids, stop strings or the token limit.
 
-use crate::model::{Logits, Model};
+use crate::model::{Cache, Logits, Model};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 use crate::{EngineError, Result};
@@ -69,11 +69,97 @@ pub struct Generator<'a> {
     model: &'a Model,
     tok: &'a Tokenizer,
     opts: GenerateOptions,
+    gpu: Option<&'a rooftop_cuda::CudaDecoder>,
+}
+
+/// What one step hands the sampler: logits, or (greedy on the GPU) the token itself,
+/// chosen on the device so that only 4 bytes come back.
+enum Out {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
+/// Where the forward passes run. (One per generation: variant sizes are irrelevant.)
+#[allow(clippy::large_enum_variant)]
+enum Runner<'a> {
+    Cpu(&'a Model, Cache, Logits),
+    Cuda {
+        dec: &'a rooftop_cuda::CudaDecoder,
+        state: rooftop_cuda::CudaState,
+        /// Pick tokens on the device (greedy sampling and no logits kept).
+        device_greedy: bool,
+        /// Return every position's logits (`--dump-logits`).
+        all: bool,
+    },
+}
+
+impl Runner<'_> {
+    fn run(&mut self, tokens: &[u32]) -> Result<Out> {
+        match self {
+            Runner::Cpu(m, cache, which) => Ok(Out::Logits(m.forward(tokens, cache, *which)?)),
+            Runner::Cuda {
+                dec,
+                state,
+                device_greedy,
+                all,
+            } => {
+                let (last, rest) = tokens.split_last().expect("never empty");
+                if let Some(&id) = tokens.iter().find(|&&id| id as usize >= dec.vocab()) {
+                    return Err(EngineError::BadToken {
+                        id,
+                        vocab: dec.vocab(),
+                    });
+                }
+                if state.len() + tokens.len() > state.capacity() {
+                    return Err(EngineError::ContextOverflow {
+                        tokens: state.len() + tokens.len(),
+                        max: state.capacity(),
+                    });
+                }
+                // Prefill token by token through the decode graph.
+                let mut logits = Vec::new();
+                for &t in rest {
+                    dec.feed(state, t)?;
+                    if *all {
+                        logits.extend(dec.logits(state)?);
+                    }
+                }
+                if *device_greedy {
+                    Ok(Out::Token(dec.feed_greedy(state, *last)?))
+                } else {
+                    dec.feed(state, *last)?;
+                    logits.extend(dec.logits(state)?);
+                    Ok(Out::Logits(logits))
+                }
+            }
+        }
+    }
+    fn full(&self) -> bool {
+        match self {
+            Runner::Cpu(_, c, _) => c.len() >= c.capacity(),
+            Runner::Cuda { state, .. } => state.len() >= state.capacity(),
+        }
+    }
 }
 
 impl<'a> Generator<'a> {
     pub fn new(model: &'a Model, tok: &'a Tokenizer, opts: GenerateOptions) -> Self {
-        Self { model, tok, opts }
+        Self {
+            model,
+            tok,
+            opts,
+            gpu: None,
+        }
+    }
+
+    /// Run the forward passes on the GPU (`model` uploaded with [`Model::to_cuda`]).
+    /// Prompts are fed one token at a time through the decode graph; with greedy
+    /// sampling the token is chosen on the device.
+    pub fn on_cuda(self, dec: &'a rooftop_cuda::CudaDecoder) -> Self {
+        Self {
+            gpu: Some(dec),
+            ..self
+        }
     }
 
     /// Generate after `prompt`, calling `on_text` with each new piece of text.
@@ -94,20 +180,29 @@ impl<'a> Generator<'a> {
         }
         // One extra slot lets `keep_logits` score the last generated token too.
         let cap = (prompt.len() + o.max_tokens + 1).min(limit);
-        let mut cache = self.model.new_cache(cap);
-        let mut sampler = Sampler::new(o.sampler.clone());
-        let mut eos: Vec<u32> = self.tok.eos_ids().to_vec();
-        eos.extend(&o.extra_eos);
         let which = if o.keep_logits {
             Logits::All
         } else {
             Logits::Last
         };
+        let greedy = o.sampler.temp == 0.0 && o.sampler.repetition_penalty == 1.0;
+        let mut runner = match self.gpu {
+            None => Runner::Cpu(self.model, self.model.new_cache(cap), which),
+            Some(dec) => Runner::Cuda {
+                dec,
+                state: dec.new_state(cap)?,
+                device_greedy: greedy && !o.keep_logits,
+                all: o.keep_logits,
+            },
+        };
+        let mut sampler = Sampler::new(o.sampler.clone());
+        let mut eos: Vec<u32> = self.tok.eos_ids().to_vec();
+        eos.extend(&o.extra_eos);
         let vocab = self.model.vocab_size();
         let mut kept = Vec::new();
 
         let t0 = Instant::now();
-        let mut logits = self.model.forward(prompt, &mut cache, which)?;
+        let mut out = runner.run(prompt)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let mut history = prompt.to_vec();
         let mut tokens = Vec::new();
@@ -119,14 +214,19 @@ impl<'a> Generator<'a> {
         let mut steps = 0;
         let t1 = Instant::now();
         loop {
-            if o.keep_logits {
-                kept.extend_from_slice(&logits);
+            if let (true, Out::Logits(l)) = (o.keep_logits, &out) {
+                kept.extend_from_slice(l);
             }
             if tokens.len() >= o.max_tokens {
                 break;
             }
-            let n = logits.len();
-            let next = sampler.sample(&mut logits[n - vocab..], &history);
+            let next = match &mut out {
+                Out::Logits(logits) => {
+                    let n = logits.len();
+                    sampler.sample(&mut logits[n - vocab..], &history)
+                }
+                Out::Token(t) => *t,
+            };
             tokens.push(next);
             history.push(next);
             if eos.contains(&next) {
@@ -153,14 +253,14 @@ impl<'a> Generator<'a> {
                 on_text(&text[emitted..safe]);
                 emitted = safe;
             }
-            if cache.len() >= cache.capacity() {
+            if runner.full() {
                 break;
             }
             // The last token's logits are only needed when they are kept.
             if tokens.len() >= o.max_tokens && !o.keep_logits {
                 break;
             }
-            logits = self.model.forward(&[next], &mut cache, which)?;
+            out = runner.run(&[next])?;
             steps += 1;
         }
         if finish != Finish::Stop {

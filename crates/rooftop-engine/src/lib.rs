@@ -43,6 +43,7 @@
 //! ```
 
 mod config;
+mod cuda;
 mod error;
 mod generate;
 pub mod gguf;

@@ -200,6 +200,9 @@ impl Model {
     pub fn config(&self) -> &Config {
         &self.config
     }
+    pub(crate) fn net(&self) -> &Transformer {
+        &self.net
+    }
     pub fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }

@@ -135,6 +135,9 @@ pub struct Args {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Serialize)]
@@ -197,6 +200,18 @@ impl BreakdownMs {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(ordinal) = super::bench_cuda::parse_device(&args.device)? {
+        return super::bench_cuda::run(super::bench_cuda::GpuBenchArgs {
+            ordinal,
+            synthetic: &args.synthetic,
+            model: args.model.as_deref(),
+            layers: args.layers,
+            recipe: &args.recipe,
+            prompt_tokens: args.prompt_tokens,
+            gen_tokens: args.gen_tokens,
+            json: args.json,
+        });
+    }
     if args.gen_tokens == 0 {
         bail!("--gen-tokens must be at least 1");
     }

@@ -46,10 +46,18 @@ pub struct Args {
     /// Write float32 logits [positions, vocab] for prompt + generated tokens.
     #[arg(long)]
     dump_logits: Option<PathBuf>,
+    /// Where to run: cpu, cuda or cuda:N (weights uploaded once, in their format).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let ordinal = super::bench_cuda::parse_device(&a.device)?;
     let model = Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let gpu = match ordinal {
+        Some(n) => Some(model.to_cuda(rooftop_cuda::CudaDevice::new(n)?, true)?),
+        None => None,
+    };
     let tok = Tokenizer::load(&a.model)?;
     let ids = if a.ignore_chat_template || !tok.has_chat_template() {
         tok.encode(&a.prompt, true)?
@@ -79,7 +87,11 @@ pub fn run(a: Args) -> Result<()> {
         ..GenerateOptions::default()
     };
     let mut out = std::io::stdout().lock();
-    let g = Generator::new(&model, &tok, opts).run(&ids, |t| {
+    let mut generator = Generator::new(&model, &tok, opts);
+    if let Some(dec) = &gpu {
+        generator = generator.on_cuda(dec);
+    }
+    let g = generator.run(&ids, |t| {
         let _ = out.write_all(t.as_bytes());
         let _ = out.flush();
     })?;

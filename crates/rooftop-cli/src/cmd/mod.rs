@@ -1,5 +1,7 @@
 pub mod bench;
+pub mod bench_cuda;
 pub mod cuda_check;
+pub mod cuda_models;
 pub mod eval;
 pub mod fidelity;
 pub mod generate;

@@ -77,3 +77,38 @@ __device__ __forceinline__ void pdl_trigger() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+
+// Ask L2 to fetch [p, p+n): weights a kernel will read soon, so that HBM streams while
+// the chain of small dependent steps (norm, staging, the previous kernel's tail) runs.
+// Thread t of nt issues every nt-th 16 KB piece: one bulk prefetch each on sm_90+, line
+// prefetches before. The range is widened to 16-byte alignment (allocations are
+// 256-byte aligned, so this never leaves them).
+__device__ __forceinline__ void prefetch_l2(const void* p, u64 n, int t, int nt) {
+  if (p == nullptr || n == 0) return;
+  const u64 a = (u64)p & ~15ull, end = ((u64)p + n + 15) & ~15ull;
+#if __CUDA_ARCH__ >= 900
+  const u64 piece = 16384;
+  for (u64 o = a + (u64)t * piece; o < end; o += (u64)nt * piece) {
+    const u32 sz = (u32)(end - o < piece ? end - o : piece);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(o), "r"(sz) : "memory");
+  }
+#else
+  for (u64 o = (a & ~127ull) + (u64)t * 128; o < end; o += (u64)nt * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(o));
+#endif
+}
+
+// Up to three byte ranges a kernel prefetches for the launch after it (its CTAs split
+// them). Zero lengths are skipped.
+struct Pf {
+  const unsigned char* p[3];
+  u64 n[3];
+};
+__device__ __forceinline__ void prefetch_next(const Pf& f) {
+#if defined(PREFETCH) && PREFETCH == 0
+  return;
+#endif
+  const int t = blockIdx.x * blockDim.x + threadIdx.x, nt = gridDim.x * blockDim.x;
+#pragma unroll
+  for (int i = 0; i < 3; i++) prefetch_l2(f.p[i], f.n[i], t, nt);
+}

@@ -189,3 +189,143 @@ extern "C" __global__ void fill_float(unsigned char* p, u64 n, u32 seed, float l
     else ((unsigned short*)p)[i] = (unsigned short)(__float_as_uint(v) >> 16);
   }
 }
+
+// Everything between the QKV projection and attention, for one token, in one launch:
+// bias, per-head q/k RMSNorm, rotary embedding, and the f16 KV-cache append.
+// qkv = [q (H·hd) | k (KV·hd) | v (KV·hd)]; q is rotated in place. Grid: H + KV blocks
+// (q heads, then k heads; a k block also stores its v head); block: hd threads.
+// inv_freq[rot/2] holds each rotated pair's angular frequency (rope scaling folded in);
+// angle = f32(pos) * inv_freq as the CPU engine computes it; mscale multiplies the
+// rotated features (yarn).
+struct QkvPost {
+  const float* bias;   // [(H + 2 KV) hd] or null
+  const float* qn;     // [hd] or null
+  const float* kn;     // [hd] or null
+  const float* inv_freq;
+  float eps, mscale;
+  int rot, traditional, n_heads, n_kv, head_dim, max_seq;
+};
+extern "C" __global__ void __launch_bounds__(256)
+qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, const QkvPost a) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float xs[HD_MAX];
+  __shared__ float red[32];
+  const int b = blockIdx.x, d = threadIdx.x, hd = a.head_dim;
+  const bool is_q = b < a.n_heads;
+  const int p = *pos;
+  float* row = qkv + (size_t)b * hd;  // k heads follow the q heads directly
+  float x = d < hd ? row[d] : 0.f;
+  if (a.bias && d < hd) x += a.bias[b * hd + d];
+  const float* nw = is_q ? a.qn : a.kn;
+  if (nw) {
+    float ss = warp_sum(x * x);
+    if ((d & 31) == 0) red[d >> 5] = ss;
+    __syncthreads();
+    float t = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += red[w];
+    const float inv = 1.f / sqrtf(t / hd + a.eps);
+    x = d < hd ? x * inv * nw[d] : 0.f;
+  }
+  if (d < a.rot) x *= a.mscale;
+  if (d < hd) xs[d] = x;
+  __syncthreads();
+  if (d < a.rot) {
+    const int half = a.rot / 2;
+    int i, partner;
+    bool first;
+    if (a.traditional) { i = d >> 1; first = (d & 1) == 0; partner = first ? d + 1 : d - 1; }
+    else { first = d < half; i = first ? d : d - half; partner = first ? d + half : d - half; }
+    float sn, cs;
+    sincosf((float)p * a.inv_freq[i], &sn, &cs);
+    const float o = xs[partner];
+    x = first ? x * cs - o * sn : o * sn + x * cs;
+  }
+  if (d >= hd) return;
+  if (is_q) {
+    row[d] = x;
+    return;
+  }
+  if (p < 0 || p >= a.max_seq) return;
+  const int kvh = b - a.n_heads;
+  const size_t o = ((size_t)kvh * a.max_seq + p) * hd + d;
+  kc[o] = f32_to_f16(x);
+  float v = qkv[(size_t)(a.n_heads + a.n_kv + kvh) * hd + d];
+  if (a.bias) v += a.bias[(a.n_heads + a.n_kv + kvh) * hd + d];
+  vc[o] = f32_to_f16(v);
+}
+
+// Greedy sampling on the device: tok[0] = argmax(x[0..n]) (lowest index among equal
+// maxima, NaN never wins), and the position advances, so a captured decode step can be
+// replayed back to back with no host work. Each CTA reduces a stride of x into
+// part[blockIdx]; the last CTA to finish reduces those and resets `counter`.
+extern "C" __global__ void __launch_bounds__(256)
+argmax_step(const float* x, int n, float* pval, int* pidx, u32* counter, int* tok, int* pos) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float sv[256];
+  __shared__ int si[256];
+  __shared__ int last;
+  float bv = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const float v = x[i];
+    if (v > bv) { bv = v; bi = i; }
+  }
+  sv[threadIdx.x] = bv;
+  si[threadIdx.x] = bi;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = sv[threadIdx.x + s];
+      const int oi = si[threadIdx.x + s];
+      if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x])) {
+        sv[threadIdx.x] = ov;
+        si[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    pval[blockIdx.x] = sv[0];
+    pidx[blockIdx.x] = si[0];
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  bv = -INFINITY;
+  bi = 0x7fffffff;
+  for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+    const float v = __ldcg(pval + b);
+    const int i = __ldcg(pidx + b);
+    if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+  }
+  sv[threadIdx.x] = bv;
+  si[threadIdx.x] = bi;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = sv[threadIdx.x + s];
+      const int oi = si[threadIdx.x + s];
+      if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x])) {
+        sv[threadIdx.x] = ov;
+        si[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    *tok = si[0] == 0x7fffffff ? 0 : si[0];
+    if (pos) *pos += 1;
+    *counter = 0;
+  }
+}
+
+// pos[0] += 1 (a step whose token the host supplies: prefill).
+extern "C" __global__ void advance_pos(int* pos) {
+  pdl_wait();
+  pdl_trigger();
+  if (threadIdx.x == 0 && blockIdx.x == 0) *pos += 1;
+}

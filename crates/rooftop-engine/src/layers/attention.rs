@@ -25,19 +25,19 @@ pub struct AttentionConfig {
 }
 
 pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    rope: Rope,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    scale: f32,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) q_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
+    pub(crate) rope: Rope,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) scale: f32,
     /// Attend to at most this many most recent positions (sliding-window layers).
-    window: Option<usize>,
+    pub(crate) window: Option<usize>,
 }
 
 /// Keys and values of one layer, allocated once for the whole context.

@@ -11,10 +11,10 @@ use crate::Result;
 
 /// `down(silu(gate(x)) · up(x))` (or GeGLU with [`Mlp::gelu`]).
 pub struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    gelu: bool,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+    pub(crate) gelu: bool,
 }
 
 impl Mlp {
@@ -53,9 +53,9 @@ impl Mlp {
 
 /// Per-expert SwiGLU weights.
 pub struct Experts {
-    gate: Vec<W>, // E × [I, D]
-    up: Vec<W>,   // E × [I, D]
-    down: Vec<W>, // E × [D, I]
+    pub(crate) gate: Vec<W>, // E × [I, D]
+    pub(crate) up: Vec<W>,   // E × [I, D]
+    pub(crate) down: Vec<W>, // E × [D, I]
 }
 
 impl Experts {

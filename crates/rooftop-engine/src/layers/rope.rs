@@ -6,12 +6,12 @@ use serde_json::Value;
 
 /// Rotates the first `dims` features of each head; the rest pass through.
 pub struct Rope {
-    dims: usize,
+    pub(crate) dims: usize,
     /// Angular frequency per rotated pair `[dims/2]` (position scale folded in).
-    inv_freq: Vec<f32>,
-    traditional: bool,
+    pub(crate) inv_freq: Vec<f32>,
+    pub(crate) traditional: bool,
     /// Yarn's input scale on the rotated features.
-    mscale: f32,
+    pub(crate) mscale: f32,
 }
 
 impl Rope {

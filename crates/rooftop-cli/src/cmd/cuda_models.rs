@@ -1,0 +1,168 @@
+//! `rooftop cuda-check --models DIR`: whole models on the GPU against mlx-lm.
+//!
+//! DIR holds what `tests/oracle/mlx_lm_model.py ARCH DIR/ARCH` writes: per
+//! architecture a `manifest.json` (prompt tokens, mlx-lm's greedy continuation and its
+//! top-1 margins per variant) and, per variant, the model directory and mlx-lm's logits
+//! `<variant>.npy`. Each variant is uploaded with `Model::to_cuda`, fed the tokens one
+//! by one through the decode graph, and its logits compared with mlx-lm's; then its
+//! greedy continuation (argmax on the device) must equal mlx-lm's up to the first step
+//! whose top-1 margin is a near tie.
+
+use anyhow::{Context, Result};
+use rooftop_cuda::CudaDevice;
+use rooftop_engine::{npy, Model};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Relative L2 error of the logits: the CUDA path keeps the KV cache in f16 and sums
+/// in another order, so it is looser than the CPU engine's 1e-4.
+const LOGITS_TOL: f64 = 2e-2;
+/// A greedy step whose mlx-lm top-1 margin is below this may flip legitimately.
+const NEAR_TIE: f64 = 0.05;
+
+pub struct ModelCheck {
+    pub name: String,
+    pub logits_err: f64,
+    pub greedy_ok: bool,
+    pub greedy_note: String,
+}
+
+pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck>> {
+    let mut out = Vec::new();
+    let mut archs: Vec<_> = std::fs::read_dir(root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    archs.sort();
+    for arch in archs {
+        let text = std::fs::read_to_string(arch.join("manifest.json"))?;
+        let m: serde_json::Value = serde_json::from_str(&text)?;
+        let tokens: Vec<u32> = serde_json::from_value(m["tokens"].clone())?;
+        let prompt: Vec<u32> = serde_json::from_value(m["prompt"].clone())?;
+        let Some(vars) = m["variants"].as_object() else {
+            continue;
+        };
+        for (vname, v) in vars {
+            let dir = arch.join(vname);
+            let name = format!(
+                "{}/{}",
+                arch.file_name().unwrap_or_default().to_string_lossy(),
+                vname
+            );
+            let model = Model::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+            let dec = match model.to_cuda(dev.clone(), false) {
+                Ok(d) => d,
+                Err(e) => {
+                    out.push(ModelCheck {
+                        name,
+                        logits_err: f64::INFINITY,
+                        greedy_ok: false,
+                        greedy_note: format!("upload failed: {e}"),
+                    });
+                    continue;
+                }
+            };
+            for persistent in [false, true] {
+                rooftop_cuda::set_persistent(persistent);
+                let name = if persistent {
+                    format!("{name} (persistent)")
+                } else {
+                    name.clone()
+                };
+                // Logits at every position.
+                let (shape, want) = npy::read_f32(&arch.join(format!("{vname}.npy")))?;
+                let vocab = shape[1];
+                let mut st = dec.new_state(tokens.len() + 64)?;
+                if persistent && !st.persistent() {
+                    continue; // mixed formats: only the launch-per-op path applies
+                }
+                let mut got = Vec::with_capacity(want.len());
+                for &t in &tokens {
+                    dec.feed(&mut st, t)?;
+                    got.extend(dec.logits(&st)?);
+                }
+                let logits_err = rel_err(&got, &want[..got.len().min(want.len())]);
+                // Greedy continuation with the device's argmax.
+                let greedy: Vec<u32> = serde_json::from_value(v["greedy"].clone())?;
+                let margins: Vec<f64> = serde_json::from_value(v["margins"].clone())?;
+                let mut st = dec.new_state(prompt.len() + greedy.len() + 1)?;
+                let (last, rest) = prompt.split_last().context("empty prompt")?;
+                for &t in rest {
+                    dec.feed(&mut st, t)?;
+                }
+                let mut next = dec.feed_greedy(&mut st, *last)?;
+                let mut ours = vec![next];
+                while ours.len() < greedy.len() {
+                    next = dec.feed_greedy(&mut st, next)?;
+                    ours.push(next);
+                }
+                let first_diff = ours.iter().zip(&greedy).position(|(a, b)| a != b);
+                let (greedy_ok, greedy_note) = match first_diff {
+                    None => (true, format!("{} tokens equal", greedy.len())),
+                    Some(i) if margins.get(i).is_some_and(|m| *m < NEAR_TIE) => (
+                        true,
+                        format!(
+                            "equal for {i} tokens, then a near tie (margin {:.3})",
+                            margins[i]
+                        ),
+                    ),
+                    Some(i) => (
+                        false,
+                        format!(
+                            "differs at token {i} (margin {:.3}): ours {:?} vs mlx-lm {:?}",
+                            margins.get(i).copied().unwrap_or(f64::NAN),
+                            &ours[i..(i + 4).min(ours.len())],
+                            &greedy[i..(i + 4).min(greedy.len())]
+                        ),
+                    ),
+                };
+                let _ = vocab;
+                out.push(ModelCheck {
+                    name,
+                    logits_err,
+                    greedy_ok,
+                    greedy_note,
+                });
+            }
+        }
+    }
+    rooftop_cuda::set_persistent(false);
+    Ok(out)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.is_empty() || a.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Print the table; returns the failures.
+pub fn report(checks: &[ModelCheck]) -> Vec<String> {
+    let mut failed = Vec::new();
+    println!(
+        "\n{:<24} {:>12}  {:<6} greedy vs mlx-lm",
+        "model (GPU vs mlx-lm)", "logits err", ""
+    );
+    for c in checks {
+        let ok = c.logits_err <= LOGITS_TOL && c.greedy_ok;
+        println!(
+            "{:<24} {:>12.2e}  {:<6} {}",
+            c.name,
+            c.logits_err,
+            if ok { "ok" } else { "FAIL" },
+            c.greedy_note
+        );
+        if !ok {
+            failed.push(format!(
+                "{}: logits {:.2e} (tol {LOGITS_TOL:.0e}); {}",
+                c.name, c.logits_err, c.greedy_note
+            ));
+        }
+    }
+    failed
+}

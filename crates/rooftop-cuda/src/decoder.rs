@@ -1,0 +1,728 @@
+//! A whole decoder-only transformer on the GPU, batch-1 decode: embedding → layers
+//! (GQA attention, MoE or dense MLP) → final norm → lm_head → greedy token, all
+//! enqueued without host synchronization and replayed as one CUDA graph per token.
+//!
+//! Launches per layer (RMSNorms are fused into the launches that read the residual):
+//! ```text
+//! qkv gemv (+norm) · qkv_post (bias, q/k norm, rope, KV append) · attention (2)
+//! · o gemv (+= residual) · router (+norm, top-k) · gate/up · down (+= residual)
+//! ```
+//! The architecture mapping (which tensors, which norms) lives in the engine; this
+//! module only knows shapes and device weights.
+
+use crate::device::{cfg, launch, CudaDevice};
+use crate::error::{shape, DriverResult};
+use crate::moe::{CudaMlp, CudaMoe, MoeScratch};
+use crate::nvrtc::ModuleSource;
+use crate::persistent::Persistent;
+use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg};
+use crate::{AttnShape, CudaError, CudaGraph};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use std::sync::Arc;
+
+/// Rotary embedding of one layer: per-pair angular frequencies (scaling folded in).
+pub struct CudaRope {
+    pub inv_freq: CudaSlice<f32>,
+    /// Features rotated (≤ head_dim).
+    pub rot_dim: usize,
+    pub traditional: bool,
+    /// Yarn's scale of the rotated features (1 otherwise).
+    pub mscale: f32,
+}
+
+/// Grouped-query attention with optional biases and q/k RMSNorm.
+pub struct CudaAttention {
+    /// q, k, v projections: one stacked `[(H + 2KV)·hd, D]` weight when they share a
+    /// format (one launch), else three.
+    pub qkv: Vec<CudaWeight>,
+    pub qkv_bias: Option<CudaSlice<f32>>,
+    pub o: CudaWeight,
+    pub o_bias: Option<CudaSlice<f32>>,
+    pub q_norm: Option<CudaSlice<f32>>,
+    pub k_norm: Option<CudaSlice<f32>>,
+    pub qk_eps: f32,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Score scale (`head_dim^-0.5` unless the model says otherwise).
+    pub scale: f32,
+    pub rope: CudaRope,
+}
+
+// One per layer, built once: the variants' size difference is irrelevant.
+#[allow(clippy::large_enum_variant)]
+pub enum CudaFfn {
+    Moe(CudaMoe),
+    Mlp(CudaMlp),
+}
+
+/// Pre-norm block: `h += attn(norm(h)); h += ffn(norm(h))`.
+pub struct CudaLayer {
+    pub attn_norm: CudaSlice<f32>,
+    pub attn: CudaAttention,
+    pub ffn_norm: CudaSlice<f32>,
+    pub ffn: CudaFfn,
+    pub eps: f32,
+}
+
+/// The model's weights on one device.
+pub struct CudaDecoder {
+    pub dev: Arc<CudaDevice>,
+    pub embed: CudaWeight,
+    pub embed_scale: f32,
+    pub layers: Vec<CudaLayer>,
+    pub norm: CudaSlice<f32>,
+    pub eps: f32,
+    /// None = tied to the embedding.
+    pub lm_head: Option<CudaWeight>,
+}
+
+/// Bytes one decode token streams, by component.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepBytes {
+    pub attention: usize,
+    pub router: usize,
+    pub experts: usize,
+    pub dense_mlp: usize,
+    pub lm_head: usize,
+    pub embed_row: usize,
+}
+
+impl StepBytes {
+    pub fn total(&self) -> usize {
+        self.attention + self.router + self.experts + self.dense_mlp + self.lm_head + self.embed_row
+    }
+}
+
+/// `struct QkvPost` in ops.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QkvPostArg {
+    bias: u64,
+    qn: u64,
+    kn: u64,
+    inv_freq: u64,
+    eps: f32,
+    mscale: f32,
+    rot: i32,
+    traditional: i32,
+    n_heads: i32,
+    n_kv: i32,
+    head_dim: i32,
+    max_seq: i32,
+}
+unsafe impl DeviceRepr for QkvPostArg {}
+
+/// `struct Epi` in gemv.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EpiArg {
+    nw: u64,
+    eps: f32,
+    add: i32,
+    bias: u64,
+}
+unsafe impl DeviceRepr for EpiArg {}
+
+/// Epilogue options of one decoder GEMV.
+#[derive(Clone, Copy, Default)]
+struct Gemv<'a> {
+    norm: Option<(&'a CudaSlice<f32>, f32)>,
+    add: bool,
+    bias: Option<&'a CudaSlice<f32>>,
+    next: Option<&'a CudaWeight>,
+}
+
+/// Per-sequence device state: residual stream, scratch, KV caches, the token and
+/// position the captured graph reads, and the graph itself.
+pub struct CudaState {
+    h: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    partial: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    moe: Option<MoeScratch>,
+    kc: Vec<CudaSlice<u16>>,
+    vc: Vec<CudaSlice<u16>>,
+    /// `[1]` the token the next step embeds (the greedy step writes its choice here).
+    tok: CudaSlice<i32>,
+    /// `[1]` the position of the next token.
+    pos: CudaSlice<i32>,
+    amax_val: CudaSlice<f32>,
+    amax_idx: CudaSlice<i32>,
+    amax_cnt: CudaSlice<u32>,
+    splits: usize,
+    max_seq: usize,
+    len: usize,
+    graphs: [Option<CudaGraph>; 2],
+    /// All layers in one launch, when the model suits the persistent kernel.
+    persistent: Option<Persistent>,
+}
+
+impl CudaState {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.max_seq
+    }
+    /// The experts the last MoE layer of the last step chose (None without MoE layers).
+    pub fn moe_ids(&self, dev: &CudaDevice) -> Result<Option<Vec<i32>>, CudaError> {
+        if let (Some(p), Some(_)) = (&self.persistent, &self.moe) {
+            return Ok(Some(dev.download(p.ids())?));
+        }
+        self.moe.as_ref().map(|m| dev.download(&m.ids)).transpose()
+    }
+    /// Per-phase timing of the persistent kernel's last step (ROOFTOP_VERBOSE only).
+    pub fn phase_report(&self, dev: &CudaDevice) -> Result<Option<String>, CudaError> {
+        match &self.persistent {
+            Some(p) => p.phase_report(dev),
+            None => Ok(None),
+        }
+    }
+    /// Whether decode steps run as one persistent launch for all layers.
+    pub fn persistent(&self) -> bool {
+        self.persistent.is_some()
+    }
+}
+
+/// Which launches of a step to enqueue (all for decoding; subsets time components).
+#[derive(Clone, Copy, Debug)]
+pub struct Parts {
+    pub embed: bool,
+    pub attention: bool,
+    pub ffn: bool,
+    /// Final norm, lm_head, and the greedy pick / position advance.
+    pub head: bool,
+}
+
+impl Parts {
+    pub const ALL: Parts = Parts {
+        embed: true,
+        attention: true,
+        ffn: true,
+        head: true,
+    };
+    const NONE: Parts = Parts {
+        embed: false,
+        attention: false,
+        ffn: false,
+        head: false,
+    };
+}
+
+/// Device time of one decode step and of its components alone (each replayed as its
+/// own graph), in milliseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepTimes {
+    pub step: f64,
+    pub attention: f64,
+    pub ffn: f64,
+    pub head: f64,
+}
+
+/// Argmax partial blocks.
+const AMAX_BLOCKS: usize = 128;
+
+impl CudaDecoder {
+    pub fn vocab(&self) -> usize {
+        self.lm_head.as_ref().unwrap_or(&self.embed).rows
+    }
+    pub fn hidden(&self) -> usize {
+        self.embed.cols
+    }
+
+    /// Weight bytes resident on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.embed.nbytes() + self.lm_head.as_ref().map_or(0, |w| w.nbytes());
+        for l in &self.layers {
+            n += l.attn.qkv.iter().map(|w| w.nbytes()).sum::<usize>() + l.attn.o.nbytes();
+            n += match &l.ffn {
+                CudaFfn::Moe(m) => {
+                    m.router.nbytes()
+                        + m.gate.nbytes()
+                        + m.up.nbytes()
+                        + m.down.nbytes()
+                        + m.shared
+                            .as_ref()
+                            .map_or(0, |s| s.iter().map(|w| w.nbytes()).sum())
+                }
+                CudaFfn::Mlp(m) => m.bytes(),
+            };
+        }
+        n
+    }
+
+    /// Weight bytes one decode token reads (KV-cache reads excluded: they depend on the
+    /// context; see [`CudaDecoder::kv_bytes_per_position`]).
+    pub fn step_bytes(&self) -> StepBytes {
+        let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut b = StepBytes {
+            lm_head: lm.nbytes(),
+            embed_row: self.embed.rows_nbytes(1),
+            ..Default::default()
+        };
+        for l in &self.layers {
+            b.attention += l.attn.qkv.iter().map(|w| w.nbytes()).sum::<usize>() + l.attn.o.nbytes();
+            match &l.ffn {
+                CudaFfn::Moe(m) => {
+                    let [r, gu, d] = m.part_bytes();
+                    b.router += r;
+                    b.experts += gu + d;
+                }
+                CudaFfn::Mlp(m) => b.dense_mlp += m.bytes(),
+            }
+        }
+        b
+    }
+
+    /// KV-cache bytes attention reads per cached position (f16 K and V, all layers).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 2 * 2 * l.attn.kv_heads * l.attn.head_dim)
+            .sum()
+    }
+
+    /// Allocate the state of one sequence of up to `max_seq` tokens (fails with the
+    /// bytes needed when the KV cache does not fit).
+    pub fn new_state(&self, max_seq: usize) -> Result<CudaState, CudaError> {
+        let dev = &self.dev;
+        if max_seq == 0 || max_seq > i32::MAX as usize {
+            return Err(shape("decoder", format!("max_seq {max_seq}")));
+        }
+        let kv_bytes = self.kv_bytes_per_position() * max_seq;
+        dev.check_fits(&format!("the KV cache for {max_seq} tokens"), kv_bytes)?;
+        let d = self.hidden();
+        let (mut qkv, mut att, mut partial) = (0, 0, 0);
+        let mut moe = None;
+        // Enough splits that heads x splits fill the SMs twice over.
+        let heads = self.layers.iter().map(|l| l.attn.heads).max().unwrap_or(1);
+        let splits = (2 * dev.sms).div_ceil(heads).clamp(1, 32).min(max_seq);
+        for l in &self.layers {
+            let a = &l.attn;
+            qkv = qkv.max((a.heads + 2 * a.kv_heads) * a.head_dim);
+            att = att.max(a.heads * a.head_dim);
+            partial = partial.max(a.heads * splits * (a.head_dim + 2));
+            if let (CudaFfn::Moe(m), None) = (&l.ffn, &moe) {
+                moe = Some(m.scratch(dev)?);
+            }
+        }
+        let mut kc = Vec::with_capacity(self.layers.len());
+        let mut vc = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let n = l.attn.kv_heads * max_seq * l.attn.head_dim;
+            kc.push(dev.alloc::<u16>(n)?);
+            vc.push(dev.alloc::<u16>(n)?);
+        }
+        let persistent = Persistent::new(self, &kc, &vc)?;
+        Ok(CudaState {
+            persistent,
+            h: dev.alloc(d)?,
+            qkv: dev.alloc(qkv)?,
+            att: dev.alloc(att)?,
+            partial: dev.alloc(partial)?,
+            logits: dev.alloc(self.vocab())?,
+            moe,
+            kc,
+            vc,
+            tok: dev.alloc(1)?,
+            pos: dev.alloc(1)?,
+            amax_val: dev.alloc(AMAX_BLOCKS)?,
+            amax_idx: dev.alloc(AMAX_BLOCKS)?,
+            amax_cnt: dev.alloc(1)?,
+            splits,
+            max_seq,
+            len: 0,
+            graphs: [None, None],
+        })
+    }
+
+    /// Forget the sequence (keeps allocations and graphs).
+    pub fn reset(&self, s: &mut CudaState) -> Result<(), CudaError> {
+        s.len = 0;
+        self.dev.write(&mut s.pos, &[0])
+    }
+
+    /// `y (+)= W · norm(x) (+ bias)`, prefetching `next` for a later launch.
+    fn gemv(&self, w: &CudaWeight, x: u64, y: u64, o: Gemv) -> Result<(), CudaError> {
+        let Gemv {
+            norm,
+            add,
+            bias,
+            next,
+        } = o;
+        let dev = &self.dev;
+        let m = ModuleSource::gemv(w.format);
+        let f = dev.function(&m, "gemv1_epi")?;
+        let smem = stage_bytes(1, w.cols);
+        dev.check_smem("gemv", smem)?;
+        let (lpr, rows_per_slot) = match w.format.rows_gemv() {
+            r if r > 1 => (lanes_per_row(w.cols, 1), r),
+            _ => (lanes_per_row(w.cols, w.format.unroll()), 1),
+        };
+        let warps = w.rows.div_ceil(32 / lpr as usize * rows_per_slot);
+        let grid = dev.grid_for(&f, 256, smem, warps.div_ceil(8));
+        let arg = w.arg(dev);
+        let e = EpiArg {
+            nw: norm.map_or(0, |(n, _)| dev.ptr(n)),
+            eps: norm.map_or(0.0, |(_, e)| e),
+            add: add as i32,
+            bias: bias.map_or(0, |b| dev.ptr(b)),
+        };
+        let pf = PfArg::of(dev, next);
+        launch!(
+            dev,
+            f,
+            cfg((grid, 1), 256, smem),
+            "gemv1_epi",
+            arg,
+            x,
+            y,
+            lpr,
+            e,
+            pf
+        )
+    }
+
+    /// Enqueue one decode step: embed `tok`, run every layer at `pos`, and leave the
+    /// logits in the state. `greedy`: also pick the argmax into `tok` and advance `pos`;
+    /// otherwise only advance `pos`.
+    fn enqueue_step(&self, s: &mut CudaState, greedy: bool, parts: Parts) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let ops = ModuleSource::ops();
+        let (ph, ptok, ppos) = (dev.ptr(&s.h), dev.ptr(&s.tok), dev.ptr(&s.pos));
+        if parts.embed {
+            let f = dev.function(&ModuleSource::gemv(self.embed.format), "embed_row")?;
+            let (earg, escale) = (self.embed.arg(dev), self.embed_scale);
+            let grid = (self.embed.cols / 32).div_ceil(256) as u32;
+            launch!(
+                dev,
+                f,
+                cfg((grid, 1), 256, 0),
+                "embed_row",
+                earg,
+                ptok,
+                ph,
+                escale
+            )?;
+        }
+
+        let fused = parts.attention && parts.ffn && s.persistent.is_some();
+        if fused {
+            let (pq, patt) = (dev.ptr(&s.qkv), dev.ptr(&s.att));
+            let (max_seq, hidden) = (s.max_seq, self.hidden());
+            let p = s.persistent.as_mut().expect("checked");
+            p.enqueue(dev, ph, pq, patt, ppos, hidden, max_seq)?;
+        }
+        for (li, l) in self.layers.iter().enumerate() {
+            if fused {
+                break;
+            }
+            if parts.attention {
+                self.enqueue_attention(s, li)?;
+            }
+            if parts.ffn {
+                // Feed-forward (+ fused post-attention norm), added into the residual.
+                let norm = Some((&l.ffn_norm, l.eps));
+                // While the down projection runs, fetch the next layer's QKV.
+                let next = self.layers.get(li + 1).map(|n| &n.attn.qkv[0]);
+                match &l.ffn {
+                    CudaFfn::Moe(m) => {
+                        let sc = s.moe.as_mut().expect("allocated with the state");
+                        m.step_raw(dev, sc, ph, ph, norm, next)?
+                    }
+                    CudaFfn::Mlp(m) => m.step_raw(dev, ph, ph, norm, next)?,
+                }
+            }
+        }
+        if !parts.head {
+            return Ok(());
+        }
+        // Final norm + lm_head.
+        let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let plog = dev.ptr(&s.logits);
+        let norm = Some((&self.norm, self.eps));
+        let o = Gemv {
+            norm,
+            ..Default::default()
+        };
+        self.gemv(lm, ph, plog, o)?;
+        if greedy {
+            let f = dev.function(&ops, "argmax_step")?;
+            let (pv, pi, pc, n) = (
+                dev.ptr(&s.amax_val),
+                dev.ptr(&s.amax_idx),
+                dev.ptr(&s.amax_cnt),
+                lm.rows as i32,
+            );
+            launch!(
+                dev,
+                f,
+                cfg((AMAX_BLOCKS as u32, 1), 256, 0),
+                "argmax_step",
+                plog,
+                n,
+                pv,
+                pi,
+                pc,
+                ptok,
+                ppos
+            )
+        } else {
+            let f = dev.function(&ops, "advance_pos")?;
+            launch!(dev, f, cfg((1, 1), 32, 0), "advance_pos", ppos)
+        }
+    }
+
+    /// Layer `li`'s attention: QKV (+ input norm), qkv_post, split-K attention, and the
+    /// output projection added into the residual stream.
+    fn enqueue_attention(&self, s: &mut CudaState, li: usize) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let ops = ModuleSource::ops();
+        let (ph, pq, patt, ppart, ppos) = (
+            dev.ptr(&s.h),
+            dev.ptr(&s.qkv),
+            dev.ptr(&s.att),
+            dev.ptr(&s.partial),
+            dev.ptr(&s.pos),
+        );
+        let l = &self.layers[li];
+        {
+            let a = &l.attn;
+            // QKV (+ fused input norm).
+            let mut off = 0u64;
+            for w in &a.qkv {
+                // The QKV launch prefetches the output projection for later.
+                let o = Gemv {
+                    norm: Some((&l.attn_norm, l.eps)),
+                    next: Some(&a.o),
+                    ..Default::default()
+                };
+                self.gemv(w, ph, pq + off * 4, o)?;
+                off += w.rows as u64;
+            }
+            // Bias, q/k norm, rope, KV append.
+            let f = dev.function(&ops, "qkv_post")?;
+            let arg = QkvPostArg {
+                bias: a.qkv_bias.as_ref().map_or(0, |b| dev.ptr(b)),
+                qn: a.q_norm.as_ref().map_or(0, |b| dev.ptr(b)),
+                kn: a.k_norm.as_ref().map_or(0, |b| dev.ptr(b)),
+                inv_freq: dev.ptr(&a.rope.inv_freq),
+                eps: a.qk_eps,
+                mscale: a.rope.mscale,
+                rot: a.rope.rot_dim as i32,
+                traditional: a.rope.traditional as i32,
+                n_heads: a.heads as i32,
+                n_kv: a.kv_heads as i32,
+                head_dim: a.head_dim as i32,
+                max_seq: s.max_seq as i32,
+            };
+            let (pkc, pvc) = (dev.ptr(&s.kc[li]), dev.ptr(&s.vc[li]));
+            launch!(
+                dev,
+                f,
+                cfg(((a.heads + a.kv_heads) as u32, 1), a.head_dim as u32, 0),
+                "qkv_post",
+                pq,
+                ppos,
+                pkc,
+                pvc,
+                arg
+            )?;
+            // Attention (split-K partials, merge).
+            let shp = AttnShape {
+                n_heads: a.heads,
+                n_kv_heads: a.kv_heads,
+                head_dim: a.head_dim,
+                max_seq: s.max_seq,
+                splits: s.splits,
+            };
+            let f = dev.function(&ops, "attn_partial")?;
+            let (nh, nkv, hd, ms, sc) = (
+                a.heads as i32,
+                a.kv_heads as i32,
+                a.head_dim as i32,
+                s.max_seq as i32,
+                a.scale,
+            );
+            launch!(
+                dev,
+                f,
+                cfg((a.heads as u32, s.splits as u32), 128, 0),
+                "attn_partial",
+                pq,
+                pkc,
+                pvc,
+                ppos,
+                ppart,
+                nh,
+                nkv,
+                hd,
+                ms,
+                sc
+            )?;
+            let f = dev.function(&ops, "attn_combine")?;
+            let sp = shp.splits as i32;
+            launch!(
+                dev,
+                f,
+                cfg((a.heads as u32, 1), a.head_dim as u32, 0),
+                "attn_combine",
+                ppart,
+                patt,
+                sp,
+                hd
+            )?;
+            // Output projection into the residual stream.
+            let o = Gemv {
+                add: true,
+                bias: a.o_bias.as_ref(),
+                ..Default::default()
+            };
+            self.gemv(&a.o, patt, ph, o)?;
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, s: &CudaState, n: usize) -> Result<(), CudaError> {
+        if s.len + n > s.max_seq {
+            return Err(CudaError::Unsupported(format!(
+                "context full: {} + {n} tokens exceed the {} the state was made for",
+                s.len, s.max_seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replay (capturing on first use) the step graph.
+    fn replay(&self, s: &mut CudaState, greedy: bool) -> Result<(), CudaError> {
+        let gi = greedy as usize;
+        if s.graphs[gi].is_none() {
+            // Compile and load every kernel outside the capture, then capture.
+            let save_pos = self.dev.download(&s.pos)?;
+            let save_tok = self.dev.download(&s.tok)?;
+            self.enqueue_step(s, greedy, Parts::ALL)?;
+            self.dev.synchronize()?;
+            self.dev.write(&mut s.pos, &save_pos)?;
+            self.dev.write(&mut s.tok, &save_tok)?;
+            let g = self
+                .dev
+                .capture(|| self.enqueue_step(s, greedy, Parts::ALL))?;
+            s.graphs[gi] = Some(g);
+        }
+        s.graphs[gi]
+            .as_ref()
+            .expect("captured above")
+            .launch()
+            .op("cuGraphLaunch")
+    }
+
+    /// Feed `token` (prefill or a host-sampled token); the logits of the next position
+    /// stay on the device ([`CudaDecoder::logits`]). No host synchronization.
+    pub fn feed(&self, s: &mut CudaState, token: u32) -> Result<(), CudaError> {
+        self.check_room(s, 1)?;
+        self.check_token(token)?;
+        self.dev.write(&mut s.tok, &[token as i32])?;
+        self.replay(s, false)?;
+        s.len += 1;
+        Ok(())
+    }
+
+    /// Feed `token` and return the greedy next token (one graph launch, one 4-byte read).
+    pub fn feed_greedy(&self, s: &mut CudaState, token: u32) -> Result<u32, CudaError> {
+        self.check_room(s, 1)?;
+        self.check_token(token)?;
+        self.dev.write(&mut s.tok, &[token as i32])?;
+        self.replay(s, true)?;
+        s.len += 1;
+        Ok(self.dev.download(&s.tok)?[0] as u32)
+    }
+
+    /// `n` greedy steps back to back from the token already in the state (the one the
+    /// last greedy step chose), without reading anything back: the benchmark loop.
+    pub fn run_greedy(&self, s: &mut CudaState, n: usize) -> Result<(), CudaError> {
+        self.check_room(s, n)?;
+        for _ in 0..n {
+            self.replay(s, true)?;
+            s.len += 1;
+        }
+        Ok(())
+    }
+
+    /// Device time of a greedy step and of its parts alone (attention of every layer,
+    /// feed-forward of every layer, final norm + lm_head + argmax), each the median of
+    /// `iters` graph replays. The parts re-run the current position without advancing.
+    pub fn time_parts(&self, s: &mut CudaState, iters: usize) -> Result<StepTimes, CudaError> {
+        let dev = &self.dev;
+        let timer = dev.timer()?;
+        let time = |parts: Parts, s: &mut CudaState| -> Result<f64, CudaError> {
+            let g = dev.capture(|| self.enqueue_step(s, true, parts))?;
+            g.launch().op("cuGraphLaunch")?;
+            let mut ms = Vec::with_capacity(iters);
+            for _ in 0..iters.max(1) {
+                timer.start(dev)?;
+                g.launch().op("cuGraphLaunch")?;
+                ms.push(timer.stop_ms(dev)? as f64);
+            }
+            ms.sort_by(f64::total_cmp);
+            Ok(ms[ms.len() / 2])
+        };
+        // The head advances the position: time it last and restore.
+        let pos = dev.download(&s.pos)?;
+        let tok = dev.download(&s.tok)?;
+        let t = StepTimes {
+            attention: time(
+                Parts {
+                    attention: true,
+                    ..Parts::NONE
+                },
+                s,
+            )?,
+            ffn: time(
+                Parts {
+                    ffn: true,
+                    ..Parts::NONE
+                },
+                s,
+            )?,
+            head: time(
+                Parts {
+                    head: true,
+                    ..Parts::NONE
+                },
+                s,
+            )?,
+            step: {
+                dev.write(&mut s.pos, &pos)?;
+                time(Parts::ALL, s)?
+            },
+        };
+        dev.write(&mut s.pos, &pos)?;
+        dev.write(&mut s.tok, &tok)?;
+        Ok(t)
+    }
+
+    /// The tokens chosen so far by greedy steps are only on the device; read the last.
+    pub fn last_token(&self, s: &CudaState) -> Result<u32, CudaError> {
+        Ok(self.dev.download(&s.tok)?[0] as u32)
+    }
+
+    /// Logits `[V]` of the last step (synchronizes).
+    pub fn logits(&self, s: &CudaState) -> Result<Vec<f32>, CudaError> {
+        self.dev.download(&s.logits)
+    }
+
+    fn check_token(&self, token: u32) -> Result<(), CudaError> {
+        if token as usize >= self.embed.rows {
+            return Err(CudaError::Unsupported(format!(
+                "token {token} is outside the vocabulary of {}",
+                self.embed.rows
+            )));
+        }
+        Ok(())
+    }
+}
