@@ -51,6 +51,8 @@ fn eval_matches_mlx_lm_perplexity_and_kl() {
     std::fs::write(&text, words.join(" ")).unwrap();
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rooftop"));
+    // mlx computes with f32 activations; matching it needs the exact kernels.
+    cmd.env("ROOFTOP_ACTIVATIONS", "exact");
     cmd.args(["eval", "--json", "--ctx", "100", "--reference"])
         .arg(&reference)
         .arg("--text")

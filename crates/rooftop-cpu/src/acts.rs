@@ -73,7 +73,7 @@ impl QActs {
         self.dx.resize(n * cols / QBLOCK, 0.0);
         let affine = spec.mode == QuantMode::Affine;
         if affine {
-            self.gsum.resize(n * cols / spec.group_size, 0.0);
+            self.pad_gsum(n * cols / spec.group_size);
         }
         if let ActLayout::Nibble { .. } = layout {
             self.lane_dx.resize(n * cols / 8, 0.0);
@@ -97,7 +97,7 @@ impl QActs {
         self.q.resize(n * cols, 0);
         self.dx.resize(n * cols / QBLOCK, 0.0);
         if spec.mode == QuantMode::Affine {
-            self.gsum.resize(n * cols / spec.group_size, 0.0);
+            self.pad_gsum(n * cols / spec.group_size);
         }
         if let ActLayout::Nibble { .. } = layout {
             self.lane_dx.resize(n * cols / 8, 0.0);
@@ -127,6 +127,12 @@ impl QActs {
                 *s.gsum.as_mut_ptr().add(t * s.cols / g + gi) = v;
             }
         }
+    }
+
+    /// `len` group sums followed by 8 zeros: the batch-1 kernel reads whole vectors.
+    fn pad_gsum(&mut self, len: usize) {
+        self.gsum.resize(len + 8, 0.0);
+        self.gsum[len..].fill(0.0);
     }
 
     fn fill_gsum(&mut self, x: &[f32], g0: usize, g1: usize) {
@@ -188,6 +194,11 @@ impl QActs {
             o
         }
         let c = self.cols;
+        let mut gsum = rows(&self.gsum, c / self.group.max(1), tokens);
+        if !gsum.is_empty() {
+            // The padding `pad_gsum` keeps.
+            gsum.extend([0.0; 8]);
+        }
         QActs {
             layout: self.layout,
             n: tokens.len(),
@@ -197,7 +208,7 @@ impl QActs {
             dx: rows(&self.dx, c / QBLOCK, tokens),
             lane_dx: rows(&self.lane_dx, c / 8, tokens),
             lane_init: rows(&self.lane_init, c / 8, tokens),
-            gsum: rows(&self.gsum, c / self.group.max(1), tokens),
+            gsum,
         }
     }
 

@@ -17,6 +17,10 @@ pub struct AttnShape {
 
 /// `out[n, Hq·D]` for queries `q[n, Hq·D]` at positions `L−n .. L` over
 /// `k`, `v` `[L, Hk·D]` (f32 cache rows).
+///
+/// Work items are (token, kv head): the `Hq/Hk` query heads that share a kv head read
+/// each cached K and V row once for all of them (8× fewer cache reads for Qwen3's
+/// 32/4 heads), and the loops are compiled for AVX2 where the CPU has it.
 pub fn attention(
     pool: &Pool,
     q: &[f32],
@@ -30,41 +34,101 @@ pub fn attention(
         n_heads: hq,
         n_kv_heads: hk,
         head_dim: d,
-        scale,
+        ..
     } = shape;
     let kvw = hk * d;
     let len = k.len() / kvw;
     assert!(len >= n && v.len() == k.len() && q.len() == n * hq * d && out.len() == n * hq * d);
-    let group = hq / hk;
+    assert!(
+        hk > 0 && hq % hk == 0,
+        "query heads must be a multiple of kv heads"
+    );
     let outp = crate::gemv::SyncPtr(out.as_mut_ptr());
-    let work = n * hq;
-    let body = |s: usize, e: usize| {
-        let mut scores = vec![0f32; len];
-        for item in s..e {
-            let (t, h) = (item / hq, item % hq);
-            let kvh = h / group;
-            let visible = len - n + t + 1;
-            let qh = &q[(t * hq + h) * d..(t * hq + h + 1) * d];
-            for (p, sc) in scores[..visible].iter_mut().enumerate() {
-                let kr = &k[p * kvw + kvh * d..p * kvw + (kvh + 1) * d];
-                *sc = crate::gemv::dot(qh, kr) * scale;
+    let avx2 = crate::isa() >= crate::Isa::Avx2;
+    let body = |item: usize| {
+        let (t, kvh) = (item / hk, item % hk);
+        SCORES.with(|s| {
+            let mut s = s.borrow_mut();
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 and FMA checked by `isa()`.
+                return unsafe { group_avx2(q, k, v, n, shape, t, kvh, outp, &mut s) };
             }
-            crate::ops::softmax(&mut scores[..visible]);
-            // SAFETY: item (t, h) owns out[(t·Hq + h)·D ..][..D].
-            let o = unsafe { std::slice::from_raw_parts_mut({ outp }.0.add((t * hq + h) * d), d) };
-            o.fill(0.0);
-            for (p, &w) in scores[..visible].iter().enumerate() {
-                let vr = &v[p * kvw + kvh * d..p * kvw + (kvh + 1) * d];
-                for (a, &b) in o.iter_mut().zip(vr) {
-                    *a += w * b;
-                }
+            let _ = avx2;
+            group(q, k, v, n, shape, t, kvh, outp, &mut s)
+        })
+    };
+    let work = n * hq * len * d;
+    if work < 1 << 16 {
+        (0..n * hk).for_each(body);
+    } else {
+        pool.run(n * hk, &body);
+    }
+}
+
+thread_local! {
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    shape: AttnShape,
+    t: usize,
+    kvh: usize,
+    outp: crate::gemv::SyncPtr,
+    scores: &mut Vec<f32>,
+) {
+    group(q, k, v, n, shape, t, kvh, outp, scores)
+}
+
+/// Token `t`, the query heads of kv head `kvh`: scores `[G, visible]`, softmax, then
+/// `out_h = Σ_p s_h[p]·V[p]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn group(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    shape: AttnShape,
+    t: usize,
+    kvh: usize,
+    outp: crate::gemv::SyncPtr,
+    scores: &mut Vec<f32>,
+) {
+    let (hq, hk, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let (kvw, g) = (hk * d, hq / hk);
+    let len = k.len() / kvw;
+    let visible = len - n + t + 1;
+    scores.resize(g * visible, 0.0);
+    let h0 = kvh * g;
+    let qh = |j: usize| &q[(t * hq + h0 + j) * d..(t * hq + h0 + j + 1) * d];
+    for p in 0..visible {
+        let kr = &k[p * kvw + kvh * d..p * kvw + (kvh + 1) * d];
+        for j in 0..g {
+            scores[j * visible + p] = crate::gemv::dot(qh(j), kr) * shape.scale;
+        }
+    }
+    for j in 0..g {
+        crate::ops::softmax(&mut scores[j * visible..(j + 1) * visible]);
+    }
+    // SAFETY: item (t, kvh) owns out[(t·Hq + h0)·D ..][..G·D].
+    let o = unsafe { std::slice::from_raw_parts_mut({ outp }.0.add((t * hq + h0) * d), g * d) };
+    o.fill(0.0);
+    for p in 0..visible {
+        let vr = &v[p * kvw + kvh * d..p * kvw + (kvh + 1) * d];
+        for j in 0..g {
+            let w = scores[j * visible + p];
+            for (a, &b) in o[j * d..(j + 1) * d].iter_mut().zip(vr) {
+                *a += w * b;
             }
         }
-    };
-    if work * len * d < 1 << 16 {
-        body(0, work);
-    } else {
-        pool.run(work, &|i| body(i, i + 1));
     }
 }
 

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod bandwidth;
 pub mod gemv;
 pub mod matmul;
+pub mod mem;
 pub mod moe;
 pub mod ops;
 pub mod pool;

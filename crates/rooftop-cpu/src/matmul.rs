@@ -197,6 +197,39 @@ mod tests {
     }
 
     #[test]
+    fn batch1_row_blocks_with_a_remainder() {
+        // 37 rows: blocks of 4 rows plus a 1-row tail, in every nibble format.
+        for (spec, label) in [
+            (QuantSpec::affine(4, 32).unwrap(), "affine4g32"),
+            (QuantSpec::affine(4, 64).unwrap(), "affine4g64"),
+            (QuantSpec::affine(4, 128).unwrap(), "affine4g128"),
+            (QuantSpec::nvfp4(), "nvfp4"),
+            (QuantSpec::mxfp4(), "mxfp4"),
+        ] {
+            // 768 and 384: group counts that are not multiples of 8 (MoE down rows).
+            for inp in [1024, 768, 384] {
+                let q = weights::<bf16>(spec, 37, inp, 21, None);
+                check(
+                    &WeightView::Quant(q.view()),
+                    1,
+                    5,
+                    &format!("{label} in={inp}"),
+                );
+            }
+        }
+        // 192: 12 NVFP4 groups (a scalar scale tail), with and without a global scale.
+        for (inp, gs) in [(1024, Some(3.5)), (192, Some(3.5)), (192, None)] {
+            let q = weights::<f32>(QuantSpec::nvfp4(), 37, inp, 22, gs);
+            check(
+                &WeightView::Quant(q.view()),
+                1,
+                6,
+                &format!("nvfp4 {gs:?} in={inp}"),
+            );
+        }
+    }
+
+    #[test]
     fn large_matrix_splits_across_threads() {
         let q = weights::<bf16>(QuantSpec::affine(4, 64).unwrap(), 1000, 512, 11, None);
         check(&WeightView::Quant(q.view()), 1, 3, "affine4 1000x512");

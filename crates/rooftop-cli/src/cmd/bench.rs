@@ -1,5 +1,7 @@
 //! `rooftop bench`: decode and prefill speed against the machine's own roofline.
 
+mod model;
+
 use anyhow::{bail, Context, Result};
 use rooftop_cpu::pool::Pool;
 use rooftop_cpu::synth::{self, Breakdown, Preset, Recipe, SynthModel};
@@ -98,13 +100,14 @@ With no arguments it runs the qwen3-30b-a3b shape (affine 4-bit g64), with as ma
 48 layers as fit in a third of free memory. Synthetic weights are random bytes in the chosen \
 format; routing is what the router computes on random weights.\n\n\
 Examples:\n  rooftop bench\n  rooftop bench --synthetic qwen3-30b-a3b --layers 8 --q-mode nvfp4\n  \
-rooftop bench --synthetic glm-4.5-air --layers 4 --q-bits 3 --json"
+rooftop bench --synthetic glm-4.5-air --layers 4 --q-bits 3 --json\n  \
+rooftop bench --model Qwen3-30B-A3B-4bit --fidelity"
 )]
 pub struct Args {
     /// Preset of a real model's shape: qwen3-30b-a3b, glm-4.5-air, olmoe-1b-7b, qwen3-moe-0.9b.
     #[arg(long, default_value = "qwen3-30b-a3b")]
     synthetic: String,
-    /// A converted model directory (needs the engine; not available in this build).
+    /// A converted model directory (safetensors + config.json), run by the engine.
     #[arg(long, conflicts_with = "synthetic")]
     model: Option<std::path::PathBuf>,
     /// Keep only this many layers (default: as many as fit in memory).
@@ -125,6 +128,10 @@ pub struct Args {
     /// f32 activations for quantized weights (exact, slower) instead of int8.
     #[arg(long)]
     exact: bool,
+    /// With --model: also compare int8 against exact activations on the prompt
+    /// (KL, top-1 agreement, logit error).
+    #[arg(long, requires = "model")]
+    fidelity: bool,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -150,6 +157,12 @@ struct Report {
     prefill_tok_s: f64,
     decode_tok_s: f64,
     decode_ms_per_token: f64,
+    /// From the median token's time: robust to the other processes of a shared machine.
+    decode_tok_s_median: f64,
+    roofline_pct_median: f64,
+    /// On-CPU time of all threads during decode ÷ (wall time × threads): below ~0.9 the
+    /// machine's other load took cores away from this run (spinning counts as on-CPU).
+    on_cpu_share: f64,
     bytes_per_token: f64,
     bytes_per_token_config: f64,
     unique_experts_per_layer: f64,
@@ -164,6 +177,8 @@ struct Report {
 #[derive(Serialize)]
 struct BreakdownMs {
     attention: f64,
+    /// Of `attention`: norms, RoPE, softmax(q·K)·V (no weights).
+    attention_core: f64,
     router: f64,
     experts: f64,
     lm_head: f64,
@@ -175,6 +190,7 @@ impl BreakdownMs {
         let f = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n.max(1) as f64;
         BreakdownMs {
             attention: f(b.attention),
+            attention_core: f(b.attention_core),
             router: f(b.router),
             experts: f(b.experts),
             lm_head: f(b.lm_head),
@@ -196,14 +212,11 @@ pub fn run(args: Args) -> Result<()> {
             json: args.json,
         });
     }
-    if let Some(dir) = &args.model {
-        bail!(
-            "--model {}: benchmarking a converted model needs the inference engine, which this build does not have yet; use --synthetic",
-            dir.display()
-        );
-    }
     if args.gen_tokens == 0 {
         bail!("--gen-tokens must be at least 1");
+    }
+    if let Some(dir) = &args.model {
+        return model::run(&args, dir);
     }
     let recipe = args.recipe.recipe()?;
     rooftop_cpu::set_int8_activations(!args.exact);
@@ -247,14 +260,24 @@ pub fn run(args: Args) -> Result<()> {
     // Decode.
     m.times = Breakdown::default();
     let (mut bytes, mut uniq, mut nuniq) = (0f64, 0usize, 0usize);
+    let mut step_s = Vec::with_capacity(args.gen_tokens);
+    let cpu0 = on_cpu_seconds();
     let t = Instant::now();
     for _ in 0..args.gen_tokens {
+        let ts = Instant::now();
         next = m.step(pool, &[next])?;
+        step_s.push(ts.elapsed().as_secs_f64());
         bytes += m.last_bytes;
         uniq += m.last_unique_experts.iter().sum::<usize>();
         nuniq += m.last_unique_experts.len();
     }
     let decode_s = t.elapsed().as_secs_f64();
+    let cpu_share = match (cpu0, on_cpu_seconds()) {
+        (Some(a), Some(b)) => (b - a) / (decode_s * pool.threads() as f64),
+        _ => f64::NAN,
+    };
+    step_s.sort_by(f64::total_cmp);
+    let median_s = step_s[step_s.len() / 2];
     let bw1 = rooftop_cpu::bandwidth::measure(pool, bw_bytes, 3);
 
     let n = args.gen_tokens;
@@ -283,6 +306,9 @@ pub fn run(args: Args) -> Result<()> {
         prefill_tok_s: prompt.len() as f64 / prefill_s,
         decode_tok_s: tok_s,
         decode_ms_per_token: 1e3 / tok_s,
+        decode_tok_s_median: 1.0 / median_s,
+        roofline_pct_median: 100.0 * bpt / median_s / 1e9 / roof,
+        on_cpu_share: cpu_share,
         bytes_per_token: bpt,
         bytes_per_token_config: cfg_bytes,
         unique_experts_per_layer: uniq as f64 / nuniq.max(1) as f64,
@@ -329,7 +355,25 @@ pub fn run(args: Args) -> Result<()> {
         "achieved   {:>8.1} GB/s = {:.0}% of the measured {:.1} GB/s roofline",
         achieved, r.roofline_pct, roof
     );
-    println!("time/token attention {:.2} ms ({:.0}%), router {:.2} ({:.0}%), experts {:.2} ({:.0}%), lm_head {:.2} ({:.0}%), other {:.2} ({:.0}%)",
-        b.attention, pct(b.attention), b.router, pct(b.router), b.experts, pct(b.experts), b.lm_head, pct(b.lm_head), b.other, pct(b.other));
+    println!(
+        "median     {:>8.1} tok/s   = {:.0}% of roofline (median token); on a CPU {:.2} ms/token, all threads ({:.0}% of their time)",
+        r.decode_tok_s_median,
+        r.roofline_pct_median,
+        r.on_cpu_share * r.threads as f64 * r.decode_ms_per_token,
+        100.0 * r.on_cpu_share
+    );
+    println!("time/token attention {:.2} ms ({:.0}%; {:.2} of it over the cache), router {:.2} ({:.0}%), experts {:.2} ({:.0}%), lm_head {:.2} ({:.0}%), other {:.2} ({:.0}%)",
+        b.attention, pct(b.attention), b.attention_core, b.router, pct(b.router), b.experts, pct(b.experts), b.lm_head, pct(b.lm_head), b.other, pct(b.other));
     Ok(())
+}
+
+/// Seconds all of this process's threads have spent on a CPU (Linux schedstat).
+fn on_cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for e in std::fs::read_dir("/proc/self/task").ok()? {
+        let p = e.ok()?.path().join("schedstat");
+        let s = std::fs::read_to_string(p).ok()?;
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
 }

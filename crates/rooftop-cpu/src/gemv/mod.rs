@@ -10,7 +10,6 @@ mod x86;
 
 use crate::acts::{ActLayout, QActs, QBLOCK};
 use crate::pool::Pool;
-use rooftop_quant::fp8::e8m0_to_f32;
 use rooftop_quant::{DType, QuantMode, QuantView, WeightView};
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -94,17 +93,22 @@ static INT8: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
 
 /// Whether quantized weights run with int8 activations (fast, ~1/250 relative error per
 /// activation block, like llama.cpp's q8) or f32 activations (exact up to f32 rounding,
-/// what MLX computes; the engine's oracle tests need it). Default: exact, unless
-/// `ROOFTOP_ACTIVATIONS=int8`.
+/// what MLX computes; the mlx-lm oracle tests need it, at 1e-4).
+///
+/// Default: int8 — decode speed is the product, and llama.cpp makes the same trade
+/// (its CPU matmuls quantize activations to q8). `ROOFTOP_ACTIVATIONS=exact` (or `f32`)
+/// or [`set_int8_activations`]`(false)` choose exact; the measured cost of int8 on
+/// real logits is in docs/PERFORMANCE-cpu.md.
 pub fn int8_activations() -> bool {
     use std::sync::atomic::Ordering;
     match INT8.load(Ordering::Relaxed) {
         0 => false,
         1 => true,
         _ => {
-            let on = std::env::var("ROOFTOP_ACTIVATIONS").is_ok_and(|v| v == "int8");
-            INT8.store(u8::from(on), Ordering::Relaxed);
-            on
+            let exact = std::env::var("ROOFTOP_ACTIVATIONS")
+                .is_ok_and(|v| v.eq_ignore_ascii_case("exact") || v.eq_ignore_ascii_case("f32"));
+            INT8.store(u8::from(!exact), Ordering::Relaxed);
+            !exact
         }
     }
 }
@@ -211,39 +215,6 @@ fn e4m3_table() -> &'static [f32; 256] {
     T.get_or_init(rooftop_quant::fp8::e4m3_table)
 }
 
-/// Row `row`'s scales as f32 into `ws` (fp4: halved, for the doubled E2M1 table) and
-/// affine biases into `wb`.
-pub(crate) fn row_scales(w: &QuantView, row: usize, fp4: bool, ws: &mut [f32], wb: &mut [f32]) {
-    let ng = w.cols / w.spec.group_size;
-    match w.spec.mode {
-        QuantMode::Affine => {
-            let sb = w.scale_dtype.size();
-            let r = row * ng * sb..(row + 1) * ng * sb;
-            rooftop_quant::dtype::bytes_to_f32(w.scale_dtype, &w.scales[r.clone()], &mut ws[..ng]);
-            rooftop_quant::dtype::bytes_to_f32(
-                w.scale_dtype,
-                &w.biases.unwrap_or(&[])[r],
-                &mut wb[..ng],
-            );
-        }
-        QuantMode::Nvfp4 => {
-            let t = e4m3_table();
-            let k = if fp4 { 0.5 } else { 1.0 }
-                * w.global_scale
-                    .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
-            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
-                *o = t[c as usize] * k;
-            }
-        }
-        QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
-            let k = if fp4 { 0.5 } else { 1.0 };
-            for (o, &c) in ws[..ng].iter_mut().zip(&w.scales[row * ng..(row + 1) * ng]) {
-                *o = e8m0_to_f32(c) * k;
-            }
-        }
-    }
-}
-
 /// Dense tail elements as f32 (`kind`: 0 f32, 1 f16, 2 bf16).
 pub(crate) unsafe fn dense_tail(
     kind: u8,
@@ -304,7 +275,7 @@ unsafe fn portable_rows(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorize without reassociating.
     let mut acc = [0f32; 8];

@@ -138,28 +138,30 @@ unsafe fn row_scales(
     wb: &mut [f32],
 ) {
     let ng = w.cols / w.spec.group_size;
-    if !ng.is_multiple_of(8) {
-        return super::row_scales(w, row, fp4, ws, wb);
-    }
+    // Whole vectors of 8 here, the rest (MoE down rows of 768: 12 groups) in scalar.
+    let nv = ng & !7;
     let half = if fp4 { 0.5 } else { 1.0 };
     match w.spec.mode {
         QuantMode::Nvfp4 => {
             let k = half
-                * 256.0
                 * w.global_scale
                     .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE);
-            let k = _mm256_set1_ps(k);
+            let kv = _mm256_set1_ps(k * 256.0);
             let s = w.scales.as_ptr().add(row * ng);
-            for i in (0..ng).step_by(8) {
+            for i in (0..nv).step_by(8) {
                 let v = load8::<3>(s.add(i));
-                _mm256_storeu_ps(ws.as_mut_ptr().add(i), _mm256_mul_ps(v, k));
+                _mm256_storeu_ps(ws.as_mut_ptr().add(i), _mm256_mul_ps(v, kv));
+            }
+            let t = super::e4m3_table();
+            for i in nv..ng {
+                ws[i] = t[*s.add(i) as usize] * k;
             }
             return;
         }
         QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
             let k = _mm256_set1_ps(half);
             let s = w.scales.as_ptr().add(row * ng);
-            for i in (0..ng).step_by(8) {
+            for i in (0..nv).step_by(8) {
                 let e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(s.add(i) as *const __m128i));
                 // 2^(e−127) as f32 bits; e = 0 is the subnormal 2^−127 (MLX's exp2).
                 let bits = _mm256_slli_epi32(e, 23);
@@ -167,6 +169,9 @@ unsafe fn row_scales(
                 let bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x0040_0000), zero);
                 let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), k);
                 _mm256_storeu_ps(ws.as_mut_ptr().add(i), v);
+            }
+            for i in nv..ng {
+                ws[i] = rooftop_quant::fp8::e8m0_to_f32(*s.add(i)) * half;
             }
             return;
         }
@@ -176,9 +181,32 @@ unsafe fn row_scales(
     let sz = dt.size();
     let s = w.scales.as_ptr().add(row * ng * sz);
     let b = w.biases.unwrap_or(&[]).as_ptr().add(row * ng * sz);
-    for i in (0..ng).step_by(8) {
+    for i in (0..nv).step_by(8) {
         _mm256_storeu_ps(ws.as_mut_ptr().add(i), load8_dtype(dt, s.add(i * sz)));
         _mm256_storeu_ps(wb.as_mut_ptr().add(i), load8_dtype(dt, b.add(i * sz)));
+    }
+    if nv < ng && (row * ng + nv + 8) * sz <= w.scales.len() {
+        // One more vector, read past the row (still inside the tensor) with the lanes
+        // beyond it zeroed: the batch-1 bias dot then runs whole vectors.
+        let keep = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32((ng - nv) as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        let z = _mm256_setzero_ps();
+        let m = _mm256_castsi256_ps(keep);
+        let sv = _mm256_blendv_ps(z, load8_dtype(dt, s.add(nv * sz)), m);
+        let bv = _mm256_blendv_ps(z, load8_dtype(dt, b.add(nv * sz)), m);
+        _mm256_storeu_ps(ws.as_mut_ptr().add(nv), sv);
+        _mm256_storeu_ps(wb.as_mut_ptr().add(nv), bv);
+    } else if nv < ng {
+        let n = ng - nv;
+        let tail = |p: *const u8, out: &mut [f32]| {
+            let bytes = std::slice::from_raw_parts(p.add(nv * sz), n * sz);
+            rooftop_quant::dtype::bytes_to_f32(dt, bytes, &mut out[nv..ng]);
+            out[ng..nv + 8].fill(0.0);
+        };
+        tail(s, ws);
+        tail(b, wb);
     }
 }
 
@@ -246,7 +274,10 @@ unsafe fn nibble_tile<D: Dot, const FP4: bool, const NT: usize>(
                 lo = _mm256_shuffle_epi8(lut, lo);
                 hi = _mm256_shuffle_epi8(lut, hi);
             }
-            let wsv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws.add(cc * 64 / g)), idx);
+            let wsv = _mm256_permutevar8x32_ps(
+                _mm256_loadu_ps(ws.add((cc * 64) >> g.trailing_zeros())),
+                idx,
+            );
             for t in 0..NT {
                 let xq = q.add(t * cols + cc * 64);
                 let init = if FP4 {
@@ -269,8 +300,206 @@ unsafe fn nibble_tile<D: Dot, const FP4: bool, const NT: usize>(
     out
 }
 
+/// Rows decoded together by the batch-1 nibble kernel: they share every activation
+/// load, and their four horizontal sums are done at once.
+const R1: usize = 4;
+/// Software prefetch lead of the batch-1 kernel: whole blocks of `R1` rows ahead, at
+/// least this many bytes (`ROOFTOP_PF_BYTES` for A/B runs). Measured with
+/// `examples/gemv_lab.rs` (affine4 on huge pages, 1 thread, two sweeps each):
+/// 151936×2048 (4 KiB blocks): 0 → 9.8 GB/s, 1 KiB 13.5, 2 KiB 18, 3 KiB 24–26,
+/// 4 KiB 22–23, 6 KiB 18–19, 8 KiB 14–16. A lead inside the current block (2048-col
+/// rows with 4096 columns: 8 KiB blocks) leaves the next block's last rows
+/// unfetched: 4–11 GB/s at 2–4 KiB against 13 at one block.
+fn pf_min() -> usize {
+    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("ROOFTOP_PF_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3072)
+    })
+}
+
+/// Prefetch distance for blocks of `block` bytes: whole blocks, at least `pf_min()`.
+#[inline(always)]
+fn pf_dist(block: usize) -> usize {
+    block * pf_min().div_ceil(block.max(1)).max(1)
+}
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+}
+
+/// Scale of chunk `c`'s 8 integer lanes for group size `G` (see `acts`: lane k holds
+/// elements [8k, 8k+8) of the chunk). `ws`: the row's f32 scales, padded by 8.
+#[inline(always)]
+unsafe fn chunk_scale<const G: usize>(ws: *const f32, c: usize) -> __m256 {
+    match G {
+        16 => _mm256_permutevar8x32_ps(
+            _mm256_loadu_ps(ws.add(4 * c)),
+            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+        ),
+        32 => _mm256_permutevar8x32_ps(
+            _mm256_loadu_ps(ws.add(2 * c)),
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+        ),
+        64 => _mm256_broadcast_ss(&*ws.add(c)),
+        _ => _mm256_broadcast_ss(&*ws.add(c * 64 / G)),
+    }
+}
+
+/// Batch 1 (decode): `R` rows against one token. Per 64 weights and row: one load,
+/// mask/shift (E2M1 `pshufb`), two int8 dots, convert, scale, FMA; the activation
+/// loads are shared by the `R` rows. `ws`/`wb`: `R` rows of `ng + 8` f32 scales/biases.
+#[inline(always)]
+unsafe fn nibble_block1<D: Dot, const FP4: bool, const G: usize, const R: usize>(
+    w: &rooftop_quant::QuantView,
+    row: usize,
+    a: &QActs,
+    ws: *const f32,
+    wb: *const f32,
+    affine: bool,
+    pf_end: *const u8,
+) -> [f32; R] {
+    let cols = a.cols;
+    let (nch, ng) = (cols / 64, cols / G);
+    let stride = ng + 8;
+    let mask = _mm256_set1_epi8(0x0F);
+    let lut = fp4_lut();
+    let wrow = w.weight.as_ptr().add(row * cols / 2);
+    let (q, ldx, lin) = (a.q.as_ptr(), a.lane_dx.as_ptr(), a.lane_init.as_ptr());
+    let pf_dist = pf_dist(R1 * cols / 2);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for c in 0..nch {
+        let xlo = _mm256_loadu_si256(q.add(c * 64) as *const __m256i);
+        let xhi = _mm256_loadu_si256(q.add(c * 64 + 32) as *const __m256i);
+        let dx = _mm256_loadu_ps(ldx.add(c * 8));
+        let init = if FP4 {
+            _mm256_loadu_si256(lin.add(c * 8) as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
+        // The R rows are read interleaved, which the hardware prefetcher does not
+        // follow across pages: fetch ahead ourselves, R·32 bytes per chunk, up to
+        // the end of the caller's rows (`pf_end`).
+        let pf = wrow.add(pf_dist + c * R * 32);
+        if pf < pf_end {
+            for l in (0..R * 32).step_by(64) {
+                prefetch(pf.add(l));
+            }
+        }
+        for i in 0..R {
+            let v = _mm256_loadu_si256(wrow.add(i * cols / 2 + c * 32) as *const __m256i);
+            let mut lo = _mm256_and_si256(v, mask);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            if FP4 {
+                lo = _mm256_shuffle_epi8(lut, lo);
+                hi = _mm256_shuffle_epi8(lut, hi);
+            }
+            let d = D::dp(D::dp(init, lo, xlo), hi, xhi);
+            let t = _mm256_mul_ps(_mm256_cvtepi32_ps(d), dx);
+            acc[i] = _mm256_fmadd_ps(t, chunk_scale::<G>(ws.add(i * stride), c), acc[i]);
+        }
+    }
+    let mut out = [0f32; R];
+    if affine {
+        // Σ_g bias_g · Σx_g, 8 groups per vector (MoE down rows of 768 have 12 groups
+        // of 64).
+        // `row_scales` zeroed `wb` past the row and `QActs` pads `gsum` with zeros, so
+        // the last vector may run past `ng`.
+        let gs = a.gsum.as_ptr();
+        for k in (0..ng).step_by(8) {
+            let s = _mm256_loadu_ps(gs.add(k));
+            for i in 0..R {
+                let b = _mm256_loadu_ps(wb.add(i * stride + k));
+                acc[i] = _mm256_fmadd_ps(b, s, acc[i]);
+            }
+        }
+    }
+    for i in 0..R {
+        out[i] += hsum(acc[i]);
+    }
+    out
+}
+
+/// Batch-1 rows of a nibble-format weight, `R1` at a time.
+#[inline(always)]
+unsafe fn nibble_rows1<D: Dot, const FP4: bool, const G: usize>(
+    r: &RowArgs,
+    a: &QActs,
+    scratch: &mut Vec<f32>,
+) {
+    let w = r.q();
+    let ng = w.cols / G;
+    let stride = ng + 8;
+    let affine = w.spec.mode == QuantMode::Affine;
+    scratch.resize(2 * R1 * stride, 0.0);
+    let (ws, wb) = scratch.split_at_mut(R1 * stride);
+    let row_bytes = w.cols / 2;
+    let base = w.weight.as_ptr();
+    let pf_end = base.add(r.rows.end * row_bytes);
+    // The first blocks: nothing ahead of them fetched them.
+    let first = base.add(r.rows.start * row_bytes);
+    let n0 = pf_dist(R1 * row_bytes).min(r.rows.len() * row_bytes);
+    for l in (0..n0).step_by(64) {
+        prefetch(first.add(l));
+    }
+    let mut row = r.rows.start;
+    while row < r.rows.end {
+        let nr = (r.rows.end - row).min(R1);
+        for i in 0..nr {
+            row_scales(
+                w,
+                row + i,
+                FP4,
+                &mut ws[i * stride..(i + 1) * stride],
+                &mut wb[i * stride..(i + 1) * stride],
+            );
+        }
+        let (sp, bp) = (ws.as_ptr(), wb.as_ptr());
+        if nr == R1 {
+            let v = nibble_block1::<D, FP4, G, R1>(w, row, a, sp, bp, affine, pf_end);
+            for (i, v) in v.into_iter().enumerate() {
+                r.put(0, row + i, v);
+            }
+        } else {
+            for i in 0..nr {
+                let o = i * stride;
+                let [v] = nibble_block1::<D, FP4, G, 1>(
+                    w,
+                    row + i,
+                    a,
+                    sp.add(o),
+                    bp.add(o),
+                    affine,
+                    pf_end,
+                );
+                r.put(0, row + i, v);
+            }
+        }
+        row += nr;
+    }
+}
+
 #[inline(always)]
 unsafe fn nibble_rows<D: Dot, const FP4: bool>(r: &RowArgs, a: &QActs, scratch: &mut Vec<f32>) {
+    let w = r.q();
+    let g = w.spec.group_size;
+    if a.n == 1 {
+        match g {
+            16 => return nibble_rows1::<D, FP4, 16>(r, a, scratch),
+            32 => return nibble_rows1::<D, FP4, 32>(r, a, scratch),
+            64 => return nibble_rows1::<D, FP4, 64>(r, a, scratch),
+            128 => return nibble_rows1::<D, FP4, 128>(r, a, scratch),
+            _ => {}
+        }
+    }
+    nibble_rows_n::<D, FP4>(r, a, scratch)
+}
+
+#[inline(always)]
+unsafe fn nibble_rows_n<D: Dot, const FP4: bool>(r: &RowArgs, a: &QActs, scratch: &mut Vec<f32>) {
     let w = r.q();
     let cols = w.cols;
     let g = w.spec.group_size;
@@ -281,7 +510,8 @@ unsafe fn nibble_rows<D: Dot, const FP4: bool>(r: &RowArgs, a: &QActs, scratch: 
         _ => _mm256_setzero_si256(),
     };
     let row_bytes = cols / 2;
-    scratch.resize(2 * ng + 8, 0.0);
+    // Both halves padded by 8: `row_scales` may store a whole vector past `ng`.
+    scratch.resize(2 * (ng + 8), 0.0);
     for row in r.rows.clone() {
         let (ws, wb) = scratch.split_at_mut(ng + 8);
         row_scales(w, row, FP4, ws, wb);
@@ -385,7 +615,8 @@ unsafe fn natural_tile<D: Dot, const B: usize, const NT: usize>(
             } else {
                 D::unpack::<B>(wrow.add(bb * 4 * B))
             };
-            let s = *ws.add(bb * QBLOCK / g);
+            // A shift, not a division: g is a power of two and `div` costs ~10 cycles.
+            let s = *ws.add((bb * QBLOCK) >> g.trailing_zeros());
             for t in 0..NT {
                 let xq = _mm256_loadu_si256(q.add(t * cols + bb * QBLOCK) as *const __m256i);
                 let z = _mm256_setzero_si256();
@@ -414,7 +645,8 @@ unsafe fn natural_rows<D: Dot, const B: usize>(r: &RowArgs, a: &QActs, scratch: 
     let g = w.spec.group_size;
     let ng = cols / g;
     let row_bytes = cols * B / 8;
-    scratch.resize(2 * ng + 8, 0.0);
+    // Both halves padded by 8: `row_scales` may store a whole vector past `ng`.
+    scratch.resize(2 * (ng + 8), 0.0);
     for row in r.rows.clone() {
         let (ws, wb) = scratch.split_at_mut(ng + 8);
         row_scales(w, row, false, ws, wb);

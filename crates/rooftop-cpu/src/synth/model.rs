@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub struct Breakdown {
     /// q/k/v/o projections, norms and RoPE of q/k, attention over the cache.
     pub attention: Duration,
+    /// Of `attention`: q/k norms, RoPE and softmax(q·K)·V over the cache.
+    pub attention_core: Duration,
     pub router: Duration,
     /// Routed + shared experts, and dense MLPs.
     pub experts: Duration,
@@ -224,6 +226,7 @@ impl SynthModel {
                 &mut self.acts,
             );
             bytes += ws.iter().map(|w| w.nbytes() as f64).sum::<f64>();
+            let core0 = Instant::now();
             for t in 0..n {
                 let (qt, kt) = (&mut q[t * qw..(t + 1) * qw], &mut k[t * kvw..(t + 1) * kvw]);
                 if p.qk_norm {
@@ -251,6 +254,7 @@ impl SynthModel {
                 &mut att,
             );
             bytes += 2.0 * self.k_cache[li].len() as f64 * 4.0;
+            times.attention_core += core0.elapsed();
             let ov = layer.o.view();
             matmul_on(pool, isa, &ov, &att, n, &mut y, &mut self.acts[0]);
             bytes += ov.nbytes() as f64;

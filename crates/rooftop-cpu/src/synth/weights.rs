@@ -1,5 +1,6 @@
 //! Formats per tensor (a recipe) and random weights written directly in them.
 
+use crate::mem::HugeBuf;
 use rayon::prelude::*;
 use rooftop_quant::{DType, QuantMode, QuantSpec, QuantView, WeightView};
 
@@ -104,9 +105,9 @@ pub struct OwnedWeight {
     pub format: Format,
     pub rows: usize,
     pub cols: usize,
-    data: Vec<u8>,
-    scales: Vec<u8>,
-    biases: Vec<u8>,
+    data: HugeBuf,
+    scales: HugeBuf,
+    biases: HugeBuf,
 }
 
 impl OwnedWeight {
@@ -162,7 +163,7 @@ pub fn random(format: Format, rows: usize, cols: usize, std: f32, seed: u64) -> 
     let n = rows * cols;
     match format {
         Format::Dense(dt) => {
-            let mut data = vec![0u8; n * dt.size()];
+            let mut data = HugeBuf::zeroed(n * dt.size());
             let mut raw = vec![0u8; n];
             fill_random(&mut raw, seed);
             // Uniform in ±√3·std from one random byte per weight.
@@ -175,24 +176,24 @@ pub fn random(format: Format, rows: usize, cols: usize, std: f32, seed: u64) -> 
                 rows,
                 cols,
                 data,
-                scales: Vec::new(),
-                biases: Vec::new(),
+                scales: HugeBuf::zeroed(0),
+                biases: HugeBuf::zeroed(0),
             }
         }
         Format::Quant(spec, sd) => {
-            let mut data = vec![0u8; n * spec.bits as usize / 8];
+            let mut data = HugeBuf::zeroed(n * spec.bits as usize / 8);
             fill_random(&mut data, seed);
             let groups = n / spec.group_size;
             let sb = spec.scale_bytes(sd);
-            let mut scales = vec![0u8; groups * sb];
-            let mut biases = Vec::new();
+            let mut scales = HugeBuf::zeroed(groups * sb);
+            let mut biases = HugeBuf::zeroed(0);
             match spec.mode {
                 QuantMode::Affine => {
                     // Codes uniform on [0, 2^b): value = s·q + bias, centred, std ≈ std.
                     let levels = (1u32 << spec.bits) as f32;
                     let s = std * 12f32.sqrt() / levels;
                     let b = -s * (levels - 1.0) / 2.0;
-                    biases = vec![0u8; groups * sb];
+                    biases = HugeBuf::zeroed(groups * sb);
                     for g in 0..groups {
                         write_float(sd, &mut scales, g, s);
                         write_float(sd, &mut biases, g, b);
