@@ -541,42 +541,7 @@ impl CudaDecoder {
                 max_seq: s.max_seq,
                 splits: s.splits,
             };
-            let f = dev.function(&ops, "attn_partial")?;
-            let (nh, nkv, hd, ms, sc) = (
-                a.heads as i32,
-                a.kv_heads as i32,
-                a.head_dim as i32,
-                s.max_seq as i32,
-                a.scale,
-            );
-            launch!(
-                dev,
-                f,
-                cfg((a.heads as u32, s.splits as u32), 128, 0),
-                "attn_partial",
-                pq,
-                pkc,
-                pvc,
-                ppos,
-                ppart,
-                nh,
-                nkv,
-                hd,
-                ms,
-                sc
-            )?;
-            let f = dev.function(&ops, "attn_combine")?;
-            let sp = shp.splits as i32;
-            launch!(
-                dev,
-                f,
-                cfg((a.heads as u32, 1), a.head_dim as u32, 0),
-                "attn_combine",
-                ppart,
-                patt,
-                sp,
-                hd
-            )?;
+            dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &shp, a.scale)?;
             // Output projection into the residual stream.
             let o = Gemv {
                 add: true,

@@ -336,16 +336,7 @@ impl CudaMoe {
         let rm = ModuleSource::gemv(self.router.format);
         let f = dev.function(&rm, "moe_router")?;
         let rarg = self.router.arg(dev);
-        let rt = RoutingArg {
-            bias: self.bias.as_ref().map_or(0, |b| dev.ptr(b)),
-            n_experts: self.n_experts as i32,
-            k: k as i32,
-            sigmoid: (self.routing.kind == RoutingKind::Sigmoid) as i32,
-            norm: self.routing.norm_topk_prob as i32,
-            n_group: self.routing.n_group as i32,
-            topk_group: self.routing.topk_group as i32,
-            scale: self.routing.routed_scaling_factor,
-        };
+        let rt = self.routing_arg(dev);
         let lpr = lanes_per_row(h, self.router.format.unroll());
         let smem = stage_bytes(1, h);
         dev.check_smem("moe router", smem)?;

@@ -196,8 +196,6 @@ impl CudaDevice {
         {
             return Err(shape("attention", format!("{s:?}")));
         }
-        let ops = ModuleSource::ops();
-        let f = self.function(&ops, "attn_partial")?;
         let (pq, pk, pv, pp, ppart, po) = (
             self.ptr(q),
             self.ptr(k_cache),
@@ -206,6 +204,20 @@ impl CudaDevice {
             self.ptr(partial),
             self.ptr(out),
         );
+        self.attention_raw([pq, pk, pv, pp, ppart, po], s, scale)
+    }
+
+    /// [`CudaDevice::attention`] on raw device addresses `[q, k_cache, v_cache, pos,
+    /// partial, out]` (the decoder's carved buffers); the caller guarantees the sizes.
+    pub(crate) fn attention_raw(
+        &self,
+        [pq, pk, pv, pp, ppart, po]: [u64; 6],
+        s: &AttnShape,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        s.check()?;
+        let ops = ModuleSource::ops();
+        let f = self.function(&ops, "attn_partial")?;
         let (nh, nkv, hd, ms) = (
             s.n_heads as i32,
             s.n_kv_heads as i32,

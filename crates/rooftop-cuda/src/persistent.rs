@@ -114,7 +114,7 @@ fn uniform_format(dec: &CudaDecoder) -> Option<KernelFormat> {
     };
     for l in &dec.layers {
         let a = &l.attn;
-        if a.qkv.len() != 1 || a.head_dim > 256 || a.heads > 64 * 1024 {
+        if a.qkv.len() != 1 || a.head_dim > 256 {
             return None;
         }
         if !same(a.qkv[0].format) || !same(a.o.format) {

@@ -61,6 +61,19 @@ fn parse_dtype(s: &str) -> Result<DType> {
 
 /// A preset by name, scaled to `layers` or, with none given, to fit this machine.
 pub fn sized_preset(name: &str, layers: Option<usize>, recipe: &Recipe) -> Result<(Preset, bool)> {
+    // Use at most a third of free memory (capped at 6 GB): the machine is shared.
+    let budget = (mem_available().unwrap_or(8 << 30) as f64 / 3.0).min(6e9);
+    sized_preset_within(name, layers, recipe, budget)
+}
+
+/// A preset by name, scaled to `layers` or, with none given, to as many layers as fit
+/// in `budget` bytes of weights (at least one). Returns whether it was scaled down.
+pub fn sized_preset_within(
+    name: &str,
+    layers: Option<usize>,
+    recipe: &Recipe,
+    budget: f64,
+) -> Result<(Preset, bool)> {
     let p = synth::preset(name).with_context(|| {
         let names: Vec<_> = synth::PRESETS.iter().map(|p| p.name).collect();
         format!(
@@ -68,19 +81,16 @@ pub fn sized_preset(name: &str, layers: Option<usize>, recipe: &Recipe) -> Resul
             names.join(", ")
         )
     })?;
-    match layers {
-        Some(l) => Ok((p.with_layers(l), l < p.layers)),
+    let l = match layers {
+        Some(l) => l,
         None => {
-            // Use at most a third of free memory (capped at 6 GB): the machine is shared.
-            let budget = (mem_available().unwrap_or(8 << 30) as f64 / 3.0).min(6e9);
             let one = synth::model_bytes(&p.with_layers(1), recipe);
-            let two = synth::model_bytes(&p.with_layers(2), recipe);
-            let per = two - one;
+            let per = synth::model_bytes(&p.with_layers(2), recipe) - one;
             let fit = (((budget - one) / per).floor() as isize + 1).max(1) as usize;
-            let l = fit.min(p.layers);
-            Ok((p.with_layers(l), l < p.layers))
+            fit.min(p.layers)
         }
-    }
+    };
+    Ok((p.with_layers(l), l < p.layers))
 }
 
 fn mem_available() -> Option<usize> {

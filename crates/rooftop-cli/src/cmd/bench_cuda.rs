@@ -1,7 +1,7 @@
 //! `rooftop bench --device cuda[:N]`: whole-model batch-1 decode on a GPU against the
 //! card's own measured read bandwidth, with the same fields as the CPU bench.
 
-use super::bench::RecipeArgs;
+use super::bench::{sized_preset_within, RecipeArgs};
 use anyhow::{bail, Context, Result};
 use rooftop_cpu::moe::Scoring;
 use rooftop_cpu::synth::{self, Format, Preset, Recipe};
@@ -119,7 +119,9 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
             )
         }
         None => {
-            let preset = sized_preset_gpu(a.synthetic, a.layers, &recipe, dev.total_mem)?;
+            // The whole model when it fits in 80% of the card's memory, else as many layers as do.
+            let budget = 0.8 * dev.total_mem as f64;
+            let (preset, _) = sized_preset_within(a.synthetic, a.layers, &recipe, budget)?;
             let full = synth::preset(a.synthetic).expect("checked").layers;
             say(format!(
                 "building synthetic {} ({} of {} layers), {} on {} ...",
@@ -298,30 +300,6 @@ fn last_layer_unique(dec: &CudaDecoder, st: &rooftop_cuda::CudaState) -> Result<
     ids.sort_unstable();
     ids.dedup();
     Ok(Some(ids.len()))
-}
-
-/// A preset at `layers`, or with none given the whole model when it fits in 80% of the
-/// card's memory (else as many layers as do).
-fn sized_preset_gpu(
-    name: &str,
-    layers: Option<usize>,
-    recipe: &Recipe,
-    mem: usize,
-) -> Result<Preset> {
-    let p = synth::preset(name).with_context(|| {
-        let names: Vec<_> = synth::PRESETS.iter().map(|p| p.name).collect();
-        format!(
-            "unknown preset {name:?} (expected one of {})",
-            names.join(", ")
-        )
-    })?;
-    if let Some(l) = layers {
-        return Ok(p.with_layers(l));
-    }
-    let one = synth::model_bytes(&p.with_layers(1), recipe);
-    let per = synth::model_bytes(&p.with_layers(2), recipe) - one;
-    let fit = (((0.8 * mem as f64 - one) / per).floor() as isize + 1).max(1) as usize;
-    Ok(p.with_layers(fit.min(p.layers)))
 }
 
 fn weight(dev: &CudaDevice, f: Format, rows: usize, cols: usize, seed: u32) -> Result<CudaWeight> {

@@ -72,8 +72,7 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                     name.clone()
                 };
                 // Logits at every position.
-                let (shape, want) = npy::read_f32(&arch.join(format!("{vname}.npy")))?;
-                let vocab = shape[1];
+                let (_, want) = npy::read_f32(&arch.join(format!("{vname}.npy")))?;
                 let mut st = dec.new_state(tokens.len() + 64)?;
                 if persistent && !st.persistent() {
                     continue; // mixed formats: only the launch-per-op path applies
@@ -118,7 +117,6 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                         ),
                     ),
                 };
-                let _ = vocab;
                 out.push(ModelCheck {
                     name,
                     logits_err,
