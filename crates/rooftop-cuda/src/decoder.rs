@@ -155,7 +155,8 @@ pub struct CudaState {
     max_seq: usize,
     len: usize,
     graphs: [Option<CudaGraph>; 2],
-    /// All layers in one launch, when the model suits the persistent kernel.
+    /// All layers in one launch (the streaming kernel, persistent.rs), when asked for
+    /// and the model suits it.
     persistent: Option<Persistent>,
 }
 
@@ -176,7 +177,7 @@ impl CudaState {
         }
         self.moe.as_ref().map(|m| dev.download(&m.ids)).transpose()
     }
-    /// Per-phase timing of the persistent kernel's last step (ROOFTOP_VERBOSE only).
+    /// Per-op timing of the streaming kernel's last step (ROOFTOP_VERBOSE only).
     pub fn phase_report(&self, dev: &CudaDevice) -> Result<Option<String>, CudaError> {
         match &self.persistent {
             Some(p) => p.phase_report(dev),

@@ -194,7 +194,7 @@ impl ModuleSource {
                 f.name(),
                 if f32_activations() { "_f32act" } else { "" }
             ),
-            source: format!("{COMMON}\n{GEMV}\n{DECODE}"),
+            source: format!("{COMMON}\n{GEMV}"),
             defines: vec![
                 format!("-DQMODE={}", f.mode),
                 format!("-DQBITS={}", f.bits),
@@ -208,12 +208,24 @@ impl ModuleSource {
                     "-DACT_INT8=1".into()
                 },
                 format!("-DPREFETCH={}", prefetch() as u8),
-                format!(
-                    "-DDEC_MINB={}",
-                    env_usize("ROOFTOP_DEC_MINB", 1..=4).unwrap_or(2)
-                ),
             ],
         }
+    }
+    /// The streaming decode kernel (decode.cu) for one weight format: gemv.cu's chunk
+    /// code with weights read from shared memory (`W_SMEM`).
+    pub fn stream(f: KernelFormat) -> Self {
+        let mut m = Self::gemv(f);
+        m.name = m.name.replacen("gemv_", "stream_", 1);
+        m.source = format!("{COMMON}\n{GEMV}\n{DECODE}");
+        m.defines.push("-DW_SMEM=1".into());
+        // Weights come from shared memory (~30 cycles, not ~600): two chunks per lane in
+        // flight suffice, and the registers go to more consumer warps.
+        for d in m.defines.iter_mut() {
+            if d.starts_with("-DUNROLL_BYTES=") {
+                *d = format!("-DUNROLL_BYTES={}", 8 * f.bits.min(8));
+            }
+        }
+        m
     }
     pub fn ops() -> Self {
         Self {
@@ -225,6 +237,7 @@ impl ModuleSource {
     /// Every module the backend can load (what CI compiles for each architecture).
     pub fn all() -> Vec<ModuleSource> {
         let mut v: Vec<_> = KernelFormat::all().into_iter().map(Self::gemv).collect();
+        v.extend(KernelFormat::all().into_iter().map(Self::stream));
         v.push(Self::ops());
         v
     }

@@ -1,14 +1,16 @@
-//! Host side of the persistent decode kernel (`kernels/decode.cu`): every layer of a
-//! token in one launch, for models whose layer weights share one format (the kernel is
-//! compiled per format). Opt-in (`ROOFTOP_PERSISTENT=1`): on an H200 it is still slower
-//! than the launch-per-op path (5.3 vs 3.5 ms per qwen3-30b-a3b token; its per-phase
-//! timing, `ROOFTOP_VERBOSE=1`, shows the attention and gate/up phases dominate).
+//! Host side of the streaming decode kernel (`kernels/decode.cu`): every layer of a
+//! token in one launch, one CTA per SM, each with a producer warp that bulk-copies the
+//! CTA's share of every weight (and KV-cache chunk) into a shared-memory ring ahead of
+//! use, so HBM streams across every dependency between ops. For models whose layer
+//! weights share one format (the kernel is compiled per format), on sm_90+.
+//! Opt-in (`ROOFTOP_PERSISTENT=1`, see [`enabled`]): correct, but still slower than the
+//! launch-per-op graph.
 
 use crate::decoder::{CudaDecoder, CudaFfn};
 use crate::device::{cfg, launch, CudaDevice};
 use crate::moe::RoutingArg;
 use crate::nvrtc::{KernelFormat, ModuleSource};
-use crate::weight::{lanes_per_row, QwArg};
+use crate::weight::QwArg;
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
@@ -54,11 +56,6 @@ struct LayerDesc {
     traditional: i32,
     inter: i32,
     inter_sh: i32,
-    lpr_qkv: i32,
-    lpr_o: i32,
-    lpr_router: i32,
-    lpr_gu: i32,
-    lpr_down: i32,
     pad: i32,
 }
 
@@ -71,34 +68,101 @@ struct StepArg {
     qkv: u64,
     att: u64,
     logits: u64,
-    wts: u64,
     act: u64,
+    wts: u64,
     ids: u64,
     pos: u64,
-    bar: u64,
+    done: u64,
     dbg: u64,
     n_layers: i32,
     hidden: i32,
     max_seq: i32,
-    prefetch: i32,
+    slot_bytes: i32,
+    nslots: i32,
+    stage_bytes: i32,
+    inflight: i32,
+    pad: i32,
 }
 unsafe impl DeviceRepr for StepArg {}
 
-/// Device buffers the persistent kernel works in, besides the decoder state's.
+/// Device buffers the streaming kernel works in, besides the decoder state's.
 pub(crate) struct Persistent {
     format: KernelFormat,
     descs: CudaSlice<u8>,
-    bar: CudaSlice<u32>,
+    /// `[n_layers][8]` per-op completion counters (zeroed before each launch).
+    done: CudaSlice<u32>,
     logits: CudaSlice<f32>,
     wts: CudaSlice<f32>,
     act: CudaSlice<f32>,
     ids: CudaSlice<i32>,
     n_layers: usize,
-    smem: usize,
-    prefetch: bool,
-    max_heads: usize,
-    /// `[n_layers][8]` phase timestamps (ROOFTOP_VERBOSE).
+    slot_bytes: usize,
+    nslots: usize,
+    stage_bytes: usize,
+    /// CTAs of the launch (one per SM).
+    grid: usize,
+    /// `[n_layers][grid][32]` timestamps (ROOFTOP_VERBOSE; see decode.cu's `stamp`).
     dbg: Option<CudaSlice<u64>>,
+}
+
+/// Consumer warps (`NCW` in decode.cu) and threads with the producer warp.
+const CONSUMER_WARPS: usize = 15;
+const THREADS: u32 = (CONSUMER_WARPS as u32 + 1) * 32;
+/// decode.cu's `AttSm` (attention scratch, kept in the staging area).
+const ATT_SM_BYTES: usize = (3 * 256 + 2 * CONSUMER_WARPS + CONSUMER_WARPS * 256) * 4;
+/// Ring slots at most (`MAXS`) and rows of h one CTA may own (`MAX_DROWS`).
+const MAX_SLOTS: usize = 16;
+const MAX_DROWS: usize = 256;
+
+/// Whether decoder states made from now on use the streaming kernel: [`set_persistent`]
+/// if called, else `ROOFTOP_PERSISTENT=1`. Off by default: on an H200 it decodes
+/// qwen3-30b-a3b at 267-275 tok/s against 404 for the launch-per-op graph
+/// (docs/PERFORMANCE-cuda.md).
+pub fn enabled() -> bool {
+    match PERSISTENT.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("ROOFTOP_PERSISTENT").is_ok_and(|v| v == "1"),
+    }
+}
+
+/// Ring slot size (`ROOFTOP_SLOT_KB`, default 32 KiB): what one unit of work holds. On an
+/// H200 32 KiB measured 274.6 tok/s, 16 KiB 260.5, 8 KiB 167 (fewer, larger units).
+fn slot_bytes() -> usize {
+    std::env::var("ROOFTOP_SLOT_KB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| (4..=64).contains(v))
+        .unwrap_or(32)
+        * 1024
+}
+
+/// Units the producer keeps in flight: `ROOFTOP_INFLIGHT_KB` (default 64) of copies per
+/// SM, ~8 MB over an H200's 132 SMs — about twice what covers HBM latency at full rate;
+/// more would only queue ahead of the dependent accesses on the critical path. (On an
+/// H200, 16/32/64 KiB and no cap measured the same: the stream is not the limit yet.)
+fn inflight_units(slot: usize, nslots: usize) -> usize {
+    let kb = std::env::var("ROOFTOP_INFLIGHT_KB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| (1..=1024).contains(v))
+        .unwrap_or(64);
+    (kb * 1024).div_ceil(slot).clamp(1, nslots)
+}
+
+/// Bytes of one matrix row in a slot (codes, scales, biases), as decode.cu's `row_cost`.
+fn row_cost(w: &crate::weight::CudaWeight) -> usize {
+    w.nbytes() / w.rows
+}
+
+/// Shared bytes of one staged activation vector (decode.cu's `vec_bytes`).
+fn vec_bytes(cols: usize, int8: bool) -> usize {
+    let c = cols / 32;
+    if int8 {
+        (40 * c + 15) & !15
+    } else {
+        (132 * c + 15) & !15
+    }
 }
 
 /// The single format of every layer weight, if there is one (and the shapes suit the
@@ -142,33 +206,55 @@ fn uniform_format(dec: &CudaDecoder) -> Option<KernelFormat> {
 
 impl Persistent {
     /// Build the layer table for a state whose KV caches are `kc`/`vc`. None when the
-    /// model does not suit the kernel, or it is not asked for (`ROOFTOP_PERSISTENT=1`
-    /// or [`set_persistent`]).
+    /// model does not suit the kernel (mixed formats, sm < 90, shapes out of range; the
+    /// reason is printed with ROOFTOP_VERBOSE) or it is turned off.
     pub(crate) fn new(
         dec: &CudaDecoder,
         kc: &[CudaSlice<u16>],
         vc: &[CudaSlice<u16>],
     ) -> Result<Option<Self>, CudaError> {
-        // Opt-in until it beats the launch-per-op path (docs/PERFORMANCE-cuda.md).
-        let on = match PERSISTENT.load(std::sync::atomic::Ordering::Relaxed) {
-            1 => true,
-            2 => false,
-            _ => std::env::var("ROOFTOP_PERSISTENT").is_ok_and(|v| v == "1"),
-        };
-        if !on {
+        if !enabled() {
             return Ok(None);
         }
-        let Some(format) = uniform_format(dec) else {
-            return Ok(None);
+        let verbose = std::env::var("ROOFTOP_VERBOSE").is_ok();
+        let skip = |why: String| {
+            if verbose {
+                eprintln!("streaming decode kernel not used: {why}");
+            }
+            Ok(None)
         };
         let dev = &dec.dev;
+        if dev.cc.0 < 9 {
+            return skip(format!(
+                "needs sm_90+, this GPU is sm_{}{}",
+                dev.cc.0, dev.cc.1
+            ));
+        }
+        let Some(format) = uniform_format(dec) else {
+            return skip("layer weights are not all in one format".into());
+        };
         let h = dec.hidden();
+        if h > 8192 {
+            return skip(format!("hidden size {h} > 8192"));
+        }
+        if h.div_ceil(dev.sms) > MAX_DROWS {
+            return skip(format!("hidden size {h} too large for {} SMs", dev.sms));
+        }
+        let int8 = crate::nvrtc::int8_activations(format);
+        let slot = slot_bytes();
         let none = QwArg::default();
         let mut descs = Vec::with_capacity(dec.layers.len());
-        let (mut max_logits, mut max_act, mut max_k, mut smem) = (1, 1, 1, 0usize);
-        let stage = |floats: usize| floats * 4 + floats / 32 * 4;
+        let (mut max_logits, mut max_act, mut max_k, mut stage) = (1, 1, 1, 0usize);
+        // One row (two for gate/up) must fit a slot.
+        let fits = |w: &crate::weight::CudaWeight, nm: usize| nm * (row_cost(w) + 96) <= slot;
         for (li, l) in dec.layers.iter().enumerate() {
             let a = &l.attn;
+            if a.head_dim % 32 != 0 || a.head_dim > 256 || 4 * a.head_dim + 64 > slot {
+                return skip(format!("head_dim {}", a.head_dim));
+            }
+            if !fits(&a.qkv[0], 1) || !fits(&a.o, 1) {
+                return skip("an attention row does not fit a ring slot".into());
+            }
             let mut d = LayerDesc {
                 qkv: a.qkv[0].arg(dev),
                 o: a.o.arg(dev),
@@ -190,25 +276,26 @@ impl Persistent {
                 head_dim: a.head_dim as i32,
                 rot: a.rope.rot_dim as i32,
                 traditional: a.rope.traditional as i32,
-                lpr_qkv: lanes_per_row(h, format.unroll()),
-                lpr_o: lanes_per_row(a.o.cols, format.unroll()),
-                lpr_router: 1,
-                lpr_gu: lanes_per_row(h, format.unroll()),
                 ..Default::default()
             };
-            smem = smem
-                .max(stage(h))
-                .max(stage(a.o.cols))
-                .max((4 * 256 + 64 + 2048 + 256) * 4);
+            stage = stage.max(vec_bytes(h, int8)).max(vec_bytes(a.o.cols, int8));
             let (inter, ish, k) = match &l.ffn {
                 CudaFfn::Moe(m) => {
+                    if m.n_experts > 512 {
+                        return skip(format!("{} experts", m.n_experts));
+                    }
+                    if !fits(&m.router, 1) || !fits(&m.gate, 2) || !fits(&m.down, 1) {
+                        return skip("an expert row does not fit a ring slot".into());
+                    }
                     d.router = m.router.arg(dev);
                     d.gate = m.gate.arg(dev);
                     d.up = m.up.arg(dev);
                     d.down = m.down.arg(dev);
                     d.rt = m.routing_arg(dev);
-                    d.lpr_router = lanes_per_row(h, format.unroll());
                     if let Some([g, u, dd]) = &m.shared {
+                        if !fits(g, 2) || !fits(dd, 1) {
+                            return skip("a shared-expert row does not fit a ring slot".into());
+                        }
                         (d.sg, d.su, d.sd) = (g.arg(dev), u.arg(dev), dd.arg(dev));
                     }
                     max_logits = max_logits.max(m.n_experts);
@@ -216,6 +303,9 @@ impl Persistent {
                 }
                 CudaFfn::Mlp(m) => {
                     let [g, u, dd] = &m.w;
+                    if !fits(g, 2) || !fits(dd, 1) {
+                        return skip("an MLP row does not fit a ring slot".into());
+                    }
                     (d.sg, d.su, d.sd) = (g.arg(dev), u.arg(dev), dd.arg(dev));
                     d.router = none;
                     (0, g.rows, 0)
@@ -223,19 +313,29 @@ impl Persistent {
             };
             d.inter = inter as i32;
             d.inter_sh = ish as i32;
-            let min_cols = match (k, ish) {
-                (0, s) => s,
-                (_, 0) => inter,
-                (_, s) => inter.min(s),
-            };
-            d.lpr_down = lanes_per_row(min_cols, format.unroll());
-            let slots = k + (ish > 0) as usize;
-            smem = smem.max(slots * stage(inter.max(ish)));
+            stage = stage.max(
+                k * vec_bytes(inter.max(32), int8) + if ish > 0 { vec_bytes(ish, int8) } else { 0 },
+            );
             max_act = max_act.max(k * inter + ish);
             max_k = max_k.max(k);
             descs.push(d);
         }
-        dev.check_smem("persistent decode", smem)?;
+        // Shared memory: the ring gets what the stage area (which also holds the
+        // attention scratch) and the kernel's static arrays leave.
+        stage = stage.max(ATT_SM_BYTES);
+        let f = dev.function(&ModuleSource::stream(format), "decode_layers")?;
+        let fixed = f.shared_size_bytes().map_err(|e| CudaError::Driver {
+            op: "static shared memory size".into(),
+            source: e,
+        })? as usize;
+        let avail = dev.max_smem.saturating_sub(1024 + fixed + stage);
+        let nslots = (avail / slot).min(MAX_SLOTS);
+        if nslots < 2 {
+            return skip(format!(
+                "{} B of shared memory leave fewer than 2 ring slots",
+                dev.max_smem
+            ));
+        }
         let bytes: Vec<u8> = descs
             .iter()
             .flat_map(|d| {
@@ -249,20 +349,22 @@ impl Persistent {
                 .to_vec()
             })
             .collect();
+        let n = dec.layers.len();
         Ok(Some(Persistent {
             format,
             descs: dev.upload(&bytes)?,
-            bar: dev.alloc(1)?,
+            done: dev.alloc(n * 8)?,
             logits: dev.alloc(max_logits)?,
             wts: dev.alloc(max_k)?,
             act: dev.alloc(max_act)?,
             ids: dev.alloc(max_k)?,
-            n_layers: dec.layers.len(),
-            smem,
-            prefetch: crate::nvrtc::prefetch(),
-            max_heads: dec.layers.iter().map(|l| l.attn.heads).max().unwrap_or(1),
-            dbg: if std::env::var("ROOFTOP_VERBOSE").is_ok() {
-                Some(dev.alloc(dec.layers.len() * 8)?)
+            n_layers: n,
+            slot_bytes: slot,
+            nslots,
+            stage_bytes: stage,
+            grid: dev.sms,
+            dbg: if verbose {
+                Some(dev.alloc(n * dev.sms * 32)?)
             } else {
                 None
             },
@@ -274,26 +376,74 @@ impl Persistent {
     pub(crate) fn phase_report(&self, dev: &CudaDevice) -> Result<Option<String>, CudaError> {
         let Some(d) = &self.dbg else { return Ok(None) };
         let t = dev.download(d)?;
+        let g = self.grid;
         let names = ["qkv", "attention", "o_proj", "router", "gate/up", "down"];
-        let mut sum = [0f64; 6];
-        let n = self.n_layers;
-        for l in 0..n {
-            let row = &t[l * 8..l * 8 + 8];
-            // Stamps: 0 start, 1..=6 after each barrier (router's is 4; a dense layer
-            // skips it and leaves the previous step's value, so clamp at 0).
-            for (i, s) in sum.iter_mut().enumerate() {
-                let (a, b) = (row[i], row[i + 1]);
-                *s += b.saturating_sub(a) as f64 / 1e3;
+        // Per op: critical-path time (last CTA done minus the previous op's last CTA
+        // done), and means over CTAs of wait, staging and units.
+        let (mut crit, mut wait, mut stage, mut units, mut umax) =
+            ([0f64; 6], [0f64; 6], [0f64; 6], [0f64; 6], [0f64; 6]);
+        let (mut route, mut lag, mut issue) = (0f64, 0f64, 0f64);
+        let mut rparts = [0f64; 3];
+        let mut layers = 0usize;
+        let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+        // Layer 0 has no previous op; a dense layer's router stamps are meaningless.
+        for l in 1..self.n_layers {
+            let row = |c: usize, i: usize| t[(l * g + c) * 32 + i];
+            let prev_end = (0..g)
+                .map(|c| t[((l - 1) * g + c) * 32 + 23])
+                .max()
+                .unwrap_or(0);
+            let mut last = prev_end;
+            for o in 0..6 {
+                let end = (0..g).map(|c| row(c, 4 * o + 3)).max().unwrap_or(0);
+                crit[o] += us(last, end);
+                last = end;
+                let mut m = 0f64;
+                for c in 0..g {
+                    wait[o] += us(row(c, 4 * o), row(c, 4 * o + 1)) / g as f64;
+                    stage[o] += us(row(c, 4 * o + 1), row(c, 4 * o + 2)) / g as f64;
+                    let u = us(row(c, 4 * o + 2), row(c, 4 * o + 3));
+                    units[o] += u / g as f64;
+                    m = m.max(u);
+                }
+                umax[o] += m;
             }
+            let rend = (0..g).map(|c| row(c, 15)).max().unwrap_or(0);
+            for c in 0..g {
+                route += us(row(c, 24), row(c, 25)) / g as f64;
+                rparts[0] += us(row(c, 24), row(c, 27)) / g as f64;
+                rparts[1] += us(row(c, 27), row(c, 28)) / g as f64;
+                rparts[2] += us(row(c, 28), row(c, 29)) / g as f64;
+                lag += us(rend, row(c, 24)) / g as f64;
+                issue += us(row(c, 25), row(c, 26)) / g as f64;
+            }
+            layers += 1;
         }
-        Ok(Some(
-            names
-                .iter()
-                .zip(sum)
-                .map(|(n_, s)| format!("{n_} {:.1} us", s / n as f64))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ))
+        let n = layers.max(1) as f64;
+        let mut out: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(o, name)| {
+                format!(
+                    "{name} {:.1} us (wait {:.1}, stage {:.1}, units {:.1}, slowest {:.1})",
+                    crit[o] / n,
+                    wait[o] / n,
+                    stage[o] / n,
+                    units[o] / n,
+                    umax[o] / n
+                )
+            })
+            .collect();
+        out.push(format!(
+            "producer: router seen {:.1} us after the last CTA, routing {:.1} us (logits {:.1}, scores {:.1}, top-k {:.1}), issuing {:.1} us",
+            lag / n,
+            route / n,
+            rparts[0] / n,
+            rparts[1] / n,
+            rparts[2] / n,
+            issue / n
+        ));
+        Ok(Some(out.join("\n  ")))
     }
 
     /// The experts the last MoE layer chose.
@@ -314,26 +464,28 @@ impl Persistent {
         hidden: usize,
         max_seq: usize,
     ) -> Result<(), CudaError> {
-        let m = ModuleSource::gemv(self.format);
-        let f = dev.function(&m, "decode_layers")?;
+        let f = dev.function(&ModuleSource::stream(self.format), "decode_layers")?;
         dev.stream()
-            .memset_zeros(&mut self.bar)
+            .memset_zeros(&mut self.done)
             .map_err(|e| CudaError::Driver {
                 op: "cuMemsetD8Async".into(),
                 source: e,
             })?;
-        // Every CTA must be resident at once (grid barriers): the occupancy bound.
-        let grid = dev.grid_for(&f, 256, self.smem, usize::MAX);
-        if (grid as usize) < self.max_heads {
+        let smem = self.nslots * self.slot_bytes + self.stage_bytes;
+        // Every CTA must be resident at once (they wait on each other): one per SM.
+        let grid = dev.grid_for(&f, THREADS, smem, dev.sms);
+        if (grid as usize) < dev.sms {
             return Err(CudaError::Unsupported(format!(
-                "persistent decode needs one CTA per head ({}) but only {grid} fit; unset ROOFTOP_PERSISTENT",
-                self.max_heads
+                "the streaming decode kernel needs one CTA per SM ({}) but only {grid} fit; unset ROOFTOP_PERSISTENT",
+                dev.sms
             )));
         }
         if std::env::var("ROOFTOP_VERBOSE").is_ok() {
             eprintln!(
-                "persistent decode: grid {grid} x 256 threads, {} B shared, {} regs/thread",
-                self.smem,
+                "streaming decode: grid {grid} x {THREADS} threads, {} slots x {} B + {} B stage, {} regs/thread",
+                self.nslots,
+                self.slot_bytes,
+                self.stage_bytes,
                 f.num_regs().unwrap_or(-1)
             );
         }
@@ -343,17 +495,21 @@ impl Persistent {
             qkv,
             att,
             logits: dev.ptr(&self.logits),
-            wts: dev.ptr(&self.wts),
             act: dev.ptr(&self.act),
+            wts: dev.ptr(&self.wts),
             ids: dev.ptr(&self.ids),
             pos,
-            bar: dev.ptr(&self.bar),
+            done: dev.ptr(&self.done),
             dbg: self.dbg.as_ref().map_or(0, |d| dev.ptr(d)),
             n_layers: self.n_layers as i32,
             hidden: hidden as i32,
             max_seq: max_seq as i32,
-            prefetch: self.prefetch as i32,
+            slot_bytes: self.slot_bytes as i32,
+            nslots: self.nslots as i32,
+            stage_bytes: self.stage_bytes as i32,
+            inflight: inflight_units(self.slot_bytes, self.nslots) as i32,
+            pad: 0,
         };
-        launch!(dev, f, cfg((grid, 1), 256, self.smem), "decode_layers", arg)
+        launch!(dev, f, cfg((grid, 1), THREADS, smem), "decode_layers", arg)
     }
 }

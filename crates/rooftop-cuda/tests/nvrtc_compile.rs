@@ -60,10 +60,26 @@ fn gemv_modules_export_every_kernel() {
         "moe_down",
         "gemv1_epi",
         "embed_row",
-        "decode_layers",
     ] {
         assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
     }
     // Weights are streamed with 16-byte loads past L1.
     assert!(ptx.contains("ld.global.nc.L1::no_allocate.L2::256B.v4.u32"));
+}
+
+#[test]
+fn stream_module_has_the_bulk_copy_decode_kernel() {
+    ensure_nvrtc().unwrap_or_else(|e| panic!("{e}"));
+    let m = ModuleSource::all()
+        .into_iter()
+        .find(|m| m.name == "stream_affine4_bf16")
+        .unwrap();
+    let ptx = compile(&m, "compute_90a", false).unwrap();
+    assert!(ptx.contains(".entry decode_layers("));
+    // Weights reach shared memory by bulk copies completing on mbarriers, and the
+    // chunk loaders read them there (no streaming global loads in the kernel).
+    assert!(ptx.contains("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"));
+    assert!(ptx.contains("mbarrier.try_wait.parity"));
+    let body = &ptx[ptx.find(".entry decode_layers(").unwrap()..];
+    assert!(!body.contains("ld.global.nc.L1::no_allocate"));
 }

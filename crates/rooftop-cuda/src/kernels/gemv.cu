@@ -85,22 +85,36 @@ __device__ __forceinline__ QW pick(bool a, const QW& x, const QW& y) {
 
 __device__ __forceinline__ u32 shl_signed(u32 x, int s) { return s >= 0 ? (x << s) : (x >> -s); }
 
+// Weight loads: streamed from global memory past L1, or (W_SMEM, the streaming decode
+// kernel in decode.cu) from shared memory where bulk copies staged them.
+#ifdef W_SMEM
+#define LDW16(p) (*(const uint4*)(p))
+#define LDW8(p) (*(const uint2*)(p))
+#define LDW4(p) (*(const u32*)(p))
+#define LDS(p) (*(p))
+#else
+#define LDW16(p) ld_stream_v4(p)
+#define LDW8(p) ld_stream_v2(p)
+#define LDW4(p) ld_stream_u32(p)
+#define LDS(p) __ldg(p)
+#endif
+
 __device__ __forceinline__ void load_chunk(const unsigned char* p, u32 (&w)[CHUNK_WORDS]) {
 #if CHUNK_WORDS % 4 == 0
 #pragma unroll
   for (int i = 0; i < CHUNK_WORDS / 4; i++) {
-    uint4 v = ld_stream_v4(p + 16 * i);
+    uint4 v = LDW16(p + 16 * i);
     w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
   }
 #elif CHUNK_WORDS % 2 == 0
 #pragma unroll
   for (int i = 0; i < CHUNK_WORDS / 2; i++) {
-    uint2 v = ld_stream_v2(p + 8 * i);
+    uint2 v = LDW8(p + 8 * i);
     w[2 * i] = v.x; w[2 * i + 1] = v.y;
   }
 #else
 #pragma unroll
-  for (int i = 0; i < CHUNK_WORDS; i++) w[i] = ld_stream_u32(p + 4 * i);
+  for (int i = 0; i < CHUNK_WORDS; i++) w[i] = LDW4(p + 4 * i);
 #endif
 }
 
@@ -166,15 +180,15 @@ __device__ __forceinline__ SC load_scales(const QW& W, int row, int c) {
 #if QMODE == MODE_AFFINE
   const size_t si = (size_t)row * (W.cols / W.group) + (c * 32) / W.group;
 #if QSDT == SDT_F32
-  r.a = __ldg((const u32*)W.s + si); r.b = __ldg((const u32*)W.b + si);
+  r.a = LDS((const u32*)W.s + si); r.b = LDS((const u32*)W.b + si);
 #else
-  r.a = __ldg((const unsigned short*)W.s + si); r.b = __ldg((const unsigned short*)W.b + si);
+  r.a = LDS((const unsigned short*)W.s + si); r.b = LDS((const unsigned short*)W.b + si);
 #endif
 #elif QMODE == MODE_NVFP4
   const size_t si = (size_t)row * (W.cols / 16) + 2 * c;
-  r.a = __ldg(W.s + si); r.b = __ldg(W.s + si + 1);
+  r.a = LDS(W.s + si); r.b = LDS(W.s + si + 1);
 #elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
-  r.a = __ldg(W.s + (size_t)row * (W.cols / 32) + c); r.b = 0;
+  r.a = LDS(W.s + (size_t)row * (W.cols / 32) + c); r.b = 0;
 #else
   r.a = 0; r.b = 0;
 #endif
@@ -632,30 +646,31 @@ extern "C" __global__ void __launch_bounds__(256) embed_row(const QW W, const in
 // Matches mlx-lm: qwen3_moe (softmax, top-k, optional renorm) and deepseek_v3 / glm4_moe
 // (sigmoid, + correction bias for choice only, groups ranked by top-2 sum with dropped
 // groups' scores set to 0.0, renorm with +1e-20, times routed_scaling_factor).
+__device__ __forceinline__ u32 redux_max(u32 v) {
+  u32 r;
+  asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+  return r;
+}
+__device__ __forceinline__ u32 redux_min(u32 v) {
+  u32 r;
+  asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+  return r;
+}
+// Float -> unsigned with the same order (NaN aside); 0 is below every float's key
+// except the negative NaNs'.
+__device__ __forceinline__ u32 ord_key(float f) {
+  const u32 b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
 #define MAX_EXPERTS 512
-__device__ void route(const float* logits, const Routing rt, int* ids, float* wts) {
-  __shared__ float sc[MAX_EXPERTS], ch[MAX_EXPERTS];
-  const int lane = threadIdx.x & 31, E = rt.n_experts;
-  if (!rt.sigmoid) {
-    float m = -INFINITY;
-    for (int e = lane; e < E; e += 32) m = fmaxf(m, __ldcg(logits + e));
-    m = warp_max(m);
-    float s = 0.f;
-    for (int e = lane; e < E; e += 32) {
-      const float p = expf(__ldcg(logits + e) - m);
-      sc[e] = p;
-      s += p;
-    }
-    s = warp_sum(s);
-    for (int e = lane; e < E; e += 32) { sc[e] = sc[e] / s; ch[e] = sc[e]; }
-  } else {
-    for (int e = lane; e < E; e += 32) {
-      const float p = 1.f / (1.f + expf(-__ldcg(logits + e)));
-      sc[e] = p;
-      ch[e] = p + (rt.bias ? rt.bias[e] : 0.f);
-    }
-  }
-  __syncwarp();
+// NJ = experts per lane rounded up (a compile-time count keeps the keys in registers;
+// routing runs on one warp on the critical path, so it is compiled per size class
+// rather than for the 512-expert maximum: 4x fewer instructions at 128 experts).
+__shared__ float route_sc[MAX_EXPERTS], route_ch[MAX_EXPERTS];
+// Group-limited routing (DeepSeek-V3 / GLM): keep the topk_group groups with the
+// largest top-2 sums, zero the choice scores of the others.
+__device__ __noinline__ void route_groups(const Routing rt, float* ch, int lane) {
+  const int E = rt.n_experts;
   if (rt.n_group > 1) {
     const int gsize = E / rt.n_group;
     float gs = -INFINITY;
@@ -683,30 +698,143 @@ __device__ void route(const float* logits, const Routing rt, int* ids, float* wt
       if (!((kept >> (e / gsize)) & 1u)) ch[e] = 0.f;
     __syncwarp();
   }
+}
+
+template <int NJ>
+__device__ __noinline__ void route_n(const float* logits, const Routing rt, int* ids, float* wts, u64* ts) {
+  float* sc = route_sc;
+  float* ch = route_ch;
+  const int lane = threadIdx.x & 31, E = rt.n_experts;
+  // Every logit this lane needs, loaded at once (one round trip to L2).
+  float lg[NJ];
+#pragma unroll
+  for (int j = 0; j < NJ; j++) lg[j] = lane + 32 * j < E ? __ldcg(logits + lane + 32 * j) : 0.f;
+  // (ts: ROOFTOP_VERBOSE stamps; adding 0 * lg[0] orders the first after the loads.)
+  if (ts && lane == 0) ts[0] = globaltimer() + (u64)(0.f * lg[0]);
+  if (!rt.sigmoid) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+      if (lane + 32 * j < E) m = fmaxf(m, lg[j]);
+    m = warp_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+      if (lane + 32 * j < E) {
+        lg[j] = expf(lg[j] - m);
+        s += lg[j];
+      }
+    }
+    s = warp_sum(s);
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+      const int e = lane + 32 * j;
+      if (e < E) { sc[e] = lg[j] / s; ch[e] = sc[e]; }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+      const int e = lane + 32 * j;
+      if (e < E) {
+        const float p = 1.f / (1.f + expf(-lg[j]));
+        sc[e] = p;
+        ch[e] = p + (rt.bias ? rt.bias[e] : 0.f);
+      }
+    }
+  }
+  __syncwarp();
+  route_groups(rt, ch, lane);
+  if (ts && lane == 0) ts[1] = globaltimer();
+  // Top-k on one warp: each lane keeps order-preserving integer keys of its experts in
+  // registers; per pick one redux.sync max finds the best key and one redux.sync min the
+  // lowest expert holding it (ties go to the lower index, as before) — two instructions
+  // instead of ten dependent shuffles, on the critical path between router and experts.
+  u32 key[NJ];
+#pragma unroll
+  for (int j = 0; j < NJ; j++) {
+    const int e = lane + 32 * j;
+    key[j] = e < E ? ord_key(ch[e]) : 0u;
+  }
   float wsum = 0.f;
   for (int i = 0; i < rt.k; i++) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
+    u32 bk = 0u, bi = 0xffffffffu;
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+      if (key[j] > bk) { bk = key[j]; bi = lane + 32 * j; }
+    const u32 m = redux_max(bk);
+    u32 w = redux_min(bk == m ? bi : 0xffffffffu);
+    if (w >= (u32)E) w = 0;  // NaN logits: keep indices in range
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+      if (lane + 32 * j == (int)w) key[j] = 0u;
+    if (lane == 0) { ids[i] = (int)w; wts[i] = sc[w]; }
+    wsum += sc[w];
+  }
+  __syncwarp();
+  if (ts && lane == 0) ts[2] = globaltimer();
+  if (lane == 0) {
+    const float d = rt.sigmoid ? wsum + 1e-20f : wsum;
+    for (int i = 0; i < rt.k; i++) wts[i] = (rt.norm ? wts[i] / d : wts[i]) * rt.scale;
+  }
+}
+
+// Any number of experts (<= MAX_EXPERTS), in loops over shared memory: compact code
+// for the uncommon sizes (the unrolled form for 512 experts is ~60 KB of code).
+__device__ __noinline__ void route_any(const float* logits, const Routing rt, int* ids, float* wts) {
+  float* sc = route_sc;
+  float* ch = route_ch;
+  const int lane = threadIdx.x & 31, E = rt.n_experts;
+  float m = -INFINITY;
+  for (int e = lane; e < E; e += 32) {
+    const float x = __ldcg(logits + e);
+    ch[e] = x;
+    m = fmaxf(m, x);
+  }
+  if (!rt.sigmoid) {
+    m = warp_max(m);
+    float s = 0.f;
     for (int e = lane; e < E; e += 32) {
-      const float v = ch[e];
-      if (v > bv) { bv = v; bi = e; }
+      const float p = expf(ch[e] - m);
+      sc[e] = p;
+      s += p;
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-      const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    s = warp_sum(s);
+    for (int e = lane; e < E; e += 32) { sc[e] = sc[e] / s; ch[e] = sc[e]; }
+  } else {
+    for (int e = lane; e < E; e += 32) {
+      const float p = 1.f / (1.f + expf(-ch[e]));
+      sc[e] = p;
+      ch[e] = p + (rt.bias ? rt.bias[e] : 0.f);
     }
-    if (bi < 0 || bi >= E) bi = 0;  // NaN logits: keep indices in range
+  }
+  __syncwarp();
+  route_groups(rt, ch, lane);
+  float wsum = 0.f;
+  for (int i = 0; i < rt.k; i++) {
+    u32 bk = 0u, bi = 0xffffffffu;
+    for (int e = lane; e < E; e += 32) {
+      const u32 key = ord_key(ch[e]);
+      if (key > bk) { bk = key; bi = (u32)e; }
+    }
+    const u32 mk = redux_max(bk);
+    u32 w = redux_min(bk == mk ? bi : 0xffffffffu);
+    if (w >= (u32)E) w = 0;  // NaN logits: keep indices in range
+    const float sw = sc[w];
     __syncwarp();
-    if (lane == 0) { ids[i] = bi; wts[i] = sc[bi]; }
-    if (lane == (bi & 31)) ch[bi] = -INFINITY;
-    wsum += sc[bi];
+    if (lane == 0) { ids[i] = (int)w; wts[i] = sw; ch[w] = -INFINITY; }
+    wsum += sw;
     __syncwarp();
   }
   if (lane == 0) {
     const float d = rt.sigmoid ? wsum + 1e-20f : wsum;
     for (int i = 0; i < rt.k; i++) wts[i] = (rt.norm ? wts[i] / d : wts[i]) * rt.scale;
   }
+  __syncwarp();
+}
+
+__device__ void route(const float* logits, const Routing rt, int* ids, float* wts, u64* ts = nullptr) {
+  if (rt.n_experts <= 128) route_n<4>(logits, rt, ids, wts, ts);
+  else route_any(logits, rt, ids, wts);
 }
 
 // Launch 1: router logits = R x over the whole grid; the last CTA to finish routes.
