@@ -56,6 +56,22 @@ __device__ __forceinline__ u64 globaltimer() {
   return t;
 }
 
+// RoPE of element d < rot of a head: its frequency index and the element it rotates
+// with (traditional: adjacent pairs; else the two halves), and the rotation itself.
+struct RopePair {
+  int i, partner;
+  bool first;
+};
+__device__ __forceinline__ RopePair rope_pair(int d, int rot, int traditional) {
+  RopePair r;
+  if (traditional) { r.i = d >> 1; r.first = (d & 1) == 0; r.partner = r.first ? d + 1 : d - 1; }
+  else { const int half = rot / 2; r.first = d < half; r.i = r.first ? d : d - half; r.partner = r.first ? d + half : d - half; }
+  return r;
+}
+__device__ __forceinline__ float rope_rotate(float x, float other, float sn, float cs, bool first) {
+  return first ? x * cs - other * sn : other * sn + x * cs;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

@@ -88,13 +88,12 @@ __device__ __forceinline__ void mb_arrive(u64* b) {
   u64 st;
   asm volatile("mbarrier.arrive.shared.b64 %0, [%1];" : "=l"(st) : "r"(saddr(b)) : "memory");
 }
-__device__ __forceinline__ u64 gtime() {
-  u64 t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
+// A wait that should end in microseconds: after ~4 s it traps instead of hanging the
+// GPU (the host sees a launch failure). Call with the spin count; t0 is its clock.
+__device__ __forceinline__ void check_stuck(int i, u64& t0) {
+  if (i == 64) t0 = globaltimer();
+  if (i > 64 && (i & 255) == 0 && globaltimer() - t0 > 4000000000ull) __trap();
 }
-// A wait that should end in microseconds; a bug that would hang the GPU traps instead
-// (after ~4 s), which the host sees as a launch failure.
 __device__ __forceinline__ void mb_wait(u64* b, u32 parity) {
   u32 ok = 0;
   u64 t0 = 0;
@@ -105,8 +104,7 @@ __device__ __forceinline__ void mb_wait(u64* b, u32 parity) {
         : "r"(saddr(b)), "r"(parity)
         : "memory");
     if (ok) return;
-    if (i == 64) t0 = gtime();
-    if (i > 64 && (i & 255) == 0 && gtime() - t0 > 4000000000ull) __trap();
+    check_stuck(i, t0);
   }
 }
 __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, u32 n, u64* bar) {
@@ -125,8 +123,7 @@ __device__ __forceinline__ void wait_count(const u32* c, u32 target) {
   for (int i = 0;; i++) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
     if (v >= target) return;
-    if (i == 64) t0 = gtime();
-    if (i > 64 && (i & 255) == 0 && gtime() - t0 > 4000000000ull) __trap();
+    check_stuck(i, t0);
   }
 }
 // Consumers: all wait for op `c` of the grid to be complete.
@@ -499,8 +496,7 @@ __device__ __noinline__ void head_prep(const Step& st, const LayerDesc& L, int h
   const float* qb = L.qkv_bias;
   float q = 0.f, k = 0.f, v = 0.f, qn = 1.f, kn = 1.f, sn = 0.f, cs = 1.f;
   const bool rot = d < L.rot;
-  int partner = d;
-  bool first = true;
+  RopePair rp{0, d, true};
   if (d < hd) {
     q = __ldcg(st.qkv + qo + d);
     k = __ldcg(st.qkv + ko + d);
@@ -509,11 +505,8 @@ __device__ __noinline__ void head_prep(const Step& st, const LayerDesc& L, int h
     if (L.q_norm) qn = L.q_norm[d];
     if (L.k_norm) kn = L.k_norm[d];
     if (rot) {
-      const int half = L.rot / 2;
-      int i;
-      if (L.traditional) { i = d >> 1; first = (d & 1) == 0; partner = first ? d + 1 : d - 1; }
-      else { first = d < half; i = first ? d : d - half; partner = first ? d + half : d - half; }
-      sincosf((float)p * L.inv_freq[i], &sn, &cs);
+      rp = rope_pair(d, L.rot, L.traditional);
+      sincosf((float)p * L.inv_freq[rp.i], &sn, &cs);
     }
   }
   if (L.q_norm || L.k_norm) {
@@ -531,9 +524,8 @@ __device__ __noinline__ void head_prep(const Step& st, const LayerDesc& L, int h
   if (d < hd) { sm.q[d] = q; sm.k[d] = k; sm.v[d] = v; }
   cbar();
   if (rot) {
-    const float oq = sm.q[partner], ok = sm.k[partner];
-    q = first ? q * cs - oq * sn : oq * sn + q * cs;
-    k = first ? k * cs - ok * sn : ok * sn + k * cs;
+    q = rope_rotate(q, sm.q[rp.partner], sn, cs, rp.first);
+    k = rope_rotate(k, sm.k[rp.partner], sn, cs, rp.first);
   }
   cbar();
   if (d < hd) { sm.q[d] = q; sm.k[d] = k; }
@@ -596,7 +588,7 @@ __device__ __noinline__ void att_chunk(AttAcc& a, const AttSm& sm, const unsigne
 // units; producer lane 0: 24 after the router wait, 25 after routing, 26 after issuing
 // the layer's last unit.
 __device__ __forceinline__ void stamp(const Step& st, int li, int slot) {
-  if (st.dbg) st.dbg[((size_t)li * gridDim.x + blockIdx.x) * 32 + slot] = gtime();
+  if (st.dbg) st.dbg[((size_t)li * gridDim.x + blockIdx.x) * 32 + slot] = globaltimer();
 }
 
 #endif  // __CUDA_ARCH__ >= 900

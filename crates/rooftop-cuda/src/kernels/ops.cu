@@ -231,15 +231,10 @@ qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, con
   if (d < hd) xs[d] = x;
   __syncthreads();
   if (d < a.rot) {
-    const int half = a.rot / 2;
-    int i, partner;
-    bool first;
-    if (a.traditional) { i = d >> 1; first = (d & 1) == 0; partner = first ? d + 1 : d - 1; }
-    else { first = d < half; i = first ? d : d - half; partner = first ? d + half : d - half; }
+    const RopePair rp = rope_pair(d, a.rot, a.traditional);
     float sn, cs;
-    sincosf((float)p * a.inv_freq[i], &sn, &cs);
-    const float o = xs[partner];
-    x = first ? x * cs - o * sn : o * sn + x * cs;
+    sincosf((float)p * a.inv_freq[rp.i], &sn, &cs);
+    x = rope_rotate(x, xs[rp.partner], sn, cs, rp.first);
   }
   if (d >= hd) return;
   if (is_q) {
@@ -259,19 +254,9 @@ qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, con
 // maxima, NaN never wins), and the position advances, so a captured decode step can be
 // replayed back to back with no host work. Each CTA reduces a stride of x into
 // part[blockIdx]; the last CTA to finish reduces those and resets `counter`.
-extern "C" __global__ void __launch_bounds__(256)
-argmax_step(const float* x, int n, float* pval, int* pidx, u32* counter, int* tok, int* pos) {
-  pdl_wait();
-  pdl_trigger();
-  __shared__ float sv[256];
-  __shared__ int si[256];
-  __shared__ int last;
-  float bv = -INFINITY;
-  int bi = 0x7fffffff;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    const float v = x[i];
-    if (v > bv) { bv = v; bi = i; }
-  }
+// The block's (max, lowest index among equal maxima) of every thread's (bv, bi), left in
+// sv[0], si[0] (blockDim.x a power of two).
+__device__ __forceinline__ void block_argmax(float bv, int bi, float* sv, int* si) {
   sv[threadIdx.x] = bv;
   si[threadIdx.x] = bi;
   __syncthreads();
@@ -286,6 +271,22 @@ argmax_step(const float* x, int n, float* pval, int* pidx, u32* counter, int* to
     }
     __syncthreads();
   }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+argmax_step(const float* x, int n, float* pval, int* pidx, u32* counter, int* tok, int* pos) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float sv[256];
+  __shared__ int si[256];
+  __shared__ int last;
+  float bv = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const float v = x[i];
+    if (v > bv) { bv = v; bi = i; }
+  }
+  block_argmax(bv, bi, sv, si);
   if (threadIdx.x == 0) {
     pval[blockIdx.x] = sv[0];
     pidx[blockIdx.x] = si[0];
@@ -302,20 +303,7 @@ argmax_step(const float* x, int n, float* pval, int* pidx, u32* counter, int* to
     const int i = __ldcg(pidx + b);
     if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
   }
-  sv[threadIdx.x] = bv;
-  si[threadIdx.x] = bi;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      const float ov = sv[threadIdx.x + s];
-      const int oi = si[threadIdx.x + s];
-      if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x])) {
-        sv[threadIdx.x] = ov;
-        si[threadIdx.x] = oi;
-      }
-    }
-    __syncthreads();
-  }
+  block_argmax(bv, bi, sv, si);
   if (threadIdx.x == 0) {
     *tok = si[0] == 0x7fffffff ? 0 : si[0];
     if (pos) *pos += 1;
