@@ -5,7 +5,9 @@
 //! tests/oracle/golden/*.generate.jsonl by tests/oracle/llamacpp_golden.py
 //! (llama-cpp-python 0.3.16; building it takes too long for CI).
 
-use rooftop_engine::{Logits, Model, Tokenizer};
+mod common;
+
+use rooftop_engine::{Model, Tokenizer};
 use rooftop_oracle::workspace_root;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -21,16 +23,6 @@ fn models() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy-decodes every golden prompt next to llama.cpp, feeding the prompt one token
@@ -49,51 +41,25 @@ fn check(file: &str, golden: &str, tol: f32) -> (f32, usize) {
     for (p, line) in prompts.lines().zip(expected.lines()) {
         let text: String = serde_json::from_str(p).unwrap();
         let e: Value = serde_json::from_str(line).unwrap();
-        let ids = |v: &Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
-        let (prompt, want) = (ids(&e["prompt"]), ids(&e["tokens"]));
+        let (prompt, want) = (common::ids(&e["prompt"]), common::ids(&e["tokens"]));
         assert_eq!(want.len(), 64, "{file}: goldens hold 64 tokens");
         assert_eq!(
             tok.encode(&text, true).unwrap(),
             prompt,
             "{file}: prompt {text:?}"
         );
-        let mut cache = model.new_cache(prompt.len() + want.len() + 1);
-        let mut logits = Vec::new();
-        for &t in &prompt {
-            logits = model.forward(&[t], &mut cache, Logits::Last).unwrap();
-        }
-        for (step, top) in e["top"].as_array().unwrap().iter().enumerate() {
-            for p in top.as_array().unwrap() {
-                let (id, l) = (
-                    p[0].as_u64().unwrap() as usize,
-                    p[1].as_f64().unwrap() as f32,
-                );
-                let d = (logits[id] - l).abs();
-                worst = worst.max(d);
-                assert!(
-                    d <= tol,
-                    "{file} {text:?} step {step}: logit of token {id} is {}, llama.cpp {l}",
-                    logits[id]
-                );
-            }
-            let t = argmax(&logits);
-            assert_eq!(
-                t,
-                want[step],
-                "{file} {text:?} step {step}: we pick {:?}, llama.cpp {:?} (after {:?})",
+        let label = format!("{file} {text:?}");
+        let (w, n) = common::replay_golden(&model, &e, tol, &label, |step, t| {
+            format!(
+                ": we pick {:?}, llama.cpp {:?} (after {:?})",
                 tok.decode(&[t], false).unwrap(),
                 tok.decode(&[want[step]], false).unwrap(),
                 tok.decode(&want[..step], false).unwrap()
-            );
-            compared += 1;
-            logits = model.forward(&[t], &mut cache, Logits::Last).unwrap();
-        }
+            )
+        });
+        assert_eq!(n, want.len(), "{label}: every golden step compared");
+        worst = worst.max(w);
+        compared += n;
     }
     (worst, compared)
 }

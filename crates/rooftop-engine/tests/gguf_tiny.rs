@@ -4,21 +4,13 @@
 //! rebuilt here byte for byte (sha256 checked) and greedy-decoded next to llama.cpp's
 //! recorded run (tests/oracle/golden/gguf_tiny.jsonl, llama-cpp-python 0.3.16).
 
-use rooftop_engine::{Logits, Model};
+mod common;
+
+use rooftop_engine::Model;
 use rooftop_oracle::{workspace_root, TempDir};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// Every token equal and every step's top-5 logits within `tol` of llama.cpp's.
 fn check(arch: &str, tol: f32) {
@@ -42,42 +34,13 @@ fn check(arch: &str, tol: f32) {
         "{arch}: gguf-py wrote other bytes than the golden run saw (gguf/numpy version?)"
     );
     let model = Model::load(&dir.path().join(format!("{arch}.gguf"))).unwrap();
-    let ids = |v: &Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let (prompt, want) = (ids(&e["prompt"]), ids(&e["tokens"]));
-    let mut cache = model.new_cache(prompt.len() + want.len() + 1);
-    let mut logits = Vec::new();
-    for &t in &prompt {
-        logits = model.forward(&[t], &mut cache, Logits::Last).unwrap();
-    }
-    let mut worst = 0f32;
-    for (step, top) in e["top"].as_array().unwrap().iter().enumerate() {
-        for p in top.as_array().unwrap() {
-            let (id, l) = (
-                p[0].as_u64().unwrap() as usize,
-                p[1].as_f64().unwrap() as f32,
-            );
-            let d = (logits[id] - l).abs();
-            worst = worst.max(d);
-            assert!(
-                d <= tol,
-                "{arch} step {step}: logit of {id} is {}, llama.cpp {l}",
-                logits[id]
-            );
-        }
-        let t = argmax(&logits);
-        assert_eq!(t, want[step], "{arch} step {step}: token");
-        logits = model.forward(&[t], &mut cache, Logits::Last).unwrap();
-    }
-    eprintln!(
-        "{arch}: {} tokens equal, largest top-5 logit difference {worst}",
-        want.len()
+    let (worst, steps) = common::replay_golden(&model, &e, tol, arch, |_, _| String::new());
+    assert_eq!(
+        steps,
+        common::ids(&e["tokens"]).len(),
+        "{arch}: every golden step compared"
     );
+    eprintln!("{arch}: {steps} tokens equal, largest top-5 logit difference {worst}");
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! the mixed_3_4 recipe, and quantized experts stored one by one. The reference is mlx-lm run in float32 on the same
 //! weights (tests/oracle/mlx_lm_model.py), so agreement must be tight.
 
+mod common;
+
 use rooftop_engine::{npy, Finish, GenerateOptions, Generator, Logits, Model, Tokenizer};
 use rooftop_oracle::TempDir;
 use serde_json::Value;
@@ -35,13 +37,7 @@ fn check_arch(arch: &str) {
     rooftop_oracle::run("mlx_lm_model.py", &[Path::new(arch), &out]);
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-    let ids = |v: &Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = common::ids;
     let tokens = ids(&manifest["tokens"]);
     let prompt = ids(&manifest["prompt"]);
     check_text_path(arch, &out, &manifest);
@@ -131,13 +127,7 @@ fn check_arch(arch: &str) {
 /// Tokenizer, chat template and `Generator` against mlx-lm on the Hub directory:
 /// same prompt ids, same templated ids, same greedy text and logits at every position.
 fn check_text_path(arch: &str, out: &Path, manifest: &Value) {
-    let ids = |v: &Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = common::ids;
     let t = &manifest["text"];
     let hf = out.join("hf");
     let tok = Tokenizer::load(&hf).unwrap();
