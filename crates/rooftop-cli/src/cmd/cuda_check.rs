@@ -175,22 +175,35 @@ fn check_gemv(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> 
         let hw = random_weight(rng, spec, dtype, rows, cols, global)?;
         let wd = CudaWeight::upload(dev, &hw.view())?;
         for n in [1usize, 3, 8, 11] {
-            let x = randn(rng, n * cols, 1.0);
-            let mut want = vec![0f32; n * rows];
-            rooftop_cpu::matmul_ref(&hw.view(), &x, n, &mut want);
-            let xd = dev.upload(&x)?;
-            let mut yd = dev.upload(&vec![f32::NAN; n * rows])?;
-            dev.matmul(&wd, &xd, n, &mut yd)?;
-            let got = dev.download(&yd)?;
+            let err = gemv_err(dev, rng, &hw, &wd, n)?;
             let name = format!(
                 "gemv {} n={n} [{rows}x{cols}]{}",
                 spec_name(spec, dtype),
                 if global.is_some() { " global" } else { "" }
             );
-            c.record(&name, rel_err(&got, &want), 1e-4);
+            c.record(&name, err, 1e-4);
         }
     }
     Ok(())
+}
+
+/// Relative error of the device GEMV of `n` random tokens against `matmul_ref` on the
+/// host copy `hw` of `wd`.
+fn gemv_err(
+    dev: &CudaDevice,
+    rng: &mut StdRng,
+    hw: &HostWeight,
+    wd: &CudaWeight,
+    n: usize,
+) -> Result<f64> {
+    let (rows, cols) = (wd.rows, wd.cols);
+    let x = randn(rng, n * cols, 1.0);
+    let mut want = vec![0f32; n * rows];
+    rooftop_cpu::matmul_ref(&hw.view(), &x, n, &mut want);
+    let xd = dev.upload(&x)?;
+    let mut yd = dev.upload(&vec![f32::NAN; n * rows])?;
+    dev.matmul(wd, &xd, n, &mut yd)?;
+    Ok(rel_err(&dev.download(&yd)?, &want))
 }
 
 /// 4-bit affine GEMV with int8 activations (the default path) against the exact f32
@@ -209,18 +222,12 @@ fn check_gemv_int8(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result
         let hw = random_weight(rng, spec, dtype, rows, cols, None)?;
         let wd = CudaWeight::upload(dev, &hw.view())?;
         for n in [1usize, 3, 8] {
-            let x = randn(rng, n * cols, 1.0);
-            let mut want = vec![0f32; n * rows];
-            rooftop_cpu::matmul_ref(&hw.view(), &x, n, &mut want);
-            let xd = dev.upload(&x)?;
-            let mut yd = dev.upload(&vec![f32::NAN; n * rows])?;
-            dev.matmul(&wd, &xd, n, &mut yd)?;
-            let got = dev.download(&yd)?;
+            let err = gemv_err(dev, rng, &hw, &wd, n)?;
             let name = format!(
                 "gemv int8-act {} n={n} [{rows}x{cols}]",
                 spec_name(spec, dtype)
             );
-            c.record(&name, rel_err(&got, &want), 4e-2);
+            c.record(&name, err, 4e-2);
         }
     }
     Ok(())
