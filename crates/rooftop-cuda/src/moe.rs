@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! E = experts, K = top-k, H = hidden, I = moe_intermediate, S = shared intermediate
-//! 1. moe_router : logits[E] = R x; last CTA routes -> ids[K], wts[K]
-//! 2. moe_gate_up: h[K·I + S] = silu(G_e x) * (U_e x)  for e in ids (+ shared expert)
+//! 1. moe_router : logits[E] = R x
+//! 2. moe_gate_up: every CTA routes -> ids[K], wts[K] (CTA 0 stores them);
+//!                 h[K·I + S] = silu(G_e x) * (U_e x)  for e in ids (+ shared expert)
 //! 3. moe_down   : out[H] += Σ_k wts[k] · D_e h_k (+ D_shared h_shared)
 //! ```
 //! Expert indices never leave the device, so the step can be captured in a CUDA graph.
@@ -107,8 +108,6 @@ pub struct MoeScratch {
     pub wts: CudaSlice<f32>,
     /// `[K·I + S]` activated intermediate.
     pub h: CudaSlice<f32>,
-    /// Router's arrival counter (0 between launches).
-    counter: CudaSlice<u32>,
 }
 
 impl CudaMoe {
@@ -143,14 +142,14 @@ impl CudaMoe {
             ));
         }
         if routing.top_k == 0
-            || routing.top_k > e
+            || routing.top_k > e.min(32)
             || routing.n_group == 0
             || routing.n_group > 32
             || !e.is_multiple_of(routing.n_group)
             || routing.topk_group > routing.n_group
         {
             return bad(format!(
-                "routing {routing:?} does not fit {e} experts (n_group <= 32 dividing E)"
+                "routing {routing:?} does not fit {e} experts (top_k <= 32, n_group <= 32 dividing E)"
             ));
         }
         // gate/up (and the shared expert's) run in one launch, down (and the shared
@@ -229,7 +228,6 @@ impl CudaMoe {
             ids: dev.alloc(k)?,
             wts: dev.alloc(k)?,
             h: dev.alloc(k * self.inter + self.inter_shared())?,
-            counter: dev.alloc(1)?,
         })
     }
 
@@ -324,19 +322,17 @@ impl CudaMoe {
         let k = self.routing.top_k;
         let (nw, eps) = norm.map_or((0u64, 0f32), |(w, e)| (dev.ptr(w), e));
         let (h, inter) = (self.hidden, self.inter);
-        let (p_logits, p_ids, p_wts, p_h, p_cnt) = (
+        let (p_logits, p_ids, p_wts, p_h) = (
             dev.ptr(&s.logits),
             dev.ptr(&s.ids),
             dev.ptr(&s.wts),
             dev.ptr(&s.h),
-            dev.ptr(&s.counter),
         );
 
-        // 1. Router + top-k.
+        // 1. Router logits (routing: at the start of gate/up).
         let rm = ModuleSource::gemv(self.router.format);
         let f = dev.function(&rm, "moe_router")?;
         let rarg = self.router.arg(dev);
-        let rt = self.routing_arg(dev);
         let lpr = lanes_per_row(h, self.router.format.unroll());
         let smem = stage_bytes(1, h);
         dev.check_smem("moe router", smem)?;
@@ -355,10 +351,6 @@ impl CudaMoe {
                 rarg,
                 x,
                 p_logits,
-                p_ids,
-                p_wts,
-                p_cnt,
-                rt,
                 lpr,
                 nw,
                 eps
@@ -373,6 +365,8 @@ impl CudaMoe {
                 k,
                 inter,
                 hidden: h,
+                logits: p_logits,
+                routing: self.routing_arg(dev),
                 ids: p_ids,
                 wts: p_wts,
                 h: p_h,
@@ -397,6 +391,9 @@ struct FfnLaunch<'a> {
     k: usize,
     inter: usize,
     hidden: usize,
+    /// Router logits `[E]` and how gate/up turns them into ids/wts.
+    logits: u64,
+    routing: RoutingArg,
     ids: u64,
     wts: u64,
     /// `[k·I + S]` activated intermediate.
@@ -462,6 +459,7 @@ impl FfnLaunch<'_> {
         let items = k * inter + ish;
         let grid = dev.grid_for(&f, 256, smem, items.div_ceil(span_e).div_ceil(8));
         let (p_ids, p_h, p_wts) = (self.ids, self.h, self.wts);
+        let (p_logits, rt) = (self.logits, self.routing);
         if parts[0] {
             launch!(
                 dev,
@@ -473,7 +471,10 @@ impl FfnLaunch<'_> {
                 sg,
                 su,
                 x,
+                p_logits,
+                rt,
                 p_ids,
+                p_wts,
                 p_h,
                 ki,
                 ii,
@@ -596,6 +597,8 @@ impl CudaMlp {
             k: 0,
             inter: 0,
             hidden: self.w[0].cols,
+            logits: 0,
+            routing: RoutingArg::default(),
             ids: 0,
             wts: 0,
             h: dev.ptr(&self.h),

@@ -627,7 +627,7 @@ fn bench_moe(
     }
     dev.set_pdl(pdl_default);
     let pb: Vec<[usize; 3]> = moes.iter().map(|m| m.part_bytes()).collect();
-    for (i, part) in ["router+topk", "gate/up", "down"].iter().enumerate() {
+    for (i, part) in ["router", "routing+gate/up", "down"].iter().enumerate() {
         let mut mask = [false; 3];
         mask[i] = true;
         let ms = time_graph(mask, &mut scratch)?;
