@@ -208,6 +208,10 @@ impl ModuleSource {
                     "-DACT_INT8=1".into()
                 },
                 format!("-DPREFETCH={}", prefetch() as u8),
+                format!(
+                    "-DMOE_MIN_BLOCKS={}",
+                    env_usize("ROOFTOP_MOE_MIN_BLOCKS", 1..=8).unwrap_or(3)
+                ),
             ],
         }
     }
