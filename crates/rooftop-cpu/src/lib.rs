@@ -12,6 +12,7 @@ pub mod acts;
 pub mod attention;
 pub mod bandwidth;
 pub mod gemv;
+pub mod lanes;
 pub mod matmul;
 pub mod mem;
 pub mod moe;

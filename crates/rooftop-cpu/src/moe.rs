@@ -204,6 +204,7 @@ pub fn moe_forward_on(
     s.logits.resize(n * ne, 0.0);
     {
         let p = prepare(&w.router, rplan, x, n, &mut s.acts_x[0]);
+        let lanes = crate::lanes::lookup(&w.router);
         let r = RowArgs {
             w: w.router,
             rows: 0..ne,
@@ -212,6 +213,7 @@ pub fn moe_forward_on(
             row0: 0,
             alpha: None,
             tok_map: None,
+            lanes: lanes.as_deref(),
         };
         let mut scr = Vec::new();
         // SAFETY: logits is [n, E], written by this thread only.
@@ -341,6 +343,14 @@ pub fn experts_forward_on(
         }
     }
 
+    // Packed copies of each active expert's gate, up, down (held for the step).
+    let lanes: Vec<[Option<std::sync::Arc<crate::lanes::Lanes8>>; 3]> = s.active[..nact]
+        .iter()
+        .map(|a| {
+            let ex = expert(a.expert);
+            [&ex.gate, &ex.up, &ex.down].map(crate::lanes::lookup)
+        })
+        .collect();
     // Gathered x rows per active expert for gate/up (decode: T = 1, no gather).
     let pg = prepare(&experts[0].gate, gplan, x, n, &mut s.acts_x[1]);
     let active = &s.active[..nact];
@@ -370,7 +380,10 @@ pub fn experts_forward_on(
         let nt = a.tokens.len();
         let mut g = vec![0f32; nt * (r1 - r0)];
         let mut u = vec![0f32; nt * (r1 - r0)];
-        for (wv, buf) in [(&ex.gate, &mut g), (&ex.up, &mut u)] {
+        for (wv, buf, l) in [
+            (&ex.gate, &mut g, &lanes[ai][0]),
+            (&ex.up, &mut u, &lanes[ai][1]),
+        ] {
             let r = RowArgs {
                 w: *wv,
                 rows: r0..r1,
@@ -379,6 +392,7 @@ pub fn experts_forward_on(
                 row0: r0,
                 alpha: None,
                 tok_map: None,
+                lanes: l.as_deref(),
             };
             with_scratch(|scr| subs[ai].run(isa, gplan, &r, nt, scr));
         }
@@ -425,6 +439,7 @@ pub fn experts_forward_on(
                 row0: 0,
                 alpha: Some(&a.weights),
                 tok_map: Some(&a.tokens),
+                lanes: lanes[ai][2].as_deref(),
             };
             with_scratch(|scr| unsafe { rows_kernel(isa, dplan, &r, &p, nt, scr) });
         }

@@ -6,9 +6,12 @@
 //! dequantizes rows to f32 and is what non-x86 machines run.
 
 #[cfg(target_arch = "x86_64")]
+mod lanes_x86;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 use crate::acts::{ActLayout, QActs, QBLOCK};
+use crate::lanes::Lanes8;
 use crate::pool::Pool;
 use rooftop_quant::{DType, QuantMode, QuantView, WeightView};
 use std::ops::Range;
@@ -184,6 +187,9 @@ pub(crate) struct RowArgs<'a> {
     pub alpha: Option<&'a [f32]>,
     /// Per local token: the output row of `y` it writes (default: `t`).
     pub tok_map: Option<&'a [u32]>,
+    /// `w` repacked in rows-in-lanes layout ([`crate::lanes`]): when set, every path
+    /// reads it instead of `w`'s bytes.
+    pub lanes: Option<&'a Lanes8>,
 }
 
 impl RowArgs<'_> {
@@ -245,6 +251,20 @@ pub(crate) unsafe fn rows_kernel(
     n: usize,
     scratch: &mut Vec<f32>,
 ) {
+    if let Some(l) = r.lanes {
+        debug_assert!(r.rows.end <= l.rows && l.cols == r.w.cols());
+        #[cfg(target_arch = "x86_64")]
+        match (p, isa) {
+            (Prepared::Int(a), Isa::Avx512Vnni) => return lanes_x86::rows_vnni(r, l, a),
+            (Prepared::Int(a), Isa::Avx2) => return lanes_x86::rows_avx2(r, l, a),
+            _ => {}
+        }
+        let x = match p {
+            Prepared::Float(x) => x,
+            Prepared::Int(_) => unreachable!("portable plan gets f32 activations"),
+        };
+        return portable_lanes(r, l, x, n, scratch);
+    }
     #[cfg(target_arch = "x86_64")]
     match (plan, p, isa) {
         (Plan::Int(_), Prepared::Int(a), Isa::Avx512Vnni) => {
@@ -271,6 +291,19 @@ unsafe fn portable_rows(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>
         r.w.row_f32(row, scratch);
         for t in 0..n {
             r.put(t, row, dot(scratch, &x[t * cols..(t + 1) * cols]));
+        }
+    }
+}
+
+/// Portable on the packed layout: rows dequantized exactly as `QuantView::row_f32`.
+fn portable_lanes(r: &RowArgs, l: &Lanes8, x: &[f32], n: usize, scratch: &mut Vec<f32>) {
+    let cols = l.cols;
+    scratch.resize(cols, 0.0);
+    for row in r.rows.clone() {
+        l.row_f32(row, scratch);
+        for t in 0..n {
+            // SAFETY: as `rows_kernel`'s contract.
+            unsafe { r.put(t, row, dot(scratch, &x[t * cols..(t + 1) * cols])) };
         }
     }
 }
@@ -394,6 +427,8 @@ pub fn matmul_multi_on(
     for (a, (k, &fi)) in acts.iter_mut().zip(keys.iter().zip(&first)) {
         preps.push(prepare(&ws[fi], k.0, x, n, a));
     }
+    // Packed copies (held for the call).
+    let lanes: Vec<Option<std::sync::Arc<Lanes8>>> = ws.iter().map(crate::lanes::lookup).collect();
     // Items: (weight, row block).
     let mut items: Vec<(usize, usize, usize)> = Vec::new();
     for (i, w) in ws.iter().enumerate() {
@@ -417,6 +452,7 @@ pub fn matmul_multi_on(
             row0: 0,
             alpha: None,
             tok_map: None,
+            lanes: lanes[i].as_deref(),
         };
         // SAFETY: row blocks are disjoint across items.
         with_scratch(|scr| unsafe { rows_kernel(isa, plans[i], &r, &preps[which[i]], n, scr) })
