@@ -600,6 +600,28 @@ mod tests {
                 let mut got = vec![0f32; n * h];
                 let mut s = MoeScratch::new();
                 moe_forward_on(&Pool::new(2), &w, &x, n, &cfg, &mut got, &mut s).unwrap();
+                if spec.mode == rooftop_quant::QuantMode::Affine && spec.bits == 4 {
+                    // The same step with the experts packed (rows in lanes): the same
+                    // int8 activations, so equal up to f32 rounding.
+                    let views: Vec<WeightView> = w
+                        .experts
+                        .iter()
+                        .chain(&w.shared)
+                        .flat_map(|e| [e.gate, e.up, e.down])
+                        .collect();
+                    let reg = crate::lanes::pack_all(&views);
+                    assert_eq!(reg.len(), views.len(), "every expert packs");
+                    let mut packed = vec![0f32; n * h];
+                    moe_forward_on(&Pool::new(2), &w, &x, n, &cfg, &mut packed, &mut s).unwrap();
+                    drop(reg);
+                    let scale = got.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (a, b) in got.iter().zip(&packed) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale,
+                            "{spec} shared={shared} n={n}: natural {a}, packed {b}"
+                        );
+                    }
+                }
                 let err: f32 = want
                     .iter()
                     .zip(&got)
