@@ -18,14 +18,17 @@ use rooftop_quant::DType;
 use std::arch::x86_64::*;
 
 /// Prefetch lead in bytes of the packed stream (`ROOFTOP_LANES_PF` for A/B runs).
-/// The lab prototype measured 4 KiB best on this host's 2 cores (docs/PERFORMANCE-cpu.md).
+/// Measured with `examples/gemv_lab.rs` (151936×2048 affine4 g64 bf16, 9 KiB blocks,
+/// huge pages; 1 thread / 2 threads GB/s, two sweeps): 0 → 9.8 / 17; 2 KiB 18 / 24;
+/// 4 KiB 16–17 / 21–22; 6 KiB 10–16 / 19–22; 8 KiB 19–21 / 26–27; 12 KiB 17 / 27–28;
+/// 16 KiB 17 / 20.
 fn pf_bytes() -> usize {
     static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *D.get_or_init(|| {
         std::env::var("ROOFTOP_LANES_PF")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(4096)
+            .unwrap_or(8192)
     })
 }
 
