@@ -362,14 +362,18 @@ pub fn experts_forward_on(
         .iter()
         .map(|a| SubTokens::new(&pg, &a.tokens, n))
         .collect();
-    // Region 1 items: `align`-row blocks of each active expert's gate/up.
+    // Region 1 items: row blocks (multiples of `align`) of each active expert's
+    // gate/up, sized as `rows_per_item` for all active gate+up rows together.
+    let total: usize = active.iter().map(|a| expert(a.expert).gate.rows()).sum();
+    let gu_step = crate::gemv::rows_per_item(total, 2 * hid, pool.threads()) / align * align;
+    let gu_step = gu_step.max(align);
     let mut items: Vec<(usize, usize, usize)> = Vec::new();
     for (ai, a) in active.iter().enumerate() {
         let inter = expert(a.expert).gate.rows();
         let mut r = 0;
         while r < inter {
-            items.push((ai, r, (r + align).min(inter)));
-            r += align;
+            items.push((ai, r, (r + gu_step).min(inter)));
+            r += gu_step;
         }
     }
     pool.run(items.len(), &|it| {
@@ -412,7 +416,7 @@ pub fn experts_forward_on(
         }
     });
     // Region 2 items: row blocks of out; each runs down of every active expert.
-    let step = crate::gemv::rows_per_item(experts[0].down.cols());
+    let step = crate::gemv::rows_per_item(hid, experts[0].down.cols(), pool.threads());
     let blocks = hid.div_ceil(step);
     pool.run(blocks, &|b| {
         let (lo, hi) = (b * step, ((b + 1) * step).min(hid));

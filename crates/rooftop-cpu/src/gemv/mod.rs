@@ -336,9 +336,31 @@ unsafe impl Sync for SyncPtr {}
 /// Rows below this many weights run on one thread: a region's wake-up costs more.
 const PAR_MIN_WEIGHTS: usize = 1 << 15;
 
-/// Rows per work item: about 64K weights (32 KiB at 4 bits), a multiple of 8.
-pub(crate) fn rows_per_item(cols: usize) -> usize {
-    ((1usize << 16) / cols.max(1)).clamp(8, 1024) & !7
+/// Rows per work item of a `[rows, cols]` weight on `threads` threads: about
+/// [`item_weights`] weights, but at least 4 items per thread (balance when a thread is
+/// descheduled, and the MoE down region's few rows), a multiple of 8 (a packed block).
+///
+/// Why this big: every item restarts the read stream (its first bytes were fetched by
+/// nobody, the hardware prefetcher re-trains). Measured with `examples/gemv_lab.rs`
+/// (151936×2048 affine4 g64, GB/s 1 thread / 2 threads, two sweeps, back to back):
+/// natural kernel 64K weights 12.4–15.7 / 21.0–21.4, 256K 14.8–17.2 / 24.2–29.7,
+/// 1M 19.4–19.5 / 26.0–26.8; packed (rows in lanes) 64K 13.5–20.7 / 24.4–26.1, 256K
+/// 25.0–26.1 / 30.3–32.1, 1M 29.1–30.5 / 33.5–36.1 (read test 29–32 at 2 threads).
+pub(crate) fn rows_per_item(rows: usize, cols: usize, threads: usize) -> usize {
+    let by_size = item_weights() / cols.max(1);
+    let by_balance = rows.div_ceil(4 * threads.max(1));
+    (by_size.min(by_balance).max(8) + 7) & !7
+}
+
+/// Weights per work item (`ROOFTOP_ITEM_WEIGHTS` for A/B runs).
+fn item_weights() -> usize {
+    static W: OnceLock<usize> = OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("ROOFTOP_ITEM_WEIGHTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 20)
+    })
 }
 
 thread_local! {
@@ -432,7 +454,7 @@ pub fn matmul_multi_on(
     // Items: (weight, row block).
     let mut items: Vec<(usize, usize, usize)> = Vec::new();
     for (i, w) in ws.iter().enumerate() {
-        let step = rows_per_item(w.cols());
+        let step = rows_per_item(w.rows(), w.cols(), pool.threads());
         let mut r = 0;
         while r < w.rows() {
             let e = (r + step).min(w.rows());
