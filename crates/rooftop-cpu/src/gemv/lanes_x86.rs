@@ -10,6 +10,9 @@
 //! then per chunk two converts, two activation-scale multiplies and one or two FMAs
 //! by the 8 rows' scales. No horizontal sums: the lanes are the rows.
 
+// Tiles are const-generic arrays indexed by token: index loops are the point.
+#![allow(clippy::needless_range_loop)]
+
 use super::x86::{load8_dtype, Avx2, Dot, Vnni};
 use super::RowArgs;
 use crate::acts::QActs;
