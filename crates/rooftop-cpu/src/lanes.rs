@@ -189,6 +189,11 @@ impl Registered {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+    /// Take over `o`'s registrations.
+    pub fn absorb(&mut self, mut o: Registered) {
+        self.keys.append(&mut o.keys);
+        self.bytes += o.bytes;
+    }
 }
 
 impl Drop for Registered {

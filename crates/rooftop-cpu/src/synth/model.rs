@@ -199,18 +199,16 @@ impl SynthModel {
                 .map(|i| v.slice_rows(i * split, split))
                 .collect()
         }
-        let reg = {
-            let ws = self.matmul_weights();
-            let views: Vec<_> = ws.iter().flat_map(|(w, s)| slices(w, *s)).collect();
-            crate::lanes::pack_all(&views)
-        };
-        if reg.is_empty() {
-            return;
-        }
+        // One weight at a time, its natural bytes dropped right after: the peak stays
+        // one weight above the model.
+        let mut reg = crate::lanes::Registered::default();
         for (w, s) in self.matmul_weights() {
-            let all = slices(w, s)
-                .iter()
-                .all(|v| crate::lanes::lookup(v).is_some());
+            let r = crate::lanes::pack_all(&slices(w, s));
+            let all = !r.is_empty()
+                && slices(w, s)
+                    .iter()
+                    .all(|v| crate::lanes::lookup(v).is_some());
+            reg.absorb(r);
             if all {
                 w.discard_natural();
             }
