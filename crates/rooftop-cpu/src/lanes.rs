@@ -110,6 +110,27 @@ impl Lanes8 {
         &self.data
     }
 
+    /// Start fetching the first `bytes` of rows `rows` into cache: called before a
+    /// short stream (one expert's rows) is read, while the previous one still runs,
+    /// so that the next stream does not start on a cold miss.
+    pub fn prefetch(&self, rows: std::ops::Range<usize>, bytes: usize) {
+        let bb = self.block_bytes();
+        let start = (rows.start / LANES) * bb;
+        let end = (rows.end.div_ceil(LANES) * bb).min(self.data.len());
+        let end = end.min(start + bytes);
+        #[cfg(target_arch = "x86_64")]
+        for off in (start..end).step_by(64) {
+            // SAFETY: `off` < data.len(); a prefetch only hints the cache (SSE, which
+            // every x86-64 has).
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(self.data.as_ptr().add(off) as *const i8);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (start, end);
+    }
+
     /// Row `row` dequantized as `QuantView::row_f32` does (`code·s + b`, unfused), so
     /// the exact path gives the same bits on either layout.
     pub fn row_f32(&self, row: usize, out: &mut [f32]) {

@@ -384,6 +384,9 @@ pub fn experts_forward_on(
         let nt = a.tokens.len();
         let mut g = vec![0f32; nt * (r1 - r0)];
         let mut u = vec![0f32; nt * (r1 - r0)];
+        if let Some(l) = &lanes[ai][1] {
+            l.prefetch(r0..r1, expert_pf());
+        }
         for (wv, buf, l) in [
             (&ex.gate, &mut g, &lanes[ai][0]),
             (&ex.up, &mut u, &lanes[ai][1]),
@@ -445,6 +448,9 @@ pub fn experts_forward_on(
                 tok_map: Some(&a.tokens),
                 lanes: lanes[ai][2].as_deref(),
             };
+            if let Some(Some(l)) = lanes.get(ai + 1).map(|l| &l[2]) {
+                l.prefetch(lo..hi, expert_pf());
+            }
             with_scratch(|scr| unsafe { rows_kernel(isa, dplan, &r, &p, nt, scr) });
         }
     });
@@ -452,6 +458,19 @@ pub fn experts_forward_on(
         s.times.experts += t_start.elapsed();
     }
     Ok(())
+}
+
+/// Bytes of the next expert's packed rows fetched ahead (`ROOFTOP_EXPERT_PF` for
+/// A/B). Measured (12-layer qwen3-30b-a3b bench, 2 threads, three quiet pairs): expert
+/// time 11.9 → 11.5 ms/token with 4 KiB.
+fn expert_pf() -> usize {
+    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        std::env::var("ROOFTOP_EXPERT_PF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4096)
+    })
 }
 
 #[derive(Clone, Copy)]

@@ -3,7 +3,9 @@
 //! The instruction set is chosen once at run time ([`isa`]); each weight format maps to
 //! one kernel family ([`Plan`]). Quantized weights with 4-bit or affine codes use int8
 //! activations ([`QActs`]); float formats use f32 activations. The portable path
-//! dequantizes rows to f32 and is what non-x86 machines run.
+//! dequantizes rows to f32 and is what non-x86 machines run. Affine 4-bit weights with
+//! a registered packed copy ([`crate::lanes`]) run on `lanes_x86` (or, portable, on
+//! the packed rows) instead of `x86`'s natural-layout kernels.
 
 #[cfg(target_arch = "x86_64")]
 mod lanes_x86;
