@@ -45,7 +45,11 @@ pub struct Lanes8 {
     pub cols: usize,
     pub group: usize,
     pub scale_dtype: DType,
-    data: HugeBuf,
+    /// Shared by the weights packed together ([`pack_all`]): one huge-page buffer, so
+    /// that 128 experts of ~1 MB each are not 128 small allocations on 4 KiB pages.
+    data: Arc<HugeBuf>,
+    off: usize,
+    len: usize,
 }
 
 impl Lanes8 {
@@ -59,45 +63,27 @@ impl Lanes8 {
             && q.biases.is_some()
     }
 
-    /// Repack `q` (None when [`Lanes8::supports`] says no).
+    /// Repack `q` into its own buffer (None when [`Lanes8::supports`] says no).
     pub fn pack(q: &QuantView) -> Option<Lanes8> {
         if !Self::supports(q) || q.check().is_err() {
             return None;
         }
-        let (rows, cols, g) = (q.rows, q.cols, q.spec.group_size);
-        let sz = q.scale_dtype.size();
-        let (nch, ng, rb) = (cols / 64, cols / g, cols / 2);
-        let blocks = rows.div_ceil(LANES);
-        let bb = block_bytes(cols, g, q.scale_dtype);
-        let mut data = HugeBuf::zeroed(blocks * bb);
-        let biases = q.biases.expect("supports() checked biases");
-        data.par_chunks_mut(bb).enumerate().for_each(|(blk, out)| {
-            let (codes, sb) = out.split_at_mut(nch * 256);
-            let (sc, bi) = sb.split_at_mut(ng * LANES * sz);
-            for r in 0..LANES.min(rows - blk * LANES) {
-                let row = blk * LANES + r;
-                let src = &q.weight[row * rb..(row + 1) * rb];
-                for c in 0..nch {
-                    for k in 0..8 {
-                        let d = c * 256 + k * 32 + 4 * r;
-                        codes[d..d + 4].copy_from_slice(&src[c * 32 + 4 * k..c * 32 + 4 * k + 4]);
-                    }
-                }
-                for gi in 0..ng {
-                    let s = (row * ng + gi) * sz;
-                    let d = (gi * LANES + r) * sz;
-                    sc[d..d + sz].copy_from_slice(&q.scales[s..s + sz]);
-                    bi[d..d + sz].copy_from_slice(&biases[s..s + sz]);
-                }
-            }
-        });
-        Some(Lanes8 {
-            rows,
-            cols,
-            group: g,
+        let len = packed_len(q);
+        let mut buf = HugeBuf::zeroed(len);
+        pack_into(q, &mut buf);
+        Some(Self::at(q, Arc::new(buf), 0, len))
+    }
+
+    fn at(q: &QuantView, data: Arc<HugeBuf>, off: usize, len: usize) -> Lanes8 {
+        Lanes8 {
+            rows: q.rows,
+            cols: q.cols,
+            group: q.spec.group_size,
             scale_dtype: q.scale_dtype,
             data,
-        })
+            off,
+            len,
+        }
     }
 
     /// Bytes of one 8-row block (codes, scales, biases).
@@ -107,7 +93,7 @@ impl Lanes8 {
 
     /// All blocks, contiguous (`rows.div_ceil(8)` of [`Lanes8::block_bytes`]).
     pub fn bytes(&self) -> &[u8] {
-        &self.data
+        &self.data[self.off..self.off + self.len]
     }
 
     /// Start fetching the first `bytes` of rows `rows` into cache: called before a
@@ -116,7 +102,8 @@ impl Lanes8 {
     pub fn prefetch(&self, rows: std::ops::Range<usize>, bytes: usize) {
         let bb = self.block_bytes();
         let start = (rows.start / LANES) * bb;
-        let end = (rows.end.div_ceil(LANES) * bb).min(self.data.len());
+        let data = self.bytes();
+        let end = (rows.end.div_ceil(LANES) * bb).min(data.len());
         let end = end.min(start + bytes);
         #[cfg(target_arch = "x86_64")]
         for off in (start..end).step_by(64) {
@@ -124,7 +111,7 @@ impl Lanes8 {
             // every x86-64 has).
             unsafe {
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(self.data.as_ptr().add(off) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(off) as *const i8);
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -141,7 +128,7 @@ impl Lanes8 {
             self.cols / self.group,
             self.scale_dtype.size(),
         );
-        let b = &self.data[blk * bb..(blk + 1) * bb];
+        let b = &self.bytes()[blk * bb..(blk + 1) * bb];
         let (codes, sb) = b.split_at(nch * 256);
         let (sc, bi) = sb.split_at(ng * LANES * sz);
         for c in 0..nch {
@@ -162,6 +149,40 @@ impl Lanes8 {
             }
         }
     }
+}
+
+/// Bytes of `q` packed.
+fn packed_len(q: &QuantView) -> usize {
+    q.rows.div_ceil(LANES) * block_bytes(q.cols, q.spec.group_size, q.scale_dtype)
+}
+
+/// Write `q` packed into `out` (`packed_len(q)` bytes, zeroed: the pad rows stay 0).
+fn pack_into(q: &QuantView, out: &mut [u8]) {
+    let (rows, cols, g) = (q.rows, q.cols, q.spec.group_size);
+    let sz = q.scale_dtype.size();
+    let (nch, ng, rb) = (cols / 64, cols / g, cols / 2);
+    let bb = block_bytes(cols, g, q.scale_dtype);
+    let biases = q.biases.expect("supports() checked biases");
+    out.par_chunks_mut(bb).enumerate().for_each(|(blk, out)| {
+        let (codes, sb) = out.split_at_mut(nch * 256);
+        let (sc, bi) = sb.split_at_mut(ng * LANES * sz);
+        for r in 0..LANES.min(rows - blk * LANES) {
+            let row = blk * LANES + r;
+            let src = &q.weight[row * rb..(row + 1) * rb];
+            for c in 0..nch {
+                for k in 0..8 {
+                    let d = c * 256 + k * 32 + 4 * r;
+                    codes[d..d + 4].copy_from_slice(&src[c * 32 + 4 * k..c * 32 + 4 * k + 4]);
+                }
+            }
+            for gi in 0..ng {
+                let s = (row * ng + gi) * sz;
+                let d = (gi * LANES + r) * sz;
+                sc[d..d + sz].copy_from_slice(&q.scales[s..s + sz]);
+                bi[d..d + sz].copy_from_slice(&biases[s..s + sz]);
+            }
+        }
+    });
 }
 
 /// Bytes of one 8-row block of a `[_, cols]` weight with groups of `g`.
@@ -256,11 +277,28 @@ pub fn pack_all(ws: &[WeightView]) -> Registered {
             }
         }
     }
-    // Weights one at a time (each packs its blocks in parallel): peak memory stays
-    // one weight above the result.
+    let todo: Vec<QuantView> = todo.into_iter().filter(|q| q.check().is_ok()).collect();
+    // One buffer for all of them (huge pages; offsets 64-byte aligned), each weight
+    // packed in turn with its blocks in parallel.
+    let lens: Vec<usize> = todo.iter().map(packed_len).collect();
+    let offs: Vec<usize> = lens
+        .iter()
+        .scan(0, |o, &l| {
+            let here = *o;
+            *o += l.div_ceil(64) * 64;
+            Some(here)
+        })
+        .collect();
+    let total = offs.last().map_or(0, |o| o + lens[lens.len() - 1]);
+    let mut buf = HugeBuf::zeroed(total);
+    for (q, (&o, &l)) in todo.iter().zip(offs.iter().zip(&lens)) {
+        pack_into(q, &mut buf[o..o + l]);
+    }
+    let buf = Arc::new(buf);
     let packed: Vec<(QuantView, Lanes8)> = todo
-        .into_iter()
-        .filter_map(|q| Lanes8::pack(&q).map(|l| (q, l)))
+        .iter()
+        .zip(offs.iter().zip(&lens))
+        .map(|(q, (&o, &l))| (*q, Lanes8::at(q, buf.clone(), o, l)))
         .collect();
     let mut r = registry().write().unwrap_or_else(|e| e.into_inner());
     for (q, l) in packed {
@@ -308,7 +346,7 @@ pub fn reference_dot(l: &Lanes8, a: &crate::acts::QActs, t: usize, row: usize) -
     let (blk, r) = (row / LANES, row % LANES);
     let bb = l.block_bytes();
     let (nch, ng, sz) = (cols / 64, cols / l.group, l.scale_dtype.size());
-    let b = &l.data[blk * bb..(blk + 1) * bb];
+    let b = &l.bytes()[blk * bb..(blk + 1) * bb];
     let (codes, sb) = b.split_at(nch * 256);
     let (sc, bi) = sb.split_at(ng * LANES * sz);
     let q = &a.q[t * cols..(t + 1) * cols];
