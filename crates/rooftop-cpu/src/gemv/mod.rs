@@ -254,7 +254,22 @@ pub(crate) unsafe fn rows_kernel(
     scratch: &mut Vec<f32>,
 ) {
     if let Some(l) = r.lanes {
-        debug_assert!(r.rows.end <= l.rows && l.cols == r.w.cols());
+        // The packed kernels index blocks by row: out-of-range rows would read past
+        // the buffer, so this is checked in release builds too (once per call).
+        assert!(
+            r.rows.end <= l.rows && l.cols == r.w.cols(),
+            "packed weight [{}, {}] vs rows {:?} of [_, {}]",
+            l.rows,
+            l.cols,
+            r.rows,
+            r.w.cols()
+        );
+        if let Prepared::Int(a) = p {
+            assert!(
+                a.cols == l.cols && a.layout == Some(ActLayout::Nibble { fp4: false }),
+                "packed affine 4-bit weights take Nibble int8 activations of their width"
+            );
+        }
         #[cfg(target_arch = "x86_64")]
         match (p, isa) {
             (Prepared::Int(a), Isa::Avx512Vnni) => return lanes_x86::rows_vnni(r, l, a),
