@@ -6,7 +6,8 @@
 //! - the lm_head shape (151936×2048, streamed from DRAM) or `rows cols` given,
 //!
 //! with 1 thread and with every thread, beside the streaming-read bandwidth of the same
-//! thread count measured in the same run.
+//! thread count measured in the same run. affine 4-bit runs twice: natural layout, then
+//! packed rows in lanes (`rooftop_cpu::lanes`), back to back.
 //! `cargo run --release -p rooftop-cpu --example gemv_lab [reps [rows cols]]`
 use rooftop_cpu::acts::QActs;
 use rooftop_cpu::gemv::{isa, matmul_on};
@@ -98,15 +99,18 @@ fn main() {
         bw.threads,
         bw.all_threads
     );
-    for spec in [QuantSpec::affine(4, 64).unwrap(), QuantSpec::nvfp4()] {
+    let affine = QuantSpec::affine(4, 64).unwrap();
+    for (spec, packed) in [(affine, false), (affine, true), (QuantSpec::nvfp4(), false)] {
         let small = Owned::new(spec, 256, cols);
         let big = Owned::new(spec, rows, cols);
+        let _reg = packed.then(|| rooftop_cpu::lanes::pack_all(&[small.view(), big.view()]));
         let l2 = time(&one, &small.view(), reps * 100);
         let d1 = time(&one, &big.view(), reps);
         let d2 = time(all, &big.view(), reps);
         println!(
-            "{:>11}: in L2 (1 thread) {l2:5.1} GB/s | {rows}x{cols} 1 thread {d1:5.1} GB/s ({:.0}% of {:.1}) | {} threads {d2:5.1} GB/s ({:.0}% of {:.1})",
+            "{:>11}{}: in L2 (1 thread) {l2:5.1} GB/s | {rows}x{cols} 1 thread {d1:5.1} GB/s ({:.0}% of {:.1}) | {} threads {d2:5.1} GB/s ({:.0}% of {:.1})",
             spec.to_string(),
+            if packed { " lanes" } else { "" },
             100.0 * d1 / bw.one_thread,
             bw.one_thread,
             all.threads(),

@@ -9,6 +9,8 @@
 //! shared by the 8 rows (their scales and biases are one vector each). Same bytes moved;
 //! ~1.4× fewer vector ops per weight by count. This measures whether that shows.
 //!
+//! Kept as the lab record: the library's version is `rooftop_cpu::lanes` (packed layout,
+//! registry) and `gemv/lanes_x86.rs` (kernels); `examples/gemv_lab` runs both layouts.
 //! Compare with `examples/gemv_lab` run right after it (this host's memory speed drifts).
 //! `cargo run --release -p rooftop-cpu --example rows_in_lanes [rows cols]`
 #[cfg(target_arch = "x86_64")]

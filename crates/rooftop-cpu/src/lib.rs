@@ -3,6 +3,9 @@
 //!
 //! - [`matmul`]: `y = x·Wᵀ` on any weight format (AVX-512 VNNI / AVX2 / portable,
 //!   chosen at run time).
+//! - [`lanes`]: affine 4-bit weights repacked "rows in lanes" (8 rows per int32
+//!   accumulator), packed once by the weights' owner; every kernel path reads the
+//!   packed copy when one is registered.
 //! - [`moe::moe_forward`]: the fused MoE step (router, top-k, experts, weighted sum).
 //! - [`attention::attention`], [`ops`]: attention over a KV cache, RMSNorm, RoPE.
 //! - [`pool::Pool`]: the persistent thread pool every parallel region runs on.
@@ -12,6 +15,7 @@ pub mod acts;
 pub mod attention;
 pub mod bandwidth;
 pub mod gemv;
+pub mod lanes;
 pub mod matmul;
 pub mod mem;
 pub mod moe;

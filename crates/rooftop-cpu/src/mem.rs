@@ -77,6 +77,28 @@ impl HugeBuf {
     }
 }
 
+impl HugeBuf {
+    /// Give the pages back to the OS, keeping the mapping: the bytes read as zeros
+    /// afterwards. For weights whose packed copy ([`crate::lanes`]) replaced them. A
+    /// heap-backed (small) buffer is zeroed in place instead.
+    pub fn discard(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.mapped > 0 {
+            // SAFETY: our own private anonymous mapping; MADV_DONTNEED on it makes
+            // later reads see zero pages (still valid, initialised memory).
+            unsafe {
+                libc::madvise(
+                    self.ptr as *mut libc::c_void,
+                    self.mapped,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            return;
+        }
+        self.fill(0);
+    }
+}
+
 impl Deref for HugeBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -143,7 +143,14 @@ pub enum Logits {
 
 /// A loaded model: architecture + memory-mapped weights.
 pub struct Model {
-    // Field order matters: `net` borrows `store`'s maps and must drop first.
+    // Field order matters: `lanes` names `net`'s weights by address and is
+    // unregistered first; `net` borrows `store`'s maps and must drop before it.
+    /// The CPU kernels' packed copies (rows in lanes, `rooftop_cpu::lanes`) of the
+    /// affine 4-bit matmul weights, made on the first CPU forward (a model only
+    /// uploaded to a GPU never pays for them). The mapped natural bytes stay for
+    /// embedding rows and the GPU upload; the CPU matmuls no longer touch them, so
+    /// the OS may drop those file pages.
+    lanes: std::sync::OnceLock<rooftop_cpu::lanes::Registered>,
     net: Transformer,
     widths: Widths,
     config: Config,
@@ -190,6 +197,7 @@ impl Model {
             }
         }
         Ok(Model {
+            lanes: Default::default(),
             net,
             widths: w,
             config,
@@ -202,6 +210,37 @@ impl Model {
     }
     pub(crate) fn net(&self) -> &Transformer {
         &self.net
+    }
+
+    /// Pack the matmul weights for the CPU kernels (once); returns bytes packed.
+    pub fn prepare_cpu(&self) -> usize {
+        self.lanes
+            .get_or_init(|| {
+                let net = &self.net;
+                let mut ws: Vec<rooftop_quant::WeightView> = Vec::new();
+                let mlp = |m: &crate::layers::Mlp, ws: &mut Vec<_>| {
+                    ws.extend([m.gate.w, m.up.w, m.down.w]);
+                };
+                for b in &net.blocks {
+                    let Mixer::Gqa(a) = &b.mixer;
+                    ws.extend([a.q.w, a.k.w, a.v.w, a.o.w]);
+                    match &b.ffn {
+                        Ffn::Dense(m) => mlp(m, &mut ws),
+                        Ffn::Moe(m) => {
+                            ws.push(m.gate.w);
+                            let e = &m.experts;
+                            ws.extend(e.gate.iter().chain(&e.up).chain(&e.down).copied());
+                            if let Some(s) = &m.shared {
+                                mlp(s, &mut ws);
+                            }
+                        }
+                    }
+                }
+                // The tied embedding doubles as lm_head (its rows stay natural too).
+                ws.push(net.lm_head.as_ref().map_or(net.embed.w, |l| l.w));
+                rooftop_cpu::lanes::pack_all(&ws)
+            })
+            .bytes
     }
     pub fn vocab_size(&self) -> usize {
         self.config.vocab_size
@@ -234,6 +273,7 @@ impl Model {
 
     /// Run `tokens` after what `cache` holds; returns logits `[V]` or `[T, V]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache, which: Logits) -> Result<Vec<f32>> {
+        self.prepare_cpu();
         let t = tokens.len();
         let vocab = self.config.vocab_size;
         if t == 0 {

@@ -3,12 +3,17 @@
 //! The instruction set is chosen once at run time ([`isa`]); each weight format maps to
 //! one kernel family ([`Plan`]). Quantized weights with 4-bit or affine codes use int8
 //! activations ([`QActs`]); float formats use f32 activations. The portable path
-//! dequantizes rows to f32 and is what non-x86 machines run.
+//! dequantizes rows to f32 and is what non-x86 machines run. Affine 4-bit weights with
+//! a registered packed copy ([`crate::lanes`]) run on `lanes_x86` (or, portable, on
+//! the packed rows) instead of `x86`'s natural-layout kernels.
 
+#[cfg(target_arch = "x86_64")]
+mod lanes_x86;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 use crate::acts::{ActLayout, QActs, QBLOCK};
+use crate::lanes::Lanes8;
 use crate::pool::Pool;
 use rooftop_quant::{DType, QuantMode, QuantView, WeightView};
 use std::ops::Range;
@@ -184,6 +189,9 @@ pub(crate) struct RowArgs<'a> {
     pub alpha: Option<&'a [f32]>,
     /// Per local token: the output row of `y` it writes (default: `t`).
     pub tok_map: Option<&'a [u32]>,
+    /// `w` repacked in rows-in-lanes layout ([`crate::lanes`]): when set, every path
+    /// reads it instead of `w`'s bytes.
+    pub lanes: Option<&'a Lanes8>,
 }
 
 impl RowArgs<'_> {
@@ -245,6 +253,35 @@ pub(crate) unsafe fn rows_kernel(
     n: usize,
     scratch: &mut Vec<f32>,
 ) {
+    if let Some(l) = r.lanes {
+        // The packed kernels index blocks by row: out-of-range rows would read past
+        // the buffer, so this is checked in release builds too (once per call).
+        assert!(
+            r.rows.end <= l.rows && l.cols == r.w.cols(),
+            "packed weight [{}, {}] vs rows {:?} of [_, {}]",
+            l.rows,
+            l.cols,
+            r.rows,
+            r.w.cols()
+        );
+        if let Prepared::Int(a) = p {
+            assert!(
+                a.cols == l.cols && a.layout == Some(ActLayout::Nibble { fp4: false }),
+                "packed affine 4-bit weights take Nibble int8 activations of their width"
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        match (p, isa) {
+            (Prepared::Int(a), Isa::Avx512Vnni) => return lanes_x86::rows_vnni(r, l, a),
+            (Prepared::Int(a), Isa::Avx2) => return lanes_x86::rows_avx2(r, l, a),
+            _ => {}
+        }
+        let x = match p {
+            Prepared::Float(x) => x,
+            Prepared::Int(_) => unreachable!("portable plan gets f32 activations"),
+        };
+        return portable_lanes(r, l, x, n, scratch);
+    }
     #[cfg(target_arch = "x86_64")]
     match (plan, p, isa) {
         (Plan::Int(_), Prepared::Int(a), Isa::Avx512Vnni) => {
@@ -271,6 +308,19 @@ unsafe fn portable_rows(r: &RowArgs, x: &[f32], n: usize, scratch: &mut Vec<f32>
         r.w.row_f32(row, scratch);
         for t in 0..n {
             r.put(t, row, dot(scratch, &x[t * cols..(t + 1) * cols]));
+        }
+    }
+}
+
+/// Portable on the packed layout: rows dequantized exactly as `QuantView::row_f32`.
+fn portable_lanes(r: &RowArgs, l: &Lanes8, x: &[f32], n: usize, scratch: &mut Vec<f32>) {
+    let cols = l.cols;
+    scratch.resize(cols, 0.0);
+    for row in r.rows.clone() {
+        l.row_f32(row, scratch);
+        for t in 0..n {
+            // SAFETY: as `rows_kernel`'s contract.
+            unsafe { r.put(t, row, dot(scratch, &x[t * cols..(t + 1) * cols])) };
         }
     }
 }
@@ -303,9 +353,31 @@ unsafe impl Sync for SyncPtr {}
 /// Rows below this many weights run on one thread: a region's wake-up costs more.
 const PAR_MIN_WEIGHTS: usize = 1 << 15;
 
-/// Rows per work item: about 64K weights (32 KiB at 4 bits), a multiple of 8.
-pub(crate) fn rows_per_item(cols: usize) -> usize {
-    ((1usize << 16) / cols.max(1)).clamp(8, 1024) & !7
+/// Rows per work item of a `[rows, cols]` weight on `threads` threads: about
+/// [`item_weights`] weights, but at least 4 items per thread (balance when a thread is
+/// descheduled, and the MoE down region's few rows), a multiple of 8 (a packed block).
+///
+/// Why this big: every item restarts the read stream (its first bytes were fetched by
+/// nobody, the hardware prefetcher re-trains). Measured with `examples/gemv_lab.rs`
+/// (151936×2048 affine4 g64, GB/s 1 thread / 2 threads, two sweeps, back to back):
+/// natural kernel 64K weights 12.4–15.7 / 21.0–21.4, 256K 14.8–17.2 / 24.2–29.7,
+/// 1M 19.4–19.5 / 26.0–26.8; packed (rows in lanes) 64K 13.5–20.7 / 24.4–26.1, 256K
+/// 25.0–26.1 / 30.3–32.1, 1M 29.1–30.5 / 33.5–36.1 (read test 29–32 at 2 threads).
+pub(crate) fn rows_per_item(rows: usize, cols: usize, threads: usize) -> usize {
+    let by_size = item_weights() / cols.max(1);
+    let by_balance = rows.div_ceil(4 * threads.max(1));
+    (by_size.min(by_balance).max(8) + 7) & !7
+}
+
+/// Weights per work item (`ROOFTOP_ITEM_WEIGHTS` for A/B runs).
+fn item_weights() -> usize {
+    static W: OnceLock<usize> = OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("ROOFTOP_ITEM_WEIGHTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 20)
+    })
 }
 
 thread_local! {
@@ -394,10 +466,12 @@ pub fn matmul_multi_on(
     for (a, (k, &fi)) in acts.iter_mut().zip(keys.iter().zip(&first)) {
         preps.push(prepare(&ws[fi], k.0, x, n, a));
     }
+    // Packed copies (held for the call).
+    let lanes: Vec<Option<std::sync::Arc<Lanes8>>> = ws.iter().map(crate::lanes::lookup).collect();
     // Items: (weight, row block).
     let mut items: Vec<(usize, usize, usize)> = Vec::new();
     for (i, w) in ws.iter().enumerate() {
-        let step = rows_per_item(w.cols());
+        let step = rows_per_item(w.rows(), w.cols(), pool.threads());
         let mut r = 0;
         while r < w.rows() {
             let e = (r + step).min(w.rows());
@@ -417,6 +491,7 @@ pub fn matmul_multi_on(
             row0: 0,
             alpha: None,
             tok_map: None,
+            lanes: lanes[i].as_deref(),
         };
         // SAFETY: row blocks are disjoint across items.
         with_scratch(|scr| unsafe { rows_kernel(isa, plans[i], &r, &preps[which[i]], n, scr) })

@@ -118,7 +118,7 @@ unsafe fn fp4_lut() -> __m256i {
 
 /// 8 scale elements of `dt` at `p` → f32.
 #[inline(always)]
-unsafe fn load8_dtype(dt: DType, p: *const u8) -> __m256 {
+pub(crate) unsafe fn load8_dtype(dt: DType, p: *const u8) -> __m256 {
     match dt {
         DType::F32 => _mm256_loadu_ps(p as *const f32),
         DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),

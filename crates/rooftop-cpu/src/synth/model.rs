@@ -64,6 +64,9 @@ struct MoeLayer {
 }
 
 pub struct SynthModel {
+    /// Packed copies of the matmul weights (first field: unregistered before the
+    /// weights are freed).
+    lanes: crate::lanes::Registered,
     pub preset: Preset,
     pub recipe: Recipe,
     embed: OwnedWeight,
@@ -126,7 +129,8 @@ impl SynthModel {
                 Layer { q, k, v, o, mlp }
             })
             .collect();
-        SynthModel {
+        let mut m = SynthModel {
+            lanes: Default::default(),
             preset: p.clone(),
             recipe: recipe.clone(),
             embed: gen("embed", 0, p.vocab, h),
@@ -142,7 +146,74 @@ impl SynthModel {
             last_unique_experts: Vec::new(),
             moe: MoeScratch::new(),
             acts: (0..3).map(|_| QActs::new()).collect(),
+        };
+        m.pack_lanes();
+        m
+    }
+
+    /// Every matmul weight with the rows of the views the step takes of it (experts:
+    /// one expert's rows; the embedding is read by rows and stays natural).
+    fn matmul_weights(&mut self) -> Vec<(&mut OwnedWeight, usize)> {
+        let (h, inter) = (self.preset.hidden, self.preset.moe_inter);
+        let mut v: Vec<(&mut OwnedWeight, usize)> = Vec::new();
+        let lm = &mut self.lm_head;
+        let rows = lm.rows;
+        v.push((lm, rows));
+        for l in &mut self.layers {
+            for w in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
+                let r = w.rows;
+                v.push((w, r));
+            }
+            match &mut l.mlp {
+                Mlp::Dense { gate, up, down } => {
+                    for w in [gate, up, down] {
+                        let r = w.rows;
+                        v.push((w, r));
+                    }
+                }
+                Mlp::Moe(m) => {
+                    let r = m.router.rows;
+                    v.push((&mut m.router, r));
+                    v.push((&mut m.gate, inter));
+                    v.push((&mut m.up, inter));
+                    v.push((&mut m.down, h));
+                    if let Some((g, u, d)) = &mut m.shared {
+                        for w in [g, u, d] {
+                            let r = w.rows;
+                            v.push((w, r));
+                        }
+                    }
+                }
+            }
         }
+        v
+    }
+
+    /// Pack the matmul weights into rows-in-lanes layout ([`crate::lanes`]) and drop
+    /// the natural bytes of every weight whose views all got a packed copy: memory
+    /// stays one copy. (`ROOFTOP_LANES=0`: nothing packed, natural kernels.)
+    fn pack_lanes(&mut self) {
+        fn slices(w: &OwnedWeight, split: usize) -> Vec<rooftop_quant::WeightView<'_>> {
+            let v = w.view();
+            (0..w.rows / split.max(1))
+                .map(|i| v.slice_rows(i * split, split))
+                .collect()
+        }
+        // One weight at a time, its natural bytes dropped right after: the peak stays
+        // one weight above the model.
+        let mut reg = crate::lanes::Registered::default();
+        for (w, s) in self.matmul_weights() {
+            let r = crate::lanes::pack_all(&slices(w, s));
+            let all = !r.is_empty()
+                && slices(w, s)
+                    .iter()
+                    .all(|v| crate::lanes::lookup(v).is_some());
+            reg.absorb(r);
+            if all {
+                w.discard_natural();
+            }
+        }
+        self.lanes = reg;
     }
 
     /// Bytes of all weights held.

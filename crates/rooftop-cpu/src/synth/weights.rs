@@ -133,6 +133,16 @@ impl OwnedWeight {
     }
 }
 
+impl OwnedWeight {
+    /// Drop the natural bytes (they read as zeros afterwards): for weights whose
+    /// packed copy every kernel reads instead.
+    pub(crate) fn discard_natural(&mut self) {
+        self.data.discard();
+        self.scales.discard();
+        self.biases.discard();
+    }
+}
+
 /// splitmix64: fast, parallel-friendly (each 4 KiB chunk seeded by its index).
 fn fill_random(buf: &mut [u8], seed: u64) {
     buf.par_chunks_mut(4096).enumerate().for_each(|(i, c)| {

@@ -1,0 +1,235 @@
+//! x86-64 kernels on the rows-in-lanes layout ([`crate::lanes`]): affine 4-bit, int8
+//! activations in the Nibble layout (per 64-chunk the 32 even elements, then the 32
+//! odd ones), any number of tokens in tiles of up to 4 sharing each weight load.
+//!
+//! Per 8-row block and 64-column chunk: 8 code loads; per code vector a mask and a
+//! shift give the low (even elements) and high (odd) nibbles of 4 weights × 8 rows;
+//! the activation dword of those 4 elements is broadcast and one `vpdpbusd` (AVX2:
+//! `pmaddubsw` + `pmaddwd`) adds them into the 8 row lanes. Four integer accumulators
+//! per token (first/second block of 32 × low/high) keep the dependency chains short;
+//! then per chunk two converts, two activation-scale multiplies and one or two FMAs
+//! by the 8 rows' scales. No horizontal sums: the lanes are the rows.
+
+// Tiles are const-generic arrays indexed by token: index loops are the point.
+#![allow(clippy::needless_range_loop)]
+
+use super::x86::{load8_dtype, Avx2, Dot, Vnni};
+use super::RowArgs;
+use crate::acts::QActs;
+use crate::lanes::{Lanes8, LANES};
+use rooftop_quant::DType;
+use std::arch::x86_64::*;
+
+/// Prefetch lead in bytes of the packed stream (`ROOFTOP_LANES_PF` for A/B runs).
+/// Measured with `examples/gemv_lab.rs` (151936×2048 affine4 g64 bf16, 9 KiB blocks,
+/// huge pages; 1 thread / 2 threads GB/s, two sweeps): 0 → 9.8 / 17; 2 KiB 18 / 24;
+/// 4 KiB 16–17 / 21–22; 6 KiB 10–16 / 19–22; 8 KiB 19–21 / 26–27; 12 KiB 17 / 27–28;
+/// 16 KiB 17 / 20.
+fn pf_bytes() -> usize {
+    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("ROOFTOP_LANES_PF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8192)
+    })
+}
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    // Prefetches never fault; the address may lie past the buffer (wrapping_add).
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+}
+
+/// Shape of one call, fixed for all blocks.
+#[derive(Clone, Copy)]
+struct Geo {
+    cols: usize,
+    nch: usize,
+    ng: usize,
+    sz: usize,
+    dt: DType,
+    /// Prefetch lead; 0 = no prefetch (tiles after the first of a block).
+    pf: usize,
+}
+
+/// `NT` tokens (`t0..t0+NT` of `a`) against the 8 rows of the block at `blk`:
+/// lane r of result t is row r's dot with token t (bias term included).
+#[inline(always)]
+unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
+    blk: *const u8,
+    geo: Geo,
+    a: &QActs,
+    t0: usize,
+) -> [__m256; NT] {
+    let Geo {
+        cols,
+        nch,
+        ng,
+        sz,
+        dt,
+        pf,
+    } = geo;
+    let sc = blk.add(nch * 256);
+    let bi = sc.add(ng * LANES * sz);
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let q = a.q.as_ptr().add(t0 * cols);
+    let dx = a.dx.as_ptr().add(t0 * cols / 32);
+    for c in 0..nch {
+        if pf > 0 {
+            let p = blk.wrapping_add(pf + c * 256);
+            for l in 0..4 {
+                prefetch(p.wrapping_add(64 * l));
+            }
+        }
+        let mut ai = [[_mm256_setzero_si256(); 4]; NT];
+        for k in 0..8 {
+            let v = _mm256_loadu_si256(blk.add(c * 256 + k * 32) as *const __m256i);
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            let s = (k / 4) * 2;
+            for t in 0..NT {
+                // Elements 8k..8k+8 of the chunk: even ones at 4k.., odd at 32+4k..
+                let xq = q.add(t * cols + c * 64 + 4 * k);
+                let bl = _mm256_set1_epi32((xq as *const i32).read_unaligned());
+                let bh = _mm256_set1_epi32((xq.add(32) as *const i32).read_unaligned());
+                ai[t][s] = D::dp(ai[t][s], lo, bl);
+                ai[t][s + 1] = D::dp(ai[t][s + 1], hi, bh);
+            }
+        }
+        // The 8 rows' scales of this chunk: one group of 64, two of 32, half of 128.
+        let (s0, s1) = match G {
+            32 => (
+                load8_dtype(dt, sc.add(2 * c * LANES * sz)),
+                load8_dtype(dt, sc.add((2 * c + 1) * LANES * sz)),
+            ),
+            _ => {
+                let s = load8_dtype(dt, sc.add((c * 64 / G) * LANES * sz));
+                (s, s)
+            }
+        };
+        for t in 0..NT {
+            let d0 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c));
+            let d1 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c + 1));
+            let f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ai[t][0], ai[t][1])), d0);
+            let f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ai[t][2], ai[t][3])), d1);
+            if G == 32 {
+                acc[t] = _mm256_fmadd_ps(f0, s0, acc[t]);
+                acc[t] = _mm256_fmadd_ps(f1, s1, acc[t]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_add_ps(f0, f1), s0, acc[t]);
+            }
+        }
+    }
+    if pf > 0 {
+        // The scales/biases tail of the block `pf` ahead (the chunk loop covered codes).
+        let tail = 2 * ng * LANES * sz;
+        let p = blk.wrapping_add(pf + nch * 256);
+        for l in (0..tail).step_by(64) {
+            prefetch(p.wrapping_add(l));
+        }
+    }
+    // Affine bias: Σ_g bias_g · Σx_g per row.
+    let gs = a.gsum.as_ptr().add(t0 * ng);
+    for gi in 0..ng {
+        let bv = load8_dtype(dt, bi.add(gi * LANES * sz));
+        for t in 0..NT {
+            acc[t] = _mm256_fmadd_ps(bv, _mm256_set1_ps(*gs.add(t * ng + gi)), acc[t]);
+        }
+    }
+    acc
+}
+
+/// Store lanes of `v` (rows `blk·8..`) that fall in `r.rows` for token `t`.
+#[inline(always)]
+unsafe fn put8(r: &RowArgs, t: usize, blk: usize, v: __m256) {
+    let mut o = [0f32; LANES];
+    _mm256_storeu_ps(o.as_mut_ptr(), v);
+    for (i, &x) in o.iter().enumerate() {
+        let row = blk * LANES + i;
+        if row >= r.rows.start && row < r.rows.end {
+            r.put(t, row, x);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn rows_g<D: Dot, const G: usize>(r: &RowArgs, l: &Lanes8, a: &QActs) {
+    let (cols, n) = (l.cols, a.n);
+    let bb = l.block_bytes();
+    let geo = Geo {
+        cols,
+        nch: cols / 64,
+        ng: cols / G,
+        sz: l.scale_dtype.size(),
+        dt: l.scale_dtype,
+        pf: pf_bytes(),
+    };
+    let (b0, b1) = (r.rows.start / LANES, r.rows.end.div_ceil(LANES));
+    let base = l.bytes().as_ptr();
+    // The first `pf` bytes: nothing ahead of them fetched them.
+    let first = base.add(b0 * bb);
+    for off in (0..geo.pf.min((b1 - b0) * bb)).step_by(64) {
+        prefetch(first.add(off));
+    }
+    for blk in b0..b1 {
+        // SAFETY: blk < rows.div_ceil(8) (checked by the caller), so the block's `bb`
+        // bytes lie inside `l.bytes()`.
+        let p = base.add(blk * bb);
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(4);
+            let g = Geo {
+                pf: if t0 == 0 { geo.pf } else { 0 },
+                ..geo
+            };
+            match nt {
+                1 => {
+                    let [v] = tile::<D, G, 1>(p, g, a, t0);
+                    put8(r, t0, blk, v);
+                }
+                2 => {
+                    for (i, v) in tile::<D, G, 2>(p, g, a, t0).into_iter().enumerate() {
+                        put8(r, t0 + i, blk, v);
+                    }
+                }
+                3 => {
+                    for (i, v) in tile::<D, G, 3>(p, g, a, t0).into_iter().enumerate() {
+                        put8(r, t0 + i, blk, v);
+                    }
+                }
+                _ => {
+                    for (i, v) in tile::<D, G, 4>(p, g, a, t0).into_iter().enumerate() {
+                        put8(r, t0 + i, blk, v);
+                    }
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn rows<D: Dot>(r: &RowArgs, l: &Lanes8, a: &QActs) {
+    match l.group {
+        32 => rows_g::<D, 32>(r, l, a),
+        64 => rows_g::<D, 64>(r, l, a),
+        _ => rows_g::<D, 128>(r, l, a),
+    }
+}
+
+/// # Safety
+/// AVX-512 VNNI available; `r.rows.end <= l.rows`; `a` quantized for `l` in the
+/// Nibble layout (affine); `r.y` valid for every (token, row) written.
+#[target_feature(enable = "avx2,fma,f16c,bmi2,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi")]
+pub(crate) unsafe fn rows_vnni(r: &RowArgs, l: &Lanes8, a: &QActs) {
+    rows::<Vnni>(r, l, a)
+}
+
+/// # Safety
+/// As [`rows_vnni`] with AVX2 + FMA + F16C.
+#[target_feature(enable = "avx2,fma,f16c,bmi2")]
+pub(crate) unsafe fn rows_avx2(r: &RowArgs, l: &Lanes8, a: &QActs) {
+    rows::<Avx2>(r, l, a)
+}
