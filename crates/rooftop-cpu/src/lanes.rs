@@ -1,4 +1,4 @@
-//! "Rows in lanes": affine 4-bit weights repacked so that the 8 int32 lanes of one
+//! "Rows in lanes": 4-bit weights (affine, nvfp4, mxfp4) repacked so that the 8 int32 lanes of one
 //! accumulator are 8 rows, and the kernels that read them (`gemv/lanes_x86.rs`).
 //!
 //! Why: the natural-layout kernel keeps 64 weights of ONE row in a vector and pays,
@@ -18,6 +18,9 @@
 //! - scales, then biases: `[group][8 rows]` in the checkpoint's scale dtype (bf16,
 //!   f16 or f32), so a block holds exactly the natural bytes: bytes per token and
 //!   memory are unchanged.
+//! - nvfp4 / mxfp4: the same codes (E2M1), then the scale bytes `[group][8 rows]`
+//!   (E4M3 per 16, E8M0 per 32), no biases; the nvfp4 global scale is kept beside
+//!   ([`Lanes8::global_scale`]). Again exactly the natural bytes.
 //!
 //! Who holds it: the owner of a weight (a `Model`, a `SynthModel`) packs it once with
 //! [`pack_all`] and keeps the returned [`Registered`] as long as the weight lives; the
@@ -39,12 +42,17 @@ use std::sync::{Arc, OnceLock, RwLock};
 /// Rows per block (lanes of a 256-bit int32 accumulator).
 pub const LANES: usize = 8;
 
-/// An affine 4-bit weight in rows-in-lanes layout (see the module doc).
+/// A 4-bit weight in rows-in-lanes layout (see the module doc).
 pub struct Lanes8 {
     pub rows: usize,
     pub cols: usize,
     pub group: usize,
+    /// Affine, Nvfp4 or Mxfp4.
+    pub mode: QuantMode,
+    /// Dtype of affine scales/biases (fp4 scales are one byte, whatever this says).
     pub scale_dtype: DType,
+    /// Nvfp4 only: the per-tensor global scale.
+    pub global_scale: Option<f32>,
     /// Shared by the weights packed together ([`pack_all`]): one huge-page buffer, so
     /// that 128 experts of ~1 MB each are not 128 small allocations on 4 KiB pages.
     data: Arc<HugeBuf>,
@@ -53,14 +61,28 @@ pub struct Lanes8 {
 }
 
 impl Lanes8 {
-    /// Whether `q` can be packed: affine 4-bit, group 32/64/128, 64-column chunks.
+    /// Whether `q` can be packed: affine 4-bit with group 32/64/128, or nvfp4
+    /// (group 16) / mxfp4 (group 32); 64-column chunks.
     pub fn supports(q: &QuantView) -> bool {
-        q.spec.mode == QuantMode::Affine
-            && q.spec.bits == 4
-            && matches!(q.spec.group_size, 32 | 64 | 128)
-            && q.cols.is_multiple_of(64)
-            && q.cols > 0
-            && q.biases.is_some()
+        let fmt = match q.spec.mode {
+            QuantMode::Affine => {
+                q.spec.bits == 4 && matches!(q.spec.group_size, 32 | 64 | 128) && q.biases.is_some()
+            }
+            QuantMode::Nvfp4 => q.spec.bits == 4 && q.spec.group_size == 16,
+            QuantMode::Mxfp4 => q.spec.bits == 4 && q.spec.group_size == 32,
+            QuantMode::Mxfp8 => false,
+        };
+        fmt && q.cols.is_multiple_of(64) && q.cols > 0
+    }
+
+    /// Whether the codes are E2M1 (nvfp4, mxfp4) rather than affine integers.
+    pub fn is_fp4(&self) -> bool {
+        self.mode != QuantMode::Affine
+    }
+
+    /// Bytes of one scale (or bias) element.
+    pub fn scale_size(&self) -> usize {
+        scale_size(self.mode, self.scale_dtype)
     }
 
     /// Repack `q` into its own buffer (None when [`Lanes8::supports`] says no).
@@ -79,7 +101,9 @@ impl Lanes8 {
             rows: q.rows,
             cols: q.cols,
             group: q.spec.group_size,
+            mode: q.spec.mode,
             scale_dtype: q.scale_dtype,
+            global_scale: q.global_scale,
             data,
             off,
             len,
@@ -88,7 +112,7 @@ impl Lanes8 {
 
     /// Bytes of one 8-row block (codes, scales, biases).
     pub fn block_bytes(&self) -> usize {
-        block_bytes(self.cols, self.group, self.scale_dtype)
+        block_bytes(self.cols, self.group, self.mode, self.scale_dtype)
     }
 
     /// All blocks, contiguous (`rows.div_ceil(8)` of [`Lanes8::block_bytes`]).
@@ -118,16 +142,13 @@ impl Lanes8 {
         let _ = (start, end);
     }
 
-    /// Row `row` dequantized as `QuantView::row_f32` does (`code·s + b`, unfused), so
-    /// the exact path gives the same bits on either layout.
+    /// Row `row` dequantized as `QuantView::row_f32` does (affine `code·s + b`
+    /// unfused, fp4 `value·scale`), so the exact path gives the same bits on either
+    /// layout.
     pub fn row_f32(&self, row: usize, out: &mut [f32]) {
         let (blk, r) = (row / LANES, row % LANES);
         let bb = self.block_bytes();
-        let (nch, ng, sz) = (
-            self.cols / 64,
-            self.cols / self.group,
-            self.scale_dtype.size(),
-        );
+        let (nch, ng, sz) = (self.cols / 64, self.cols / self.group, self.scale_size());
         let b = &self.bytes()[blk * bb..(blk + 1) * bb];
         let (codes, sb) = b.split_at(nch * 256);
         let (sc, bi) = sb.split_at(ng * LANES * sz);
@@ -141,6 +162,16 @@ impl Lanes8 {
                 }
             }
         }
+        if self.is_fp4() {
+            use rooftop_quant::fp::{scale_f32, value_f32};
+            for gi in 0..ng {
+                let s = scale_f32(self.mode, sc[gi * LANES + r], self.global_scale);
+                for o in &mut out[gi * self.group..(gi + 1) * self.group] {
+                    *o = value_f32(self.mode, *o as u8) * s;
+                }
+            }
+            return;
+        }
         for gi in 0..ng {
             let s = rooftop_quant::dtype::read_f32(self.scale_dtype, sc, gi * LANES + r);
             let bv = rooftop_quant::dtype::read_f32(self.scale_dtype, bi, gi * LANES + r);
@@ -153,16 +184,17 @@ impl Lanes8 {
 
 /// Bytes of `q` packed.
 fn packed_len(q: &QuantView) -> usize {
-    q.rows.div_ceil(LANES) * block_bytes(q.cols, q.spec.group_size, q.scale_dtype)
+    q.rows.div_ceil(LANES) * block_bytes(q.cols, q.spec.group_size, q.spec.mode, q.scale_dtype)
 }
 
 /// Write `q` packed into `out` (`packed_len(q)` bytes, zeroed: the pad rows stay 0).
 fn pack_into(q: &QuantView, out: &mut [u8]) {
     let (rows, cols, g) = (q.rows, q.cols, q.spec.group_size);
-    let sz = q.scale_dtype.size();
+    let sz = scale_size(q.spec.mode, q.scale_dtype);
     let (nch, ng, rb) = (cols / 64, cols / g, cols / 2);
-    let bb = block_bytes(cols, g, q.scale_dtype);
-    let biases = q.biases.expect("supports() checked biases");
+    let bb = block_bytes(cols, g, q.spec.mode, q.scale_dtype);
+    // Affine: supports() checked biases; fp4 has none.
+    let biases = q.biases.unwrap_or(&[]);
     out.par_chunks_mut(bb).enumerate().for_each(|(blk, out)| {
         let (codes, sb) = out.split_at_mut(nch * 256);
         let (sc, bi) = sb.split_at_mut(ng * LANES * sz);
@@ -179,15 +211,27 @@ fn pack_into(q: &QuantView, out: &mut [u8]) {
                 let s = (row * ng + gi) * sz;
                 let d = (gi * LANES + r) * sz;
                 sc[d..d + sz].copy_from_slice(&q.scales[s..s + sz]);
-                bi[d..d + sz].copy_from_slice(&biases[s..s + sz]);
+                if !biases.is_empty() {
+                    bi[d..d + sz].copy_from_slice(&biases[s..s + sz]);
+                }
             }
         }
     });
 }
 
-/// Bytes of one 8-row block of a `[_, cols]` weight with groups of `g`.
-pub fn block_bytes(cols: usize, g: usize, sd: DType) -> usize {
-    LANES * cols / 2 + 2 * (cols / g) * LANES * sd.size()
+/// Bytes of one 8-row block of a `[_, cols]` weight with groups of `g`: codes, then
+/// scales (and affine biases).
+pub fn block_bytes(cols: usize, g: usize, mode: QuantMode, sd: DType) -> usize {
+    let tables = if mode == QuantMode::Affine { 2 } else { 1 };
+    LANES * cols / 2 + tables * (cols / g) * LANES * scale_size(mode, sd)
+}
+
+fn scale_size(mode: QuantMode, sd: DType) -> usize {
+    if mode == QuantMode::Affine {
+        sd.size()
+    } else {
+        1
+    }
 }
 
 /// Whether weights are packed: yes unless `ROOFTOP_LANES=0` (A/B measurements).
@@ -342,6 +386,9 @@ pub fn lookup(w: &WeightView) -> Option<Arc<Lanes8>> {
 /// of `l` against token `t` of `a` (Nibble layout), in f64. The SIMD kernels must
 /// match it to f32 rounding.
 pub fn reference_dot(l: &Lanes8, a: &crate::acts::QActs, t: usize, row: usize) -> f32 {
+    if l.is_fp4() {
+        return reference_dot_fp4(l, a, t, row);
+    }
     let cols = l.cols;
     let (blk, r) = (row / LANES, row % LANES);
     let bb = l.block_bytes();
@@ -380,6 +427,42 @@ pub fn reference_dot(l: &Lanes8, a: &crate::acts::QActs, t: usize, row: usize) -
     y as f32
 }
 
+/// [`reference_dot`] for nvfp4 / mxfp4: per group, Σ 2·value(code)·q as exact
+/// integers (E2M1 values are halves), times the group scale and the block's dx / 2.
+fn reference_dot_fp4(l: &Lanes8, a: &crate::acts::QActs, t: usize, row: usize) -> f32 {
+    use rooftop_quant::fp::{scale_f32, value_f32};
+    let cols = l.cols;
+    let (blk, r) = (row / LANES, row % LANES);
+    let bb = l.block_bytes();
+    let nch = cols / 64;
+    let b = &l.bytes()[blk * bb..(blk + 1) * bb];
+    let (codes, sc) = b.split_at(nch * 256);
+    let q = &a.q[t * cols..(t + 1) * cols];
+    let dx = &a.dx[t * cols / 32..(t + 1) * cols / 32];
+    let mut y = 0f64;
+    for c in 0..nch {
+        // Per group of 16 of the chunk: elements [16m, 16m+16) = dwords 2m, 2m+1.
+        let mut g16 = [0i64; 4];
+        for k in 0..8 {
+            for j in 0..4 {
+                let byte = codes[c * 256 + k * 32 + 4 * r + j];
+                let v2 = |code: u8| (2.0 * value_f32(l.mode, code)) as i64;
+                let (qe, qo) = (
+                    q[c * 64 + 4 * k + j] as i64,
+                    q[c * 64 + 32 + 4 * k + j] as i64,
+                );
+                g16[k / 2] += v2(byte & 15) * qe + v2(byte >> 4) * qo;
+            }
+        }
+        for (m, &v) in g16.iter().enumerate() {
+            let e = c * 64 + 16 * m;
+            let s = scale_f32(l.mode, sc[(e / l.group) * LANES + r], l.global_scale);
+            y += v as f64 * 0.5 * dx[e / 32] as f64 * s as f64;
+        }
+    }
+    y as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,12 +474,26 @@ mod tests {
     use rooftop_quant::{quantize, Float, QuantSpec, QuantizeOptions, Quantized};
 
     fn weights<T: Float>(rows: usize, cols: usize, g: usize, seed: u64) -> Quantized {
+        let spec = QuantSpec::affine(4, g).unwrap();
+        weights_of::<T>(rows, cols, spec, None, seed)
+    }
+
+    fn weights_of<T: Float>(
+        rows: usize,
+        cols: usize,
+        spec: QuantSpec,
+        global_scale: Option<f32>,
+        seed: u64,
+    ) -> Quantized {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let w: Vec<T> = (0..rows * cols)
             .map(|_| T::from_f32(rng.random_range(-1.0..1.0)))
             .collect();
-        let spec = QuantSpec::affine(4, g).unwrap();
-        quantize("w", &w, &[rows, cols], spec, QuantizeOptions::default()).unwrap()
+        let opts = QuantizeOptions {
+            global_scale,
+            ..Default::default()
+        };
+        quantize("w", &w, &[rows, cols], spec, opts).unwrap()
     }
 
     /// Shapes with row tails (not multiples of 8), group counts not multiples of 8
@@ -424,6 +521,32 @@ mod tests {
                 ));
             }
         }
+        v.extend(fp4_cases());
+        v
+    }
+
+    /// nvfp4 with and without a global scale, mxfp4; row tails, 768 columns (48
+    /// nvfp4 groups, 24 mxfp4 groups), one row.
+    fn fp4_cases() -> Vec<(Quantized, String)> {
+        let mut v = Vec::new();
+        let mut seed = 100;
+        for (rows, cols) in [(37usize, 256usize), (8, 768), (1, 128), (21, 2048)] {
+            seed += 1;
+            let nv = QuantSpec::nvfp4();
+            v.push((
+                weights_of::<bf16>(rows, cols, nv, None, seed),
+                format!("nvfp4 {rows}x{cols}"),
+            ));
+            // 2688 / 0.37: scales land mid-range of E4M3 (a global scale ≠ 1).
+            v.push((
+                weights_of::<f32>(rows, cols, nv, Some(7264.86), seed),
+                format!("nvfp4 global {rows}x{cols}"),
+            ));
+            v.push((
+                weights_of::<bf16>(rows, cols, QuantSpec::mxfp4(), None, seed),
+                format!("mxfp4 {rows}x{cols}"),
+            ));
+        }
         v
     }
 
@@ -431,7 +554,7 @@ mod tests {
     fn packed_rows_dequantize_to_the_same_bits() {
         for (q, label) in cases() {
             let v = q.view();
-            let l = Lanes8::pack(&v).expect("affine 4-bit packs");
+            let l = Lanes8::pack(&v).expect("4-bit packs");
             let (mut a, mut b) = (vec![0f32; v.cols], vec![0f32; v.cols]);
             for row in 0..v.rows {
                 v.dequantize_row_f32(row, &mut a);
@@ -456,7 +579,7 @@ mod tests {
             for n in [1usize, 2, 3, 4, 5, 9] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let mut a = QActs::new();
-                a.quantize(&x, n, cols, v.spec, ActLayout::Nibble { fp4: false });
+                a.quantize(&x, n, cols, v.spec, ActLayout::Nibble { fp4: l.is_fp4() });
                 let mut wrow = vec![0f32; cols];
                 for isa in Isa::available().into_iter().filter(|i| *i != Isa::Portable) {
                     for range in [0..rows, (rows / 3)..(rows - rows / 4)] {

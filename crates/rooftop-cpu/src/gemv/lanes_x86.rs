@@ -9,15 +9,23 @@
 //! per token (first/second block of 32 × low/high) keep the dependency chains short;
 //! then per chunk two converts, two activation-scale multiplies and one or two FMAs
 //! by the 8 rows' scales. No horizontal sums: the lanes are the rows.
+//!
+//! nvfp4 / mxfp4 ([`tile_fp4`]): the same loads and dots, the nibbles first mapped by
+//! one `pshufb` to 2·E2M1 + 12 (unsigned: the weight is `vpdpbusd`'s u8 operand, the
+//! activation its signed one, as in the natural kernel). Each pair of code dwords is
+//! one group of 16, so four integer accumulators per token hold the chunk's four
+//! groups, started at −12·Σq of the group (undoing the +12). Per chunk: four
+//! converts, the 8 rows' scales of each group (one vector each), two activation-
+//! scale FMAs; the constant ½·global/2688 is applied once per block.
 
 // Tiles are const-generic arrays indexed by token: index loops are the point.
 #![allow(clippy::needless_range_loop)]
 
-use super::x86::{load8_dtype, Avx2, Dot, Vnni};
+use super::x86::{fp4_lut, load8, load8_dtype, Avx2, Dot, Vnni};
 use super::RowArgs;
 use crate::acts::QActs;
 use crate::lanes::{Lanes8, LANES};
-use rooftop_quant::DType;
+use rooftop_quant::{DType, QuantMode};
 use std::arch::x86_64::*;
 
 /// Prefetch lead in bytes of the packed stream (`ROOFTOP_LANES_PF` for A/B runs).
@@ -51,6 +59,113 @@ struct Geo {
     dt: DType,
     /// Prefetch lead; 0 = no prefetch (tiles after the first of a block).
     pf: usize,
+    /// fp4: constant factor of every product (½ for the doubled E2M1 codes, times
+    /// the nvfp4 global scale / 2688 and the 256 of the E4M3-as-f16 decode).
+    kk: f32,
+}
+
+/// Format of a packed weight as a const parameter: affine with group 32/64/128, or
+/// E2M1 codes with E4M3 scales per 16 (nvfp4) or E8M0 per 32 (mxfp4).
+const NVFP4: usize = 16;
+const MXFP4: usize = 1;
+
+/// E8M0 exponents (8 bytes at `p`) → 2^(e−127) as f32; e = 0 is the subnormal
+/// 2^−127, as MLX's exp2 (and `rooftop_quant::fp8::e8m0_to_f32`).
+#[inline(always)]
+unsafe fn e8m0x8(p: *const u8) -> __m256 {
+    let e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+    let bits = _mm256_slli_epi32(e, 23);
+    let zero = _mm256_cmpeq_epi32(e, _mm256_setzero_si256());
+    _mm256_castsi256_ps(_mm256_blendv_epi8(
+        bits,
+        _mm256_set1_epi32(0x0040_0000),
+        zero,
+    ))
+}
+
+/// fp4 (`G` = [`NVFP4`] or [`MXFP4`]) version of [`tile`]: see the module doc.
+#[inline(always)]
+unsafe fn tile_fp4<D: Dot, const G: usize, const NT: usize>(
+    blk: *const u8,
+    geo: Geo,
+    a: &QActs,
+    t0: usize,
+) -> [__m256; NT] {
+    let Geo {
+        cols,
+        nch,
+        ng,
+        pf,
+        kk,
+        ..
+    } = geo;
+    let sc = blk.add(nch * 256);
+    let mask = _mm256_set1_epi8(0x0F);
+    let lut = fp4_lut();
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let q = a.q.as_ptr().add(t0 * cols);
+    let dx = a.dx.as_ptr().add(t0 * cols / 32);
+    let lin = a.lane_init.as_ptr().add(t0 * cols / 8);
+    for c in 0..nch {
+        if pf > 0 {
+            let p = blk.wrapping_add(pf + c * 256);
+            for l in 0..4 {
+                prefetch(p.wrapping_add(64 * l));
+            }
+        }
+        // Group m of 16 = dwords 2m, 2m+1 = activation lanes 2m, 2m+1.
+        let mut ai = [[_mm256_setzero_si256(); 4]; NT];
+        for t in 0..NT {
+            let li = lin.add(t * cols / 8 + c * 8);
+            for m in 0..4 {
+                ai[t][m] = _mm256_set1_epi32(*li.add(2 * m) + *li.add(2 * m + 1));
+            }
+        }
+        for k in 0..8 {
+            let v = _mm256_loadu_si256(blk.add(c * 256 + k * 32) as *const __m256i);
+            let lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, mask));
+            let hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+            for t in 0..NT {
+                let xq = q.add(t * cols + c * 64 + 4 * k);
+                let bl = _mm256_set1_epi32((xq as *const i32).read_unaligned());
+                let bh = _mm256_set1_epi32((xq.add(32) as *const i32).read_unaligned());
+                ai[t][k / 2] = D::dp(ai[t][k / 2], lo, bl);
+                ai[t][k / 2] = D::dp(ai[t][k / 2], hi, bh);
+            }
+        }
+        if G == NVFP4 {
+            // E4M3 as f16 (value / 256; the 256 is in kk), one vector per group.
+            let s: [__m256; 4] = std::array::from_fn(|m| load8::<3>(sc.add((4 * c + m) * LANES)));
+            for t in 0..NT {
+                let d0 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c));
+                let d1 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c + 1));
+                let [a0, a1, a2, a3] = ai[t].map(|v| _mm256_cvtepi32_ps(v));
+                let h0 = _mm256_fmadd_ps(a0, s[0], _mm256_mul_ps(a1, s[1]));
+                let h1 = _mm256_fmadd_ps(a2, s[2], _mm256_mul_ps(a3, s[3]));
+                acc[t] = _mm256_fmadd_ps(h0, d0, acc[t]);
+                acc[t] = _mm256_fmadd_ps(h1, d1, acc[t]);
+            }
+        } else {
+            let s0 = e8m0x8(sc.add(2 * c * LANES));
+            let s1 = e8m0x8(sc.add((2 * c + 1) * LANES));
+            for t in 0..NT {
+                let d0 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c));
+                let d1 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c + 1));
+                let b0 = _mm256_cvtepi32_ps(_mm256_add_epi32(ai[t][0], ai[t][1]));
+                let b1 = _mm256_cvtepi32_ps(_mm256_add_epi32(ai[t][2], ai[t][3]));
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(b0, s0), d0, acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(b1, s1), d1, acc[t]);
+            }
+        }
+    }
+    if pf > 0 {
+        let p = blk.wrapping_add(pf + nch * 256);
+        for l in (0..ng * LANES).step_by(64) {
+            prefetch(p.wrapping_add(l));
+        }
+    }
+    let k = _mm256_set1_ps(kk);
+    acc.map(|v| _mm256_mul_ps(v, k))
 }
 
 /// `NT` tokens (`t0..t0+NT` of `a`) against the 8 rows of the block at `blk`:
@@ -62,6 +177,9 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
     a: &QActs,
     t0: usize,
 ) -> [__m256; NT] {
+    if G == NVFP4 || G == MXFP4 {
+        return tile_fp4::<D, G, NT>(blk, geo, a, t0);
+    }
     let Geo {
         cols,
         nch,
@@ -69,6 +187,7 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
         sz,
         dt,
         pf,
+        ..
     } = geo;
     let sc = blk.add(nch * 256);
     let bi = sc.add(ng * LANES * sz);
@@ -158,13 +277,22 @@ unsafe fn put8(r: &RowArgs, t: usize, blk: usize, v: __m256) {
 unsafe fn rows_g<D: Dot, const G: usize>(r: &RowArgs, l: &Lanes8, a: &QActs) {
     let (cols, n) = (l.cols, a.n);
     let bb = l.block_bytes();
+    let kk = match l.mode {
+        QuantMode::Nvfp4 => {
+            0.5 * 256.0
+                * l.global_scale
+                    .map_or(1.0, |g| g / rooftop_quant::fp::NVFP4_SCALE_RANGE)
+        }
+        _ => 0.5,
+    };
     let geo = Geo {
         cols,
         nch: cols / 64,
-        ng: cols / G,
-        sz: l.scale_dtype.size(),
+        ng: cols / l.group,
+        sz: l.scale_size(),
         dt: l.scale_dtype,
         pf: pf_bytes(),
+        kk,
     };
     let (b0, b1) = (r.rows.start / LANES, r.rows.end.div_ceil(LANES));
     let base = l.bytes().as_ptr();
@@ -212,16 +340,18 @@ unsafe fn rows_g<D: Dot, const G: usize>(r: &RowArgs, l: &Lanes8, a: &QActs) {
 
 #[inline(always)]
 unsafe fn rows<D: Dot>(r: &RowArgs, l: &Lanes8, a: &QActs) {
-    match l.group {
-        32 => rows_g::<D, 32>(r, l, a),
-        64 => rows_g::<D, 64>(r, l, a),
+    match (l.mode, l.group) {
+        (QuantMode::Nvfp4, _) => rows_g::<D, NVFP4>(r, l, a),
+        (QuantMode::Mxfp4, _) => rows_g::<D, MXFP4>(r, l, a),
+        (_, 32) => rows_g::<D, 32>(r, l, a),
+        (_, 64) => rows_g::<D, 64>(r, l, a),
         _ => rows_g::<D, 128>(r, l, a),
     }
 }
 
 /// # Safety
 /// AVX-512 VNNI available; `r.rows.end <= l.rows`; `a` quantized for `l` in the
-/// Nibble layout (affine); `r.y` valid for every (token, row) written.
+/// Nibble layout (`fp4` as `l.is_fp4()`); `r.y` valid for every (token, row) written.
 #[target_feature(enable = "avx2,fma,f16c,bmi2,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi")]
 pub(crate) unsafe fn rows_vnni(r: &RowArgs, l: &Lanes8, a: &QActs) {
     rows::<Vnni>(r, l, a)

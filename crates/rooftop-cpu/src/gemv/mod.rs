@@ -3,8 +3,8 @@
 //! The instruction set is chosen once at run time ([`isa`]); each weight format maps to
 //! one kernel family ([`Plan`]). Quantized weights with 4-bit or affine codes use int8
 //! activations ([`QActs`]); float formats use f32 activations. The portable path
-//! dequantizes rows to f32 and is what non-x86 machines run. Affine 4-bit weights with
-//! a registered packed copy ([`crate::lanes`]) run on `lanes_x86` (or, portable, on
+//! dequantizes rows to f32 and is what non-x86 machines run. 4-bit weights (affine,
+//! nvfp4, mxfp4) with a registered packed copy ([`crate::lanes`]) run on `lanes_x86` (or, portable, on
 //! the packed rows) instead of `x86`'s natural-layout kernels.
 
 #[cfg(target_arch = "x86_64")]
@@ -266,8 +266,8 @@ pub(crate) unsafe fn rows_kernel(
         );
         if let Prepared::Int(a) = p {
             assert!(
-                a.cols == l.cols && a.layout == Some(ActLayout::Nibble { fp4: false }),
-                "packed affine 4-bit weights take Nibble int8 activations of their width"
+                a.cols == l.cols && a.layout == Some(ActLayout::Nibble { fp4: l.is_fp4() }),
+                "packed 4-bit weights take Nibble int8 activations of their width"
             );
         }
         #[cfg(target_arch = "x86_64")]

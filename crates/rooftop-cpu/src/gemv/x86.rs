@@ -105,7 +105,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// E2M1 code → 2·value + 12 (unsigned for `vpdpbusd`; the +12 is undone per lane).
 #[inline(always)]
-unsafe fn fp4_lut() -> __m256i {
+pub(crate) unsafe fn fp4_lut() -> __m256i {
     _mm256_setr_epi8(
         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24,
         12, 11, 10, 9, 8, 6, 4, 0,
@@ -700,7 +700,7 @@ enum FKind {
 
 /// 8 weights → f32 (MXFP8: E4M3 value / 256, the 256 folded into the block scale).
 #[inline(always)]
-unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
+pub(crate) unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
     match K {
         0 => _mm256_loadu_ps(p as *const f32),
         1 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
