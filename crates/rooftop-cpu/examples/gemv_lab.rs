@@ -6,8 +6,8 @@
 //! - the lm_head shape (151936×2048, streamed from DRAM) or `rows cols` given,
 //!
 //! with 1 thread and with every thread, beside the streaming-read bandwidth of the same
-//! thread count measured in the same run. affine 4-bit runs twice: natural layout, then
-//! packed rows in lanes (`rooftop_cpu::lanes`), back to back.
+//! thread count measured in the same run. affine 4-bit and nvfp4 run twice each: natural
+//! layout, then packed rows in lanes (`rooftop_cpu::lanes`), back to back.
 //! `cargo run --release -p rooftop-cpu --example gemv_lab [reps [rows cols]]`
 use rooftop_cpu::acts::QActs;
 use rooftop_cpu::gemv::{isa, matmul_on};
@@ -100,7 +100,13 @@ fn main() {
         bw.all_threads
     );
     let affine = QuantSpec::affine(4, 64).unwrap();
-    for (spec, packed) in [(affine, false), (affine, true), (QuantSpec::nvfp4(), false)] {
+    let nvfp4 = QuantSpec::nvfp4();
+    for (spec, packed) in [
+        (affine, false),
+        (affine, true),
+        (nvfp4, false),
+        (nvfp4, true),
+    ] {
         let small = Owned::new(spec, 256, cols);
         let big = Owned::new(spec, rows, cols);
         let _reg = packed.then(|| rooftop_cpu::lanes::pack_all(&[small.view(), big.view()]));

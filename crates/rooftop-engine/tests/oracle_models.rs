@@ -82,7 +82,10 @@ fn check_arch(arch: &str) {
         for &t in &tokens[split..] {
             got.extend(model.forward(&[t], &mut cache, Logits::All).unwrap());
         }
-        if variant.starts_with("affine4") {
+        if ["affine4", "nvfp4", "mxfp4"]
+            .iter()
+            .any(|f| variant.starts_with(f))
+        {
             // The CPU matmuls ran on the packed (rows in lanes) copy of the weights.
             assert!(model.prepare_cpu() > 0, "{arch}/{variant}: nothing packed");
         }
