@@ -21,7 +21,7 @@
 // Tiles are const-generic arrays indexed by token: index loops are the point.
 #![allow(clippy::needless_range_loop)]
 
-use super::x86::{fp4_lut, load8, load8_dtype, Avx2, Dot, Vnni};
+use super::x86::{fp4_lut, load8_dtype, Avx2, Dot, Vnni};
 use super::RowArgs;
 use crate::acts::QActs;
 use crate::lanes::{Lanes8, LANES};
@@ -114,11 +114,13 @@ unsafe fn tile_fp4<D: Dot, const G: usize, const NT: usize>(
             }
         }
         // Group m of 16 = dwords 2m, 2m+1 = activation lanes 2m, 2m+1.
+        // Lane sums of the chunk: adjacent pairs added, pair m broadcast by a permute.
         let mut ai = [[_mm256_setzero_si256(); 4]; NT];
         for t in 0..NT {
-            let li = lin.add(t * cols / 8 + c * 8);
+            let v = _mm256_loadu_si256(lin.add(t * cols / 8 + c * 8) as *const __m256i);
+            let p = _mm256_add_epi32(v, _mm256_shuffle_epi32::<0xB1>(v));
             for m in 0..4 {
-                ai[t][m] = _mm256_set1_epi32(*li.add(2 * m) + *li.add(2 * m + 1));
+                ai[t][m] = _mm256_permutevar8x32_epi32(p, _mm256_set1_epi32(2 * m as i32));
             }
         }
         for k in 0..8 {
@@ -134,8 +136,19 @@ unsafe fn tile_fp4<D: Dot, const G: usize, const NT: usize>(
             }
         }
         if G == NVFP4 {
-            // E4M3 as f16 (value / 256; the 256 is in kk), one vector per group.
-            let s: [__m256; 4] = std::array::from_fn(|m| load8::<3>(sc.add((4 * c + m) * LANES)));
+            // E4M3 as f16 (value / 256; the 256 is in kk), one vector per group: byte b
+            // unpacked to the word b·256, shifted right arithmetically by one and bit 14
+            // cleared is 0b s0eeeemmm0000000 (as `load8::<3>`, two groups per load).
+            let (z, keep) = (_mm_setzero_si128(), _mm_set1_epi16(0xBFFFu16 as i16));
+            let f16 = |w: __m128i| _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16::<1>(w), keep));
+            let b01 = _mm_loadu_si128(sc.add(4 * c * LANES) as *const __m128i);
+            let b23 = _mm_loadu_si128(sc.add((4 * c + 2) * LANES) as *const __m128i);
+            let s = [
+                f16(_mm_unpacklo_epi8(z, b01)),
+                f16(_mm_unpackhi_epi8(z, b01)),
+                f16(_mm_unpacklo_epi8(z, b23)),
+                f16(_mm_unpackhi_epi8(z, b23)),
+            ];
             for t in 0..NT {
                 let d0 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c));
                 let d1 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c + 1));

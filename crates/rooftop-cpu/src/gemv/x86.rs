@@ -700,7 +700,7 @@ enum FKind {
 
 /// 8 weights → f32 (MXFP8: E4M3 value / 256, the 256 folded into the block scale).
 #[inline(always)]
-pub(crate) unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
+unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
     match K {
         0 => _mm256_loadu_ps(p as *const f32),
         1 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
