@@ -35,12 +35,18 @@ use std::arch::x86_64::*;
 /// 16 KiB 17 / 20.
 fn pf_bytes() -> usize {
     static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *D.get_or_init(|| {
-        std::env::var("ROOFTOP_LANES_PF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(8192)
-    })
+    super::knob(&D, "ROOFTOP_LANES_PF", 8192)
+}
+
+/// Prefetch the 256 code bytes of chunk `c`, `pf` bytes ahead of block `blk` (0: none).
+#[inline(always)]
+unsafe fn prefetch_chunk(blk: *const u8, pf: usize, c: usize) {
+    if pf > 0 {
+        let p = blk.wrapping_add(pf + c * 256);
+        for l in 0..4 {
+            prefetch(p.wrapping_add(64 * l));
+        }
+    }
 }
 
 #[inline(always)]
@@ -107,12 +113,7 @@ unsafe fn tile_fp4<D: Dot, const G: usize, const NT: usize>(
     let dx = a.dx.as_ptr().add(t0 * cols / 32);
     let lin = a.lane_init.as_ptr().add(t0 * cols / 8);
     for c in 0..nch {
-        if pf > 0 {
-            let p = blk.wrapping_add(pf + c * 256);
-            for l in 0..4 {
-                prefetch(p.wrapping_add(64 * l));
-            }
-        }
+        prefetch_chunk(blk, pf, c);
         // Group m of 16 = dwords 2m, 2m+1 = activation lanes 2m, 2m+1.
         // Lane sums of the chunk: adjacent pairs added, pair m broadcast by a permute.
         let mut ai = [[_mm256_setzero_si256(); 4]; NT];
@@ -209,12 +210,7 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
     let q = a.q.as_ptr().add(t0 * cols);
     let dx = a.dx.as_ptr().add(t0 * cols / 32);
     for c in 0..nch {
-        if pf > 0 {
-            let p = blk.wrapping_add(pf + c * 256);
-            for l in 0..4 {
-                prefetch(p.wrapping_add(64 * l));
-            }
-        }
+        prefetch_chunk(blk, pf, c);
         let mut ai = [[_mm256_setzero_si256(); 4]; NT];
         for k in 0..8 {
             let v = _mm256_loadu_si256(blk.add(c * 256 + k * 32) as *const __m256i);

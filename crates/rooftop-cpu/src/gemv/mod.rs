@@ -372,11 +372,17 @@ pub(crate) fn rows_per_item(rows: usize, cols: usize, threads: usize) -> usize {
 /// Weights per work item (`ROOFTOP_ITEM_WEIGHTS` for A/B runs).
 fn item_weights() -> usize {
     static W: OnceLock<usize> = OnceLock::new();
-    *W.get_or_init(|| {
-        std::env::var("ROOFTOP_ITEM_WEIGHTS")
+    knob(&W, "ROOFTOP_ITEM_WEIGHTS", 1 << 20)
+}
+
+/// A measured tuning default that environment variable `name` may override for A/B
+/// runs, read once into `cell`.
+pub(crate) fn knob(cell: &'static OnceLock<usize>, name: &str, default: usize) -> usize {
+    *cell.get_or_init(|| {
+        std::env::var(name)
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1 << 20)
+            .unwrap_or(default)
     })
 }
 

@@ -312,12 +312,7 @@ const R1: usize = 4;
 /// unfetched: 4–11 GB/s at 2–4 KiB against 13 at one block.
 fn pf_min() -> usize {
     static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *D.get_or_init(|| {
-        std::env::var("ROOFTOP_PF_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3072)
-    })
+    super::knob(&D, "ROOFTOP_PF_BYTES", 3072)
 }
 
 /// Prefetch distance for blocks of `block` bytes: whole blocks, at least `pf_min()`.
