@@ -14,7 +14,7 @@ use crate::device::{cfg, launch, CudaDevice};
 use crate::error::{shape, DriverResult};
 use crate::moe::{CudaMlp, CudaMoe, MoeScratch};
 use crate::nvrtc::ModuleSource;
-use crate::persistent::Persistent;
+use crate::persistent::{DecodeKernel, Fused};
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg};
 use crate::{AttnShape, CudaError, CudaGraph};
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -157,7 +157,7 @@ pub struct CudaState {
     graphs: [Option<CudaGraph>; 2],
     /// All layers in one launch (the streaming kernel, persistent.rs), when asked for
     /// and the model suits it.
-    persistent: Option<Persistent>,
+    persistent: Option<Fused>,
 }
 
 impl CudaState {
@@ -187,6 +187,12 @@ impl CudaState {
     /// Whether decode steps run as one persistent launch for all layers.
     pub fn persistent(&self) -> bool {
         self.persistent.is_some()
+    }
+    /// The kernel that runs this state's layers.
+    pub fn decode_kernel(&self) -> DecodeKernel {
+        self.persistent
+            .as_ref()
+            .map_or(DecodeKernel::PerOp, |p| p.kind())
     }
 }
 
@@ -319,7 +325,7 @@ impl CudaDecoder {
             kc.push(dev.alloc::<u16>(n)?);
             vc.push(dev.alloc::<u16>(n)?);
         }
-        let persistent = Persistent::new(self, &kc, &vc)?;
+        let persistent = Fused::new(self, &kc, &vc)?;
         Ok(CudaState {
             persistent,
             h: dev.alloc(d)?,

@@ -28,6 +28,7 @@
 mod decoder;
 mod device;
 mod error;
+mod mega;
 mod moe;
 pub mod nvrtc;
 mod ops;
@@ -44,5 +45,5 @@ pub use device::{CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
 pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind, StepOpts};
 pub use ops::{AttnShape, Rope};
-pub use persistent::set_persistent;
+pub use persistent::{clear_decode_kernel, decode_kernel, set_decode_kernel, DecodeKernel};
 pub use weight::CudaWeight;

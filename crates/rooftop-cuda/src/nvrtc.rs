@@ -16,6 +16,8 @@ const COMMON: &str = include_str!("kernels/common.cuh");
 const GEMV: &str = include_str!("kernels/gemv.cu");
 const OPS: &str = include_str!("kernels/ops.cu");
 const DECODE: &str = include_str!("kernels/decode.cu");
+const LAYER: &str = include_str!("kernels/layer.cuh");
+const MEGA: &str = include_str!("kernels/mega.cu");
 
 /// The weight layout a GEMV module is specialised for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -220,7 +222,7 @@ impl ModuleSource {
     pub fn stream(f: KernelFormat) -> Self {
         let mut m = Self::gemv(f);
         m.name = m.name.replacen("gemv_", "stream_", 1);
-        m.source = format!("{COMMON}\n{GEMV}\n{DECODE}");
+        m.source = format!("{COMMON}\n{GEMV}\n{LAYER}\n{DECODE}");
         m.defines.push("-DW_SMEM=1".into());
         // Weights come from shared memory (~30 cycles, not ~600): two chunks per lane in
         // flight suffice, and the registers go to more consumer warps.
@@ -228,6 +230,31 @@ impl ModuleSource {
             if d.starts_with("-DUNROLL_BYTES=") {
                 *d = format!("-DUNROLL_BYTES={}", 8 * f.bits.min(8));
             }
+        }
+        m
+    }
+    /// The barrier decode kernel (mega.cu) for one weight format: gemv.cu's chunk code
+    /// with weights read from shared memory (`W_SMEM`), where bulk copies put them.
+    pub fn mega(f: KernelFormat) -> Self {
+        let mut m = Self::gemv(f);
+        m.name = m.name.replacen("gemv_", "mega_", 1);
+        m.source = format!("{COMMON}\n{GEMV}\n{LAYER}\n{MEGA}");
+        m.defines.push("-DW_SMEM=1".into());
+        // Weights are read from shared memory: two chunks per lane in flight suffice.
+        for d in m.defines.iter_mut() {
+            if d.starts_with("-DUNROLL_BYTES=") {
+                *d = format!("-DUNROLL_BYTES={}", 8 * f.bits.min(8));
+            }
+        }
+        m.defines
+            .push(format!("-DMEGA_MIN_BLOCKS={}", crate::mega::mega_blocks()));
+        // Tuning switches: barrier flavour, and N empty barriers timed first.
+        m.defines.push(format!(
+            "-DMEGA_BAR={}",
+            env_usize("ROOFTOP_MEGA_BAR", 0..=1).unwrap_or(0)
+        ));
+        if let Some(n) = env_usize("ROOFTOP_MEGA_BARTEST", 1..=100_000) {
+            m.defines.push(format!("-DMEGA_BARTEST={n}"));
         }
         m
     }
@@ -242,6 +269,7 @@ impl ModuleSource {
     pub fn all() -> Vec<ModuleSource> {
         let mut v: Vec<_> = KernelFormat::all().into_iter().map(Self::gemv).collect();
         v.extend(KernelFormat::all().into_iter().map(Self::stream));
+        v.extend(KernelFormat::all().into_iter().map(Self::mega));
         v.push(Self::ops());
         v
     }
@@ -369,11 +397,17 @@ fn cache_dir() -> Option<PathBuf> {
 /// Compile `m` to PTX for `arch` (e.g. `compute_90a`), reading and filling the disk
 /// cache unless `use_cache` is false.
 pub fn compile(m: &ModuleSource, arch: &'static str, use_cache: bool) -> Result<String, CudaError> {
+    // ROOFTOP_LINEINFO=1: source lines in the PTX, for Nsight Compute's source view.
+    let lineinfo = std::env::var("ROOFTOP_LINEINFO").is_ok_and(|v| v == "1");
     let key = fnv64(
-        &[m.source.as_str(), arch]
-            .into_iter()
-            .chain(m.defines.iter().map(|s| s.as_str()))
-            .collect::<Vec<_>>(),
+        &[
+            m.source.as_str(),
+            arch,
+            if lineinfo { "lineinfo" } else { "" },
+        ]
+        .into_iter()
+        .chain(m.defines.iter().map(|s| s.as_str()))
+        .collect::<Vec<_>>(),
     );
     let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.ptx", m.name)));
     if use_cache {
@@ -384,6 +418,9 @@ pub fn compile(m: &ModuleSource, arch: &'static str, use_cache: bool) -> Result<
     ensure_nvrtc()?;
     let mut options = vec!["--std=c++17".to_string()];
     options.extend(m.defines.iter().cloned());
+    if lineinfo {
+        options.push("-lineinfo".into());
+    }
     let opts = CompileOptions {
         arch: Some(arch),
         options,

@@ -14,18 +14,55 @@ use crate::weight::QwArg;
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
-static PERSISTENT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Use (or not) the persistent kernel for decoder states made from now on, whatever
-/// `ROOFTOP_PERSISTENT` says (checks run both paths).
-pub fn set_persistent(on: bool) {
-    PERSISTENT.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+/// How a decode step runs its layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// A CUDA graph of one launch per op (kernels chained with PDL).
+    PerOp,
+    /// decode.cu: one launch, a producer warp per SM streaming weights into a ring.
+    Stream,
+    /// mega.cu: one launch, each op over the whole grid between grid barriers.
+    Barrier,
 }
 
-/// `struct LayerDesc` in decode.cu (field for field).
-#[repr(C)]
+static KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Use `k` for decoder states made from now on, whatever `ROOFTOP_PERSISTENT` says
+/// (checks run every path).
+pub fn set_decode_kernel(k: DecodeKernel) {
+    let v = match k {
+        DecodeKernel::PerOp => 1,
+        DecodeKernel::Stream => 2,
+        DecodeKernel::Barrier => 3,
+    };
+    KERNEL.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Back to what `ROOFTOP_PERSISTENT` (or the default) says.
+pub fn clear_decode_kernel() {
+    KERNEL.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The kernel decoder states made now use: [`set_decode_kernel`] if called, else
+/// `ROOFTOP_PERSISTENT` (`1`/`stream`: the streaming kernel, `barrier`, `0`: per op).
+pub fn decode_kernel() -> DecodeKernel {
+    match KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => DecodeKernel::PerOp,
+        2 => DecodeKernel::Stream,
+        3 => DecodeKernel::Barrier,
+        _ => match std::env::var("ROOFTOP_PERSISTENT").as_deref() {
+            Ok("1") | Ok("stream") => DecodeKernel::Stream,
+            Ok("barrier") => DecodeKernel::Barrier,
+            _ => DecodeKernel::PerOp,
+        },
+    }
+}
+
+/// `struct LayerDesc` in layer.cuh (field for field; 16-byte aligned there too, as mega.cu
+/// bulk-copies entries).
+#[repr(C, align(16))]
 #[derive(Clone, Copy, Default)]
-struct LayerDesc {
+pub(crate) struct LayerDesc {
     qkv: QwArg,
     o: QwArg,
     router: QwArg,
@@ -114,18 +151,6 @@ const ATT_SM_BYTES: usize = (3 * 256 + 2 * CONSUMER_WARPS + CONSUMER_WARPS * 256
 const MAX_SLOTS: usize = 16;
 const MAX_DROWS: usize = 256;
 
-/// Whether decoder states made from now on use the streaming kernel: [`set_persistent`]
-/// if called, else `ROOFTOP_PERSISTENT=1`. Off by default: on an H200 it decodes
-/// qwen3-30b-a3b at 267-275 tok/s against 404 for the launch-per-op graph
-/// (docs/PERFORMANCE-cuda.md).
-pub fn enabled() -> bool {
-    match PERSISTENT.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => std::env::var("ROOFTOP_PERSISTENT").is_ok_and(|v| v == "1"),
-    }
-}
-
 /// Ring slot size (`ROOFTOP_SLOT_KB`, default 32 KiB): what one unit of work holds. On an
 /// H200 32 KiB measured 274.6 tok/s, 16 KiB 260.5, 8 KiB 167 (fewer, larger units).
 fn slot_bytes() -> usize {
@@ -167,7 +192,7 @@ fn vec_bytes(cols: usize, int8: bool) -> usize {
 
 /// The single format of every layer weight, if there is one (and the shapes suit the
 /// kernel: one stacked QKV, head_dim ≤ 256, top-k ≤ 64).
-fn uniform_format(dec: &CudaDecoder) -> Option<KernelFormat> {
+pub(crate) fn uniform_format(dec: &CudaDecoder) -> Option<KernelFormat> {
     let mut fmt = None;
     let mut same = |f: KernelFormat| match fmt {
         None => {
@@ -204,6 +229,78 @@ fn uniform_format(dec: &CudaDecoder) -> Option<KernelFormat> {
     fmt
 }
 
+/// Layer `l`'s table entry (KV caches `kc`/`vc`), with its expert width, shared-expert
+/// (or dense MLP) width and top-k.
+pub(crate) fn layer_desc(
+    dev: &CudaDevice,
+    l: &crate::decoder::CudaLayer,
+    kc: &CudaSlice<u16>,
+    vc: &CudaSlice<u16>,
+) -> (LayerDesc, usize, usize, usize) {
+    let a = &l.attn;
+    let mut d = LayerDesc {
+        qkv: a.qkv[0].arg(dev),
+        o: a.o.arg(dev),
+        attn_norm: dev.ptr(&l.attn_norm),
+        ffn_norm: dev.ptr(&l.ffn_norm),
+        qkv_bias: a.qkv_bias.as_ref().map_or(0, |b| dev.ptr(b)),
+        o_bias: a.o_bias.as_ref().map_or(0, |b| dev.ptr(b)),
+        q_norm: a.q_norm.as_ref().map_or(0, |b| dev.ptr(b)),
+        k_norm: a.k_norm.as_ref().map_or(0, |b| dev.ptr(b)),
+        inv_freq: dev.ptr(&a.rope.inv_freq),
+        kc: dev.ptr(kc),
+        vc: dev.ptr(vc),
+        eps: l.eps,
+        qk_eps: a.qk_eps,
+        mscale: a.rope.mscale,
+        scale: a.scale,
+        heads: a.heads as i32,
+        kv_heads: a.kv_heads as i32,
+        head_dim: a.head_dim as i32,
+        rot: a.rope.rot_dim as i32,
+        traditional: a.rope.traditional as i32,
+        ..Default::default()
+    };
+    let (inter, ish, k) = match &l.ffn {
+        CudaFfn::Moe(m) => {
+            d.router = m.router.arg(dev);
+            d.gate = m.gate.arg(dev);
+            d.up = m.up.arg(dev);
+            d.down = m.down.arg(dev);
+            d.rt = m.routing_arg(dev);
+            if let Some([g, u, dd]) = &m.shared {
+                (d.sg, d.su, d.sd) = (g.arg(dev), u.arg(dev), dd.arg(dev));
+            }
+            (m.inter, m.inter_shared(), m.routing.top_k)
+        }
+        CudaFfn::Mlp(m) => {
+            let [g, u, dd] = &m.w;
+            (d.sg, d.su, d.sd) = (g.arg(dev), u.arg(dev), dd.arg(dev));
+            (0, g.rows, 0)
+        }
+    };
+    d.inter = inter as i32;
+    d.inter_sh = ish as i32;
+    (d, inter, ish, k)
+}
+
+/// The layer table as device bytes.
+pub(crate) fn desc_bytes(descs: &[LayerDesc]) -> Vec<u8> {
+    descs
+        .iter()
+        .flat_map(|d| {
+            // SAFETY: LayerDesc is repr(C) plain old data (ints, floats, addresses).
+            unsafe {
+                std::slice::from_raw_parts(
+                    d as *const LayerDesc as *const u8,
+                    std::mem::size_of::<LayerDesc>(),
+                )
+            }
+            .to_vec()
+        })
+        .collect()
+}
+
 impl Persistent {
     /// Build the layer table for a state whose KV caches are `kc`/`vc`. None when the
     /// model does not suit the kernel (mixed formats, sm < 90, shapes out of range; the
@@ -213,7 +310,7 @@ impl Persistent {
         kc: &[CudaSlice<u16>],
         vc: &[CudaSlice<u16>],
     ) -> Result<Option<Self>, CudaError> {
-        if !enabled() {
+        if decode_kernel() != DecodeKernel::Stream {
             return Ok(None);
         }
         let verbose = std::env::var("ROOFTOP_VERBOSE").is_ok();
@@ -242,7 +339,6 @@ impl Persistent {
         }
         let int8 = crate::nvrtc::int8_activations(format);
         let slot = slot_bytes();
-        let none = QwArg::default();
         let mut descs = Vec::with_capacity(dec.layers.len());
         let (mut max_logits, mut max_act, mut max_k, mut stage) = (1, 1, 1, 0usize);
         // One row (two for gate/up) must fit a slot.
@@ -255,64 +351,28 @@ impl Persistent {
             if !fits(&a.qkv[0], 1) || !fits(&a.o, 1) {
                 return skip("an attention row does not fit a ring slot".into());
             }
-            let mut d = LayerDesc {
-                qkv: a.qkv[0].arg(dev),
-                o: a.o.arg(dev),
-                attn_norm: dev.ptr(&l.attn_norm),
-                ffn_norm: dev.ptr(&l.ffn_norm),
-                qkv_bias: a.qkv_bias.as_ref().map_or(0, |b| dev.ptr(b)),
-                o_bias: a.o_bias.as_ref().map_or(0, |b| dev.ptr(b)),
-                q_norm: a.q_norm.as_ref().map_or(0, |b| dev.ptr(b)),
-                k_norm: a.k_norm.as_ref().map_or(0, |b| dev.ptr(b)),
-                inv_freq: dev.ptr(&a.rope.inv_freq),
-                kc: dev.ptr(&kc[li]),
-                vc: dev.ptr(&vc[li]),
-                eps: l.eps,
-                qk_eps: a.qk_eps,
-                mscale: a.rope.mscale,
-                scale: a.scale,
-                heads: a.heads as i32,
-                kv_heads: a.kv_heads as i32,
-                head_dim: a.head_dim as i32,
-                rot: a.rope.rot_dim as i32,
-                traditional: a.rope.traditional as i32,
-                ..Default::default()
-            };
-            stage = stage.max(vec_bytes(h, int8)).max(vec_bytes(a.o.cols, int8));
-            let (inter, ish, k) = match &l.ffn {
+            let ok = match &l.ffn {
                 CudaFfn::Moe(m) => {
                     if m.n_experts > 512 {
                         return skip(format!("{} experts", m.n_experts));
                     }
-                    if !fits(&m.router, 1) || !fits(&m.gate, 2) || !fits(&m.down, 1) {
-                        return skip("an expert row does not fit a ring slot".into());
-                    }
-                    d.router = m.router.arg(dev);
-                    d.gate = m.gate.arg(dev);
-                    d.up = m.up.arg(dev);
-                    d.down = m.down.arg(dev);
-                    d.rt = m.routing_arg(dev);
-                    if let Some([g, u, dd]) = &m.shared {
-                        if !fits(g, 2) || !fits(dd, 1) {
-                            return skip("a shared-expert row does not fit a ring slot".into());
-                        }
-                        (d.sg, d.su, d.sd) = (g.arg(dev), u.arg(dev), dd.arg(dev));
-                    }
-                    max_logits = max_logits.max(m.n_experts);
-                    (m.inter, m.inter_shared(), m.routing.top_k)
+                    fits(&m.router, 1)
+                        && fits(&m.gate, 2)
+                        && fits(&m.down, 1)
+                        && m.shared
+                            .as_ref()
+                            .is_none_or(|[g, _, d]| fits(g, 2) && fits(d, 1))
                 }
-                CudaFfn::Mlp(m) => {
-                    let [g, u, dd] = &m.w;
-                    if !fits(g, 2) || !fits(dd, 1) {
-                        return skip("an MLP row does not fit a ring slot".into());
-                    }
-                    (d.sg, d.su, d.sd) = (g.arg(dev), u.arg(dev), dd.arg(dev));
-                    d.router = none;
-                    (0, g.rows, 0)
-                }
+                CudaFfn::Mlp(m) => fits(&m.w[0], 2) && fits(&m.w[2], 1),
             };
-            d.inter = inter as i32;
-            d.inter_sh = ish as i32;
+            if !ok {
+                return skip("an expert or MLP row does not fit a ring slot".into());
+            }
+            let (d, inter, ish, k) = layer_desc(dev, l, &kc[li], &vc[li]);
+            stage = stage.max(vec_bytes(h, int8)).max(vec_bytes(a.o.cols, int8));
+            if let CudaFfn::Moe(m) = &l.ffn {
+                max_logits = max_logits.max(m.n_experts);
+            }
             stage = stage.max(
                 k * vec_bytes(inter.max(32), int8) + if ish > 0 { vec_bytes(ish, int8) } else { 0 },
             );
@@ -336,19 +396,7 @@ impl Persistent {
                 dev.max_smem
             ));
         }
-        let bytes: Vec<u8> = descs
-            .iter()
-            .flat_map(|d| {
-                // SAFETY: LayerDesc is repr(C) plain old data (ints, floats, addresses).
-                unsafe {
-                    std::slice::from_raw_parts(
-                        d as *const LayerDesc as *const u8,
-                        std::mem::size_of::<LayerDesc>(),
-                    )
-                }
-                .to_vec()
-            })
-            .collect();
+        let bytes = desc_bytes(&descs);
         let n = dec.layers.len();
         Ok(Some(Persistent {
             format,
@@ -511,5 +559,62 @@ impl Persistent {
             pad: 0,
         };
         launch!(dev, f, cfg((grid, 1), THREADS, smem), "decode_layers", arg)
+    }
+}
+
+/// All layers of a decode step in one launch: the streaming or the barrier kernel.
+pub(crate) enum Fused {
+    Stream(Persistent),
+    Barrier(crate::mega::Mega),
+}
+
+impl Fused {
+    /// The kernel [`decode_kernel`] asks for, if the model suits it (None: per-op graph).
+    pub(crate) fn new(
+        dec: &CudaDecoder,
+        kc: &[CudaSlice<u16>],
+        vc: &[CudaSlice<u16>],
+    ) -> Result<Option<Self>, CudaError> {
+        Ok(match decode_kernel() {
+            DecodeKernel::PerOp => None,
+            DecodeKernel::Stream => Persistent::new(dec, kc, vc)?.map(Fused::Stream),
+            DecodeKernel::Barrier => crate::mega::Mega::new(dec, kc, vc)?.map(Fused::Barrier),
+        })
+    }
+    pub(crate) fn ids(&self) -> &CudaSlice<i32> {
+        match self {
+            Fused::Stream(p) => p.ids(),
+            Fused::Barrier(m) => m.ids(),
+        }
+    }
+    pub(crate) fn phase_report(&self, dev: &CudaDevice) -> Result<Option<String>, CudaError> {
+        match self {
+            Fused::Stream(p) => p.phase_report(dev),
+            Fused::Barrier(m) => m.phase_report(dev),
+        }
+    }
+    /// Which kernel this is.
+    pub(crate) fn kind(&self) -> DecodeKernel {
+        match self {
+            Fused::Stream(_) => DecodeKernel::Stream,
+            Fused::Barrier(_) => DecodeKernel::Barrier,
+        }
+    }
+    /// Enqueue all layers (see [`Persistent::enqueue`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn enqueue(
+        &mut self,
+        dev: &CudaDevice,
+        h: u64,
+        qkv: u64,
+        att: u64,
+        pos: u64,
+        hidden: usize,
+        max_seq: usize,
+    ) -> Result<(), CudaError> {
+        match self {
+            Fused::Stream(p) => p.enqueue(dev, h, qkv, att, pos, hidden, max_seq),
+            Fused::Barrier(m) => m.enqueue(dev, h, qkv, att, pos, hidden, max_seq),
+        }
     }
 }

@@ -83,3 +83,28 @@ fn stream_module_has_the_bulk_copy_decode_kernel() {
     let body = &ptx[ptx.find(".entry decode_layers(").unwrap()..];
     assert!(!body.contains("ld.global.nc.L1::no_allocate"));
 }
+
+#[test]
+fn mega_module_has_the_barrier_decode_kernel() {
+    ensure_nvrtc().unwrap_or_else(|e| panic!("{e}"));
+    for name in ["mega_affine4_bf16", "mega_nvfp4", "mega_dense_bf16"] {
+        let m = ModuleSource::all()
+            .into_iter()
+            .find(|m| m.name == name)
+            .unwrap();
+        let ptx = compile(&m, "compute_90a", false).unwrap();
+        let body = &ptx[ptx.find(".entry mega_layers(").expect(name)..];
+        // Ops meet at grid barriers (release arrivals, relaxed polls, one acquire fence);
+        // weights reach shared memory by bulk copies completing on mbarriers, and the
+        // chunk loaders read them there (no streaming global loads).
+        assert!(body.contains("red.release.gpu.global.add.u32"), "{name}");
+        assert!(body.contains("ld.relaxed.gpu.global.u32"), "{name}");
+        assert!(body.contains("fence.acq_rel.gpu"), "{name}");
+        assert!(
+            body.contains("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"),
+            "{name}"
+        );
+        assert!(body.contains("mbarrier.try_wait.parity"), "{name}");
+        assert!(!body.contains("ld.global.nc.L1::no_allocate"), "{name}");
+    }
+}

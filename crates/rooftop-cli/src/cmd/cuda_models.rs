@@ -9,7 +9,7 @@
 //! whose top-1 margin is a near tie.
 
 use anyhow::{Context, Result};
-use rooftop_cuda::CudaDevice;
+use rooftop_cuda::{CudaDevice, DecodeKernel};
 use rooftop_engine::{npy, Model};
 use std::path::Path;
 use std::sync::Arc;
@@ -64,17 +64,21 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                     continue;
                 }
             };
-            for persistent in [false, true] {
-                rooftop_cuda::set_persistent(persistent);
-                let name = if persistent {
-                    format!("{name} (persistent)")
-                } else {
-                    name.clone()
+            for kernel in [
+                DecodeKernel::PerOp,
+                DecodeKernel::Stream,
+                DecodeKernel::Barrier,
+            ] {
+                rooftop_cuda::set_decode_kernel(kernel);
+                let name = match kernel {
+                    DecodeKernel::PerOp => name.clone(),
+                    DecodeKernel::Stream => format!("{name} (persistent)"),
+                    DecodeKernel::Barrier => format!("{name} (barrier)"),
                 };
                 // Logits at every position.
                 let (_, want) = npy::read_f32(&arch.join(format!("{vname}.npy")))?;
                 let mut st = dec.new_state(tokens.len() + 64)?;
-                if persistent && !st.persistent() {
+                if st.decode_kernel() != kernel {
                     continue; // mixed formats: only the launch-per-op path applies
                 }
                 let mut got = Vec::with_capacity(want.len());
@@ -126,7 +130,7 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
             }
         }
     }
-    rooftop_cuda::set_persistent(false);
+    rooftop_cuda::clear_decode_kernel();
     Ok(out)
 }
 

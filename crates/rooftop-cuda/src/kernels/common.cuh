@@ -134,3 +134,54 @@ __device__ __forceinline__ void prefetch_next(const Pf& f) {
 #pragma unroll
   for (int i = 0; i < 3; i++) prefetch_l2(f.p[i], f.n[i], t, nt);
 }
+
+// A wait that should end in microseconds: after ~4 s it traps instead of hanging the
+// GPU (the host sees a launch failure). Call with the spin count; t0 is its clock.
+__device__ __forceinline__ void check_stuck(int i, u64& t0) {
+  if (i == 64) t0 = globaltimer();
+  if (i > 64 && (i & 255) == 0 && globaltimer() - t0 > 4000000000ull) __trap();
+}
+
+#if __CUDA_ARCH__ >= 900
+// ---- mbarriers and bulk copies (sm_90+: decode.cu, mega.cu) -----------------------
+__device__ __forceinline__ u32 saddr(const void* p) {
+  u64 a;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+  return (u32)a;
+}
+__device__ __forceinline__ void mb_init(u64* b, u32 n) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(saddr(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mb_expect(u64* b, u32 tx) {
+  u64 st;
+  asm volatile("mbarrier.arrive.expect_tx.shared.b64 %0, [%1], %2;" : "=l"(st) : "r"(saddr(b)), "r"(tx) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(u64* b) {
+  u64 st;
+  asm volatile("mbarrier.arrive.shared.b64 %0, [%1];" : "=l"(st) : "r"(saddr(b)) : "memory");
+}
+__device__ __forceinline__ void mb_wait(u64* b, u32 parity) {
+  u32 ok = 0;
+  u64 t0 = 0;
+  for (int i = 0;; i++) {
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(ok)
+        : "r"(saddr(b)), "r"(parity)
+        : "memory");
+    if (ok) return;
+    check_stuck(i, t0);
+  }
+}
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, u32 n, u64* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   saddr(dst)),
+               "l"(src), "r"(n), "r"(saddr(bar))
+               : "memory");
+}
+// Raise the bytes the current phase of `b` waits for, without arriving (each bulk
+// copy announces its own bytes just before it is issued).
+__device__ __forceinline__ void mb_expect_tx(u64* b, u32 tx) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(saddr(b)), "r"(tx) : "memory");
+}
+#endif

@@ -50,14 +50,6 @@
 #define OP_GU 4
 #define OP_DOWN 5
 
-struct LayerDesc {
-  QW qkv, o, router, gate, up, down, sg, su, sd;
-  Routing rt;  // rt.k = 0: dense MLP (sg/su/sd), no router
-  const float *attn_norm, *ffn_norm, *qkv_bias, *o_bias, *q_norm, *k_norm, *inv_freq;
-  unsigned short *kc, *vc;
-  float eps, qk_eps, mscale, scale;
-  int heads, kv_heads, head_dim, rot, traditional, inter, inter_sh, pad;
-};
 
 struct Step {
   const LayerDesc* layers;
@@ -71,48 +63,6 @@ struct Step {
 
 #if __CUDA_ARCH__ >= 900
 
-// ---- PTX helpers ----------------------------------------------------------------
-__device__ __forceinline__ u32 saddr(const void* p) {
-  u64 a;
-  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-  return (u32)a;
-}
-__device__ __forceinline__ void mb_init(u64* b, u32 n) {
-  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(saddr(b)), "r"(n) : "memory");
-}
-__device__ __forceinline__ void mb_expect(u64* b, u32 tx) {
-  u64 st;
-  asm volatile("mbarrier.arrive.expect_tx.shared.b64 %0, [%1], %2;" : "=l"(st) : "r"(saddr(b)), "r"(tx) : "memory");
-}
-__device__ __forceinline__ void mb_arrive(u64* b) {
-  u64 st;
-  asm volatile("mbarrier.arrive.shared.b64 %0, [%1];" : "=l"(st) : "r"(saddr(b)) : "memory");
-}
-// A wait that should end in microseconds: after ~4 s it traps instead of hanging the
-// GPU (the host sees a launch failure). Call with the spin count; t0 is its clock.
-__device__ __forceinline__ void check_stuck(int i, u64& t0) {
-  if (i == 64) t0 = globaltimer();
-  if (i > 64 && (i & 255) == 0 && globaltimer() - t0 > 4000000000ull) __trap();
-}
-__device__ __forceinline__ void mb_wait(u64* b, u32 parity) {
-  u32 ok = 0;
-  u64 t0 = 0;
-  for (int i = 0;; i++) {
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(ok)
-        : "r"(saddr(b)), "r"(parity)
-        : "memory");
-    if (ok) return;
-    check_stuck(i, t0);
-  }
-}
-__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, u32 n, u64* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   saddr(dst)),
-               "l"(src), "r"(n), "r"(saddr(bar))
-               : "memory");
-}
 // Named barrier of the consumer warps only (the producer never joins).
 __device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"r"(NCT) : "memory"); }
 

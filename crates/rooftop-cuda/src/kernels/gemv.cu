@@ -542,6 +542,49 @@ __device__ __forceinline__ void epi_store(const Epi& e, float* y, int row, float
   y[row] = e.add ? y[row] + v : v;
 }
 
+// The row loop of the batch-1 / small-batch GEMV: rows spread over `nwarps` warps (this
+// one is `warp`), each lane's dot handed to `store(t, row, v)` by the lane that owns it.
+// Shared by the per-op kernels and the barrier decode kernel (mega.cu), whose grid is
+// not the op's.
+template <int NB, int R, class Store>
+__device__ __forceinline__ void gemv_rows(const QW& W, int lpr, int warp, int nwarps, const float4* xs,
+                                          const float* xsum, Store store) {
+  const int C = W.cols / 32;
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  if (NB == 1 && R > 1) {
+    for (int base = warp * rpw * R; base < W.rows; base += nwarps * rpw * R) {
+      int rows[1][R];
+      float acc[1][R];
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        rows[0][r] = min(base + r * rpw + rsub, W.rows - 1);  // tail rows: reload the last, discard
+        acc[0][r] = 0.f;
+      }
+      rows_dot<1, R>(W, W, rows, C, sub, lpr, xs, xsum, acc);
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float v = reduce_lpr(acc[0][r], lpr);
+        const int row = base + r * rpw + rsub;
+        if (row < W.rows && sub == 0) store(0, row, v);
+      }
+    }
+    return;
+  }
+  for (int base = warp * rpw; base < W.rows; base += nwarps * rpw) {
+    const int row = base + rsub;
+    float acc[NB];
+#pragma unroll
+    for (int t = 0; t < NB; t++) acc[t] = 0.f;
+    if (row < W.rows) row_dot<NB>(W, row, C, sub, lpr, xs, xsum, acc);
+#pragma unroll
+    for (int t = 0; t < NB; t++) acc[t] = reduce_lpr(acc[t], lpr);
+    if (row < W.rows && sub == 0) {
+#pragma unroll
+      for (int t = 0; t < NB; t++) store(t, row, acc[t]);
+    }
+  }
+}
+
 template <int NB, int R>
 __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, float* y, int lpr, const Epi e) {
   extern __shared__ float4 smem4[];
@@ -563,42 +606,11 @@ __device__ __forceinline__ void gemv_body(const QW& W, const float* x, int n, fl
   __syncthreads();
   for (int t = 0; t < n; t++) sum_vec(W.cols, xs + t * 8 * C, xsum + t * C);
   __syncthreads();
-  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int nwarps = (gridDim.x * blockDim.x) >> 5;
-  if (NB == 1 && R > 1) {
-    for (int base = warp * rpw * R; base < W.rows; base += nwarps * rpw * R) {
-      int rows[1][R];
-      float acc[1][R];
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        rows[0][r] = min(base + r * rpw + rsub, W.rows - 1);  // tail rows: reload the last, discard
-        acc[0][r] = 0.f;
-      }
-      rows_dot<1, R>(W, W, rows, C, sub, lpr, xs, xsum, acc);
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        const float v = reduce_lpr(acc[0][r], lpr);
-        const int row = base + r * rpw + rsub;
-        if (row < W.rows && sub == 0) epi_store(e, y, row, v);
-      }
-    }
-    return;
-  }
-  for (int base = warp * rpw; base < W.rows; base += nwarps * rpw) {
-    const int row = base + rsub;
-    float acc[NB];
-#pragma unroll
-    for (int t = 0; t < NB; t++) acc[t] = 0.f;
-    if (row < W.rows) row_dot<NB>(W, row, C, sub, lpr, xs, xsum, acc);
-#pragma unroll
-    for (int t = 0; t < NB; t++) acc[t] = reduce_lpr(acc[t], lpr);
-    if (row < W.rows && sub == 0) {
-#pragma unroll
-      for (int t = 0; t < NB; t++)
-        if (t < n) epi_store(e, y + (size_t)t * W.rows, row, acc[t]);
-    }
-  }
+  gemv_rows<NB, R>(W, lpr, warp, nwarps, xs, xsum, [&](int t, int row, float v) {
+    if (t < n) epi_store(e, y + (size_t)t * W.rows, row, v);
+  });
 }
 
 #define NO_EPI Epi{nullptr, 0.f, 0, nullptr}
@@ -802,49 +814,15 @@ __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 // h[slot, r] = silu(gate_e[r] . x) * (up_e[r] . x) for the k routed slots
 // (expert e = ids[slot], stacked weights [E*inter, hidden]) and the shared expert
 // (slot k, own weights [inter_sh, hidden]; inter_sh = 0 when absent).
-#define MAX_TOPK 32
-// Blocks per SM gate/up is compiled for (register cap). Its 86 registers gave 2 blocks
-// (25% occupancy; Nsight: DRAM 22.7%); capped for 3, qwen3-30b-a3b affine4 decode on
-// an H200 went 389.1 -> 407.8 tok/s (4: 396.7). ROOFTOP_MOE_MIN_BLOCKS overrides it.
-#ifndef MOE_MIN_BLOCKS
-#define MOE_MIN_BLOCKS 3
-#endif
-extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS)
-moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, const float* logits,
-            const Routing rt, int* ids_out, float* wts_out, float* h, int k, int inter, int inter_sh, int lpr,
-            const float* nw, float eps) {
-  extern __shared__ float4 smem4[];
-  __shared__ int ids[MAX_TOPK];
-  __shared__ float wts[MAX_TOPK];
+// The gate/up row loop of the fused MoE: act[i] = silu(gate . x) * (up . x) for items
+// i < k*inter (routed slot i / inter, expert ids[slot]) and then the shared expert's
+// inter_sh rows, over `nwarps` warps (this one is `warp`). Used by moe_gate_up and mega.cu.
+__device__ __forceinline__ void gate_up_rows(const QW& G, const QW& U, const QW& SG, const QW& SU, const int* ids,
+                                             int k, int inter, int inter_sh, int lpr, int warp, int nwarps,
+                                             const float4* xs, const float* xsum, float* h) {
   const int C = SG.cols > 0 ? SG.cols / 32 : G.cols / 32;
-  float4* xs = smem4;
-  float* xsum = (float*)(smem4 + 8 * C);
-  // x was complete before the router started (the router waited for it before letting
-  // this launch begin), so staging it may overlap the router's tail. Without routed
-  // experts (k = 0: a dense MLP) there is no router: wait first.
-  if (inter_sh > 0) {
-    // The shared expert's rows are known before routing: split them over the grid.
-    const int per = (inter_sh + gridDim.x - 1) / gridDim.x, r0 = blockIdx.x * per;
-    const int nr = min(per, inter_sh - r0);
-    prefetch_rows(SG, r0, nr, threadIdx.x, blockDim.x);
-    prefetch_rows(SU, r0, nr, threadIdx.x, blockDim.x);
-  }
-  if (k == 0) pdl_wait();
-  stage_vec_norm(x, C * 32, xs, nw, eps);
-  pdl_wait();
-  pdl_trigger();
-  if (k > 0 && threadIdx.x < 32) route(logits, rt, ids, wts);
-  __syncthreads();
-  if (blockIdx.x == 0 && threadIdx.x < k) {
-    ids_out[threadIdx.x] = ids[threadIdx.x];
-    wts_out[threadIdx.x] = wts[threadIdx.x];
-  }
-  sum_vec(C * 32, xs, xsum);
-  __syncthreads();
   const int items = k * inter + inter_sh;
   const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int nwarps = (gridDim.x * blockDim.x) >> 5;
   if (ROWS_MOE > 1) {
     // A warp takes rpw*R consecutive items; the host guarantees k*inter is a multiple of
     // that, so the items of one warp are all routed or all shared-expert.
@@ -888,6 +866,108 @@ moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, co
   }
 }
 
+
+#define MAX_TOPK 32
+// Blocks per SM gate/up is compiled for (register cap). Its 86 registers gave 2 blocks
+// (25% occupancy; Nsight: DRAM 22.7%); capped for 3, qwen3-30b-a3b affine4 decode on
+// an H200 went 389.1 -> 407.8 tok/s (4: 396.7). ROOFTOP_MOE_MIN_BLOCKS overrides it.
+#ifndef MOE_MIN_BLOCKS
+#define MOE_MIN_BLOCKS 3
+#endif
+extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS)
+moe_gate_up(const QW G, const QW U, const QW SG, const QW SU, const float* x, const float* logits,
+            const Routing rt, int* ids_out, float* wts_out, float* h, int k, int inter, int inter_sh, int lpr,
+            const float* nw, float eps) {
+  extern __shared__ float4 smem4[];
+  __shared__ int ids[MAX_TOPK];
+  __shared__ float wts[MAX_TOPK];
+  const int C = SG.cols > 0 ? SG.cols / 32 : G.cols / 32;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + 8 * C);
+  // x was complete before the router started (the router waited for it before letting
+  // this launch begin), so staging it may overlap the router's tail. Without routed
+  // experts (k = 0: a dense MLP) there is no router: wait first.
+  if (inter_sh > 0) {
+    // The shared expert's rows are known before routing: split them over the grid.
+    const int per = (inter_sh + gridDim.x - 1) / gridDim.x, r0 = blockIdx.x * per;
+    const int nr = min(per, inter_sh - r0);
+    prefetch_rows(SG, r0, nr, threadIdx.x, blockDim.x);
+    prefetch_rows(SU, r0, nr, threadIdx.x, blockDim.x);
+  }
+  if (k == 0) pdl_wait();
+  stage_vec_norm(x, C * 32, xs, nw, eps);
+  pdl_wait();
+  pdl_trigger();
+  if (k > 0 && threadIdx.x < 32) route(logits, rt, ids, wts);
+  __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x < k) {
+    ids_out[threadIdx.x] = ids[threadIdx.x];
+    wts_out[threadIdx.x] = wts[threadIdx.x];
+  }
+  sum_vec(C * 32, xs, xsum);
+  __syncthreads();
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int nwarps = (gridDim.x * blockDim.x) >> 5;
+  gate_up_rows(G, U, SG, SU, ids, k, inter, inter_sh, lpr, warp, nwarps, xs, xsum, h);
+}
+
+// The down row loop of the fused MoE: out[r] += w_slot * (down_e[r] . act[slot]) for the
+// items [lo, hi) of (slot, row) pairs (slot k: the shared expert, weight 1), with the
+// slots from s_lo staged in xs / xsum (Cm chunks apart). Atomics: items of one row meet
+// from several blocks. Used by moe_down and mega.cu.
+__device__ __forceinline__ void down_rows(const QW& D, const QW& SD, const int* ids, const float* wts, int k,
+                                          int hidden, int inter, int inter_sh, int lpr, int lo, int hi, int s_lo,
+                                          int Cm, const float4* xs, const float* xsum, float* out) {
+  const int Cr = inter / 32, Cs = inter_sh / 32;
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  const int nw = blockDim.x >> 5;
+  if (ROWS_MOE > 1) {
+    // A warp takes rpw*R consecutive items of one slot (the host makes `per` and hidden
+    // multiples of rpw*R), so they share one staged h vector.
+    const int R = ROWS_MOE;
+    for (int base = lo + (threadIdx.x >> 5) * rpw * R; base < hi; base += nw * rpw * R) {
+      const int slot = base / hidden;
+      const bool routed = slot < k;
+      const QW W = pick(routed, D, SD);
+      const int e0 = routed ? ids[slot] * hidden : 0;
+      const float wt = routed ? wts[slot] : 1.f;
+      int rows[1][R];
+      float acc[1][R];
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        rows[0][r] = e0 + min(base + r * rpw + rsub, hi - 1) % hidden;
+        acc[0][r] = 0.f;
+      }
+      rows_dot<1, R>(W, W, rows, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm,
+                     acc);
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float v = reduce_lpr(acc[0][r], lpr);
+        const int i = base + r * rpw + rsub;
+        if (i < hi && sub == 0) atomicAdd(out + i % hidden, wt * v);
+      }
+    }
+    return;
+  }
+  for (int base = lo + (threadIdx.x >> 5) * rpw; base < hi; base += nw * rpw) {
+    const int i = base + rsub;
+    float acc[1] = {0.f};
+    float wt = 0.f;
+    int r = 0;
+    if (i < hi) {
+      const int slot = i / hidden;
+      r = i % hidden;
+      const bool routed = slot < k;
+      const QW W = pick(routed, D, SD);
+      const int row = routed ? ids[slot] * hidden + r : r;
+      wt = routed ? wts[slot] : 1.f;
+      row_dot<1>(W, row, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm, acc);
+    }
+    acc[0] = reduce_lpr(acc[0], lpr);
+    if (i < hi && sub == 0) atomicAdd(out + r, wt * acc[0]);
+  }
+}
+
 // Launch 3: out[r] += sum_slot w_slot * (down_e[r] . h[slot]) (+ shared expert, weight 1).
 // Items are (slot, row) pairs so that every SM has work; each block takes a contiguous
 // range of `per` items (so it stages only the one or two slots it touches) and partial
@@ -924,51 +1004,5 @@ moe_down(const QW D, const QW SD, const float* h, const int* ids, const float* w
   __syncthreads();
   for (int s = s_lo; s <= s_hi; s++) sum_vec(s < k ? inter : inter_sh, xs + (s - s_lo) * 8 * Cm, xsum + (s - s_lo) * Cm);
   __syncthreads();
-  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
-  const int nw = blockDim.x >> 5;
-  if (ROWS_MOE > 1) {
-    // A warp takes rpw*R consecutive items of one slot (the host makes `per` and hidden
-    // multiples of rpw*R), so they share one staged h vector.
-    const int R = ROWS_MOE;
-    for (int base = lo + (threadIdx.x >> 5) * rpw * R; base < hi; base += nw * rpw * R) {
-      const int slot = base / hidden;
-      const bool routed = slot < k;
-      const QW W = pick(routed, D, SD);
-      const int e0 = routed ? __ldg(ids + slot) * hidden : 0;
-      const float wt = routed ? __ldg(wts + slot) : 1.f;
-      int rows[1][R];
-      float acc[1][R];
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        rows[0][r] = e0 + min(base + r * rpw + rsub, hi - 1) % hidden;
-        acc[0][r] = 0.f;
-      }
-      rows_dot<1, R>(W, W, rows, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm,
-                     acc);
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        const float v = reduce_lpr(acc[0][r], lpr);
-        const int i = base + r * rpw + rsub;
-        if (i < hi && sub == 0) atomicAdd(out + i % hidden, wt * v);
-      }
-    }
-    return;
-  }
-  for (int base = lo + (threadIdx.x >> 5) * rpw; base < hi; base += nw * rpw) {
-    const int i = base + rsub;
-    float acc[1] = {0.f};
-    float wt = 0.f;
-    int r = 0;
-    if (i < hi) {
-      const int slot = i / hidden;
-      r = i % hidden;
-      const bool routed = slot < k;
-      const QW W = pick(routed, D, SD);
-      const int row = routed ? __ldg(ids + slot) * hidden + r : r;
-      wt = routed ? __ldg(wts + slot) : 1.f;
-      row_dot<1>(W, row, routed ? Cr : Cs, sub, lpr, xs + (slot - s_lo) * 8 * Cm, xsum + (slot - s_lo) * Cm, acc);
-    }
-    acc[0] = reduce_lpr(acc[0], lpr);
-    if (i < hi && sub == 0) atomicAdd(out + r, wt * acc[0]);
-  }
+  down_rows(D, SD, ids, wts, k, hidden, inter, inter_sh, lpr, lo, hi, s_lo, Cm, xs, xsum, out);
 }
