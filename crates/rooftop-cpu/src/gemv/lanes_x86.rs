@@ -211,19 +211,26 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
     let dx = a.dx.as_ptr().add(t0 * cols / 32);
     for c in 0..nch {
         prefetch_chunk(blk, pf, c);
+        // Per token: block 0 low/high nibbles, block 1 low/high. Dwords k and k+4 (one
+        // of each block) are taken together so that every index is a constant: with a
+        // k-dependent index LLVM kept the 4×4 accumulators of a 4-token tile on the
+        // stack (a load and a store around each `vpdpbusd`; 2.6× slower,
+        // examples/gemm_lab.rs).
         let mut ai = [[_mm256_setzero_si256(); 4]; NT];
-        for k in 0..8 {
-            let v = _mm256_loadu_si256(blk.add(c * 256 + k * 32) as *const __m256i);
-            let lo = _mm256_and_si256(v, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            let s = (k / 4) * 2;
+        let cb = blk.add(c * 256);
+        for k in 0..4 {
+            let v0 = _mm256_loadu_si256(cb.add(k * 32) as *const __m256i);
+            let v1 = _mm256_loadu_si256(cb.add((k + 4) * 32) as *const __m256i);
+            let (lo0, hi0) = nibbles(v0, mask);
+            let (lo1, hi1) = nibbles(v1, mask);
             for t in 0..NT {
-                // Elements 8k..8k+8 of the chunk: even ones at 4k.., odd at 32+4k..
+                // Elements 8k..8k+8 of the chunk: even ones at 4k.., odd at 32+4k..;
+                // those of dword k+4 at 16+4k.. and 48+4k..
                 let xq = q.add(t * cols + c * 64 + 4 * k);
-                let bl = _mm256_set1_epi32((xq as *const i32).read_unaligned());
-                let bh = _mm256_set1_epi32((xq.add(32) as *const i32).read_unaligned());
-                ai[t][s] = D::dp(ai[t][s], lo, bl);
-                ai[t][s + 1] = D::dp(ai[t][s + 1], hi, bh);
+                ai[t][0] = D::dp(ai[t][0], lo0, bcast4(xq));
+                ai[t][1] = D::dp(ai[t][1], hi0, bcast4(xq.add(32)));
+                ai[t][2] = D::dp(ai[t][2], lo1, bcast4(xq.add(16)));
+                ai[t][3] = D::dp(ai[t][3], hi1, bcast4(xq.add(48)));
             }
         }
         // The 8 rows' scales of this chunk: one group of 64, two of 32, half of 128.
@@ -267,6 +274,21 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
         }
     }
     acc
+}
+
+/// Low and high nibbles of each byte of `v`.
+#[inline(always)]
+unsafe fn nibbles(v: __m256i, mask: __m256i) -> (__m256i, __m256i) {
+    (
+        _mm256_and_si256(v, mask),
+        _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+    )
+}
+
+/// The 4 int8 activations at `p` broadcast to every dword.
+#[inline(always)]
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    _mm256_set1_epi32((p as *const i32).read_unaligned())
 }
 
 /// Store lanes of `v` (rows `blk·8..`) that fall in `r.rows` for token `t`.
