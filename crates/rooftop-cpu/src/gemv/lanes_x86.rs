@@ -319,6 +319,9 @@ unsafe fn put8(r: &RowArgs, t: usize, blk: usize, v: __m256) {
 
 #[inline(always)]
 unsafe fn rows_g<D: Dot, const G: usize>(r: &RowArgs, l: &Lanes8, a: &QActs) {
+    // 8-token tiles for affine only (the fp4 tile keeps four accumulators per token).
+    // AVX2 too: with its 16 registers some accumulators spill, yet 8-token tiles
+    // measured 64 -> 82 GMAC/s there (examples/gemm_lab.rs, ROOFTOP_ISA=avx2, n = 64).
     let fp4 = G == NVFP4 || G == MXFP4;
     let (cols, n) = (l.cols, a.n);
     let bb = l.block_bytes();
