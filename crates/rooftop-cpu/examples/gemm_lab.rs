@@ -72,7 +72,7 @@ fn main() {
         let w = Owned::new(spec, rows, cols);
         let _reg = rooftop_cpu::lanes::pack_all(&[w.view()]);
         let mut line = format!("{:>10} {}:", spec.to_string(), isa().name());
-        for n in [1usize, 4, 8, 16, 64] {
+        for n in [1usize, 4, 6, 8, 16, 64] {
             let x: Vec<f32> = (0..n * cols)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                 .collect();
