@@ -567,7 +567,7 @@ mod tests {
 
     /// The SIMD kernels on the packed layout against the scalar reference on the same
     /// int8 activations (f32 rounding only), and against the natural-layout kernel,
-    /// for 1..9 tokens and row ranges that start and end inside a block.
+    /// for 1..17 tokens and row ranges that start and end inside a block.
     #[test]
     fn kernels_match_scalar_reference_and_natural_kernel() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -576,7 +576,8 @@ mod tests {
             let w = WeightView::Quant(v);
             let l = Lanes8::pack(&v).unwrap();
             let (rows, cols) = (v.rows, v.cols);
-            for n in [1usize, 2, 3, 4, 5, 9] {
+            // 17: two 8-token tiles (the second at token offset 8) and a 1-token tail.
+            for n in [1usize, 2, 3, 4, 5, 9, 17] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let mut a = QActs::new();
                 a.quantize(&x, n, cols, v.spec, ActLayout::Nibble { fp4: l.is_fp4() });

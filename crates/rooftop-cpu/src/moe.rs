@@ -558,6 +558,80 @@ mod tests {
         out
     }
 
+    /// ~12 tokens per expert and a shared expert with all 32: the packed kernels'
+    /// 8-token tiles through gate/up and the down projection's token map and weights
+    /// give the natural kernel's result on the same int8 activations.
+    #[test]
+    fn packed_moe_with_many_tokens_per_expert_matches_natural() {
+        crate::gemv::set_int8_activations(true);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (h, inter, ne, n) = (256, 128, 8, 32);
+        for spec in [QuantSpec::affine(4, 64).unwrap(), QuantSpec::nvfp4()] {
+            let rf: Vec<f32> = (0..ne * h).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let rb: Vec<u8> = bytemuck::cast_slice(&rf).to_vec();
+            let router = WeightView::Dense {
+                dtype: DType::F32,
+                rows: ne,
+                cols: h,
+                data: &rb,
+            };
+            let mats: Vec<[Quantized; 3]> = (0..ne + 1)
+                .map(|_| {
+                    [
+                        q(inter, h, spec, &mut rng),
+                        q(inter, h, spec, &mut rng),
+                        q(h, inter, spec, &mut rng),
+                    ]
+                })
+                .collect();
+            let experts: Vec<Expert> = mats
+                .iter()
+                .map(|m| Expert {
+                    gate: WeightView::Quant(m[0].view()),
+                    up: WeightView::Quant(m[1].view()),
+                    down: WeightView::Quant(m[2].view()),
+                })
+                .collect();
+            let cfg = RoutingConfig {
+                top_k: 3,
+                scoring: Scoring::Softmax,
+                norm_topk_prob: true,
+                scaling: 1.0,
+                correction_bias: None,
+            };
+            let w = MoeWeights {
+                router,
+                experts: &experts[..ne],
+                shared: Some(experts[ne]),
+            };
+            let x: Vec<f32> = (0..n * h).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut s = MoeScratch::new();
+            let mut natural = vec![0f32; n * h];
+            moe_forward_on(&Pool::new(2), &w, &x, n, &cfg, &mut natural, &mut s).unwrap();
+            let views: Vec<WeightView> = experts
+                .iter()
+                .flat_map(|e| [e.gate, e.up, e.down])
+                .collect();
+            let reg = crate::lanes::pack_all(&views);
+            assert_eq!(reg.len(), views.len(), "every expert packs");
+            let mut packed = vec![0f32; n * h];
+            moe_forward_on(&Pool::new(2), &w, &x, n, &cfg, &mut packed, &mut s).unwrap();
+            drop(reg);
+            let most = (0..ne).map(|e| s.last_routing.iter().filter(|&&r| r as usize == e).count());
+            assert!(
+                most.max().unwrap_or(0) >= 8,
+                "an expert gets a full 8-token tile"
+            );
+            let scale = natural.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in natural.iter().zip(&packed) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{spec}: natural {a}, packed {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fused_moe_matches_reference() {
         // Every test here wants the int8 kernels (the exact path is `Isa::Portable`).

@@ -211,19 +211,31 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
     let dx = a.dx.as_ptr().add(t0 * cols / 32);
     for c in 0..nch {
         prefetch_chunk(blk, pf, c);
+        // Per token: block 0 low/high nibbles, block 1 low/high. Dwords k and k+4 (one
+        // of each block) are taken together so that every index is a constant: with a
+        // k-dependent index LLVM kept the 4×4 accumulators of a 4-token tile on the
+        // stack (a load and a store around each `vpdpbusd`; 2.6× slower,
+        // examples/gemm_lab.rs).
+        // Tiles of 8 tokens: one accumulator per block of 32 (low and high nibbles
+        // into the same one), 16 in all, so that they and the 8 float sums fit in
+        // the 32 vector registers.
+        let merged = NT > 4;
+        let (h0, l1, h1) = if merged { (0, 1, 1) } else { (1, 2, 3) };
         let mut ai = [[_mm256_setzero_si256(); 4]; NT];
-        for k in 0..8 {
-            let v = _mm256_loadu_si256(blk.add(c * 256 + k * 32) as *const __m256i);
-            let lo = _mm256_and_si256(v, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            let s = (k / 4) * 2;
+        let cb = blk.add(c * 256);
+        for k in 0..4 {
+            let v0 = _mm256_loadu_si256(cb.add(k * 32) as *const __m256i);
+            let v1 = _mm256_loadu_si256(cb.add((k + 4) * 32) as *const __m256i);
+            let (lo0, hi0) = nibbles(v0, mask);
+            let (lo1, hi1) = nibbles(v1, mask);
             for t in 0..NT {
-                // Elements 8k..8k+8 of the chunk: even ones at 4k.., odd at 32+4k..
+                // Elements 8k..8k+8 of the chunk: even ones at 4k.., odd at 32+4k..;
+                // those of dword k+4 at 16+4k.. and 48+4k..
                 let xq = q.add(t * cols + c * 64 + 4 * k);
-                let bl = _mm256_set1_epi32((xq as *const i32).read_unaligned());
-                let bh = _mm256_set1_epi32((xq.add(32) as *const i32).read_unaligned());
-                ai[t][s] = D::dp(ai[t][s], lo, bl);
-                ai[t][s + 1] = D::dp(ai[t][s + 1], hi, bh);
+                ai[t][0] = D::dp(ai[t][0], lo0, bcast4(xq));
+                ai[t][h0] = D::dp(ai[t][h0], hi0, bcast4(xq.add(32)));
+                ai[t][l1] = D::dp(ai[t][l1], lo1, bcast4(xq.add(16)));
+                ai[t][h1] = D::dp(ai[t][h1], hi1, bcast4(xq.add(48)));
             }
         }
         // The 8 rows' scales of this chunk: one group of 64, two of 32, half of 128.
@@ -240,8 +252,16 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
         for t in 0..NT {
             let d0 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c));
             let d1 = _mm256_set1_ps(*dx.add(t * cols / 32 + 2 * c + 1));
-            let f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ai[t][0], ai[t][1])), d0);
-            let f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ai[t][2], ai[t][3])), d1);
+            let (i0, i1) = if merged {
+                (ai[t][0], ai[t][1])
+            } else {
+                (
+                    _mm256_add_epi32(ai[t][0], ai[t][1]),
+                    _mm256_add_epi32(ai[t][2], ai[t][3]),
+                )
+            };
+            let f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(i0), d0);
+            let f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(i1), d1);
             if G == 32 {
                 acc[t] = _mm256_fmadd_ps(f0, s0, acc[t]);
                 acc[t] = _mm256_fmadd_ps(f1, s1, acc[t]);
@@ -269,6 +289,21 @@ unsafe fn tile<D: Dot, const G: usize, const NT: usize>(
     acc
 }
 
+/// Low and high nibbles of each byte of `v`.
+#[inline(always)]
+unsafe fn nibbles(v: __m256i, mask: __m256i) -> (__m256i, __m256i) {
+    (
+        _mm256_and_si256(v, mask),
+        _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+    )
+}
+
+/// The 4 int8 activations at `p` broadcast to every dword.
+#[inline(always)]
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    _mm256_set1_epi32((p as *const i32).read_unaligned())
+}
+
 /// Store lanes of `v` (rows `blk·8..`) that fall in `r.rows` for token `t`.
 #[inline(always)]
 unsafe fn put8(r: &RowArgs, t: usize, blk: usize, v: __m256) {
@@ -284,6 +319,10 @@ unsafe fn put8(r: &RowArgs, t: usize, blk: usize, v: __m256) {
 
 #[inline(always)]
 unsafe fn rows_g<D: Dot, const G: usize>(r: &RowArgs, l: &Lanes8, a: &QActs) {
+    // 8-token tiles for affine only (the fp4 tile keeps four accumulators per token).
+    // AVX2 too: with its 16 registers some accumulators spill, yet 8-token tiles
+    // measured 64 -> 82 GMAC/s there (examples/gemm_lab.rs, ROOFTOP_ISA=avx2, n = 64).
+    let fp4 = G == NVFP4 || G == MXFP4;
     let (cols, n) = (l.cols, a.n);
     let bb = l.block_bytes();
     let kk = match l.mode {
@@ -316,7 +355,10 @@ unsafe fn rows_g<D: Dot, const G: usize>(r: &RowArgs, l: &Lanes8, a: &QActs) {
         let p = base.add(blk * bb);
         let mut t0 = 0;
         while t0 < n {
-            let nt = (n - t0).min(4);
+            let nt = match n - t0 {
+                m if m >= 8 && !fp4 => 8,
+                m => m.min(4),
+            };
             let g = Geo {
                 pf: if t0 == 0 { geo.pf } else { 0 },
                 ..geo
@@ -336,8 +378,13 @@ unsafe fn rows_g<D: Dot, const G: usize>(r: &RowArgs, l: &Lanes8, a: &QActs) {
                         put8(r, t0 + i, blk, v);
                     }
                 }
-                _ => {
+                4 => {
                     for (i, v) in tile::<D, G, 4>(p, g, a, t0).into_iter().enumerate() {
+                        put8(r, t0 + i, blk, v);
+                    }
+                }
+                _ => {
+                    for (i, v) in tile::<D, G, 8>(p, g, a, t0).into_iter().enumerate() {
                         put8(r, t0 + i, blk, v);
                     }
                 }
