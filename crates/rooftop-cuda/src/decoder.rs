@@ -95,9 +95,27 @@ impl StepBytes {
 }
 
 /// `struct QkvPost` in ops.cu.
+/// qkv_post's arguments for attention `a` with caches of `max_seq` positions.
+pub(crate) fn qkv_post_arg(dev: &CudaDevice, a: &CudaAttention, max_seq: usize) -> QkvPostArg {
+    QkvPostArg {
+        bias: a.qkv_bias.as_ref().map_or(0, |b| dev.ptr(b)),
+        qn: a.q_norm.as_ref().map_or(0, |b| dev.ptr(b)),
+        kn: a.k_norm.as_ref().map_or(0, |b| dev.ptr(b)),
+        inv_freq: dev.ptr(&a.rope.inv_freq),
+        eps: a.qk_eps,
+        mscale: a.rope.mscale,
+        rot: a.rope.rot_dim as i32,
+        traditional: a.rope.traditional as i32,
+        n_heads: a.heads as i32,
+        n_kv: a.kv_heads as i32,
+        head_dim: a.head_dim as i32,
+        max_seq: max_seq as i32,
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct QkvPostArg {
+pub(crate) struct QkvPostArg {
     bias: u64,
     qn: u64,
     kn: u64,
@@ -116,48 +134,50 @@ unsafe impl DeviceRepr for QkvPostArg {}
 /// `struct Epi` in gemv.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct EpiArg {
-    nw: u64,
-    eps: f32,
-    add: i32,
-    bias: u64,
+pub(crate) struct EpiArg {
+    pub(crate) nw: u64,
+    pub(crate) eps: f32,
+    pub(crate) add: i32,
+    pub(crate) bias: u64,
 }
 unsafe impl DeviceRepr for EpiArg {}
 
 /// Epilogue options of one decoder GEMV.
 #[derive(Clone, Copy, Default)]
-struct Gemv<'a> {
-    norm: Option<(&'a CudaSlice<f32>, f32)>,
-    add: bool,
-    bias: Option<&'a CudaSlice<f32>>,
-    next: Option<&'a CudaWeight>,
+pub(crate) struct Gemv<'a> {
+    pub(crate) norm: Option<(&'a CudaSlice<f32>, f32)>,
+    pub(crate) add: bool,
+    pub(crate) bias: Option<&'a CudaSlice<f32>>,
+    pub(crate) next: Option<&'a CudaWeight>,
 }
 
 /// Per-sequence device state: residual stream, scratch, KV caches, the token and
 /// position the captured graph reads, and the graph itself.
 pub struct CudaState {
-    h: CudaSlice<f32>,
-    qkv: CudaSlice<f32>,
-    att: CudaSlice<f32>,
-    partial: CudaSlice<f32>,
-    logits: CudaSlice<f32>,
-    moe: Option<MoeScratch>,
-    kc: Vec<CudaSlice<u16>>,
-    vc: Vec<CudaSlice<u16>>,
+    pub(crate) h: CudaSlice<f32>,
+    pub(crate) qkv: CudaSlice<f32>,
+    pub(crate) att: CudaSlice<f32>,
+    pub(crate) partial: CudaSlice<f32>,
+    pub(crate) logits: CudaSlice<f32>,
+    pub(crate) moe: Option<MoeScratch>,
+    pub(crate) kc: Vec<CudaSlice<u16>>,
+    pub(crate) vc: Vec<CudaSlice<u16>>,
     /// `[1]` the token the next step embeds (the greedy step writes its choice here).
-    tok: CudaSlice<i32>,
+    pub(crate) tok: CudaSlice<i32>,
     /// `[1]` the position of the next token.
-    pos: CudaSlice<i32>,
+    pub(crate) pos: CudaSlice<i32>,
     amax_val: CudaSlice<f32>,
     amax_idx: CudaSlice<i32>,
     amax_cnt: CudaSlice<u32>,
-    splits: usize,
-    max_seq: usize,
-    len: usize,
+    pub(crate) splits: usize,
+    pub(crate) max_seq: usize,
+    pub(crate) len: usize,
     graphs: [Option<CudaGraph>; 2],
     /// All layers in one launch (the streaming kernel, persistent.rs), when asked for
     /// and the model suits it.
     persistent: Option<Fused>,
+    /// Prefill-chunk buffers and graphs (prefill.rs), made on the first prefill.
+    pub(crate) chunk: Option<crate::prefill::ChunkBufs>,
 }
 
 impl CudaState {
@@ -345,6 +365,7 @@ impl CudaDecoder {
             max_seq,
             len: 0,
             graphs: [None, None],
+            chunk: None,
         })
     }
 
@@ -355,7 +376,7 @@ impl CudaDecoder {
     }
 
     /// `y (+)= W · norm(x) (+ bias)`, prefetching `next` for a later launch.
-    fn gemv(&self, w: &CudaWeight, x: u64, y: u64, o: Gemv) -> Result<(), CudaError> {
+    pub(crate) fn gemv(&self, w: &CudaWeight, x: u64, y: u64, o: Gemv) -> Result<(), CudaError> {
         let Gemv {
             norm,
             add,
@@ -481,7 +502,8 @@ impl CudaDecoder {
             )
         } else {
             let f = dev.function(&ops, "advance_pos")?;
-            launch!(dev, f, cfg((1, 1), 32, 0), "advance_pos", ppos)
+            let one = 1i32;
+            launch!(dev, f, cfg((1, 1), 32, 0), "advance_pos", ppos, one)
         }
     }
 
@@ -514,20 +536,7 @@ impl CudaDecoder {
             }
             // Bias, q/k norm, rope, KV append.
             let f = dev.function(&ops, "qkv_post")?;
-            let arg = QkvPostArg {
-                bias: a.qkv_bias.as_ref().map_or(0, |b| dev.ptr(b)),
-                qn: a.q_norm.as_ref().map_or(0, |b| dev.ptr(b)),
-                kn: a.k_norm.as_ref().map_or(0, |b| dev.ptr(b)),
-                inv_freq: dev.ptr(&a.rope.inv_freq),
-                eps: a.qk_eps,
-                mscale: a.rope.mscale,
-                rot: a.rope.rot_dim as i32,
-                traditional: a.rope.traditional as i32,
-                n_heads: a.heads as i32,
-                n_kv: a.kv_heads as i32,
-                head_dim: a.head_dim as i32,
-                max_seq: s.max_seq as i32,
-            };
+            let arg = qkv_post_arg(dev, a, s.max_seq);
             let (pkc, pvc) = (dev.ptr(&s.kc[li]), dev.ptr(&s.vc[li]));
             launch!(
                 dev,
@@ -560,7 +569,7 @@ impl CudaDecoder {
         Ok(())
     }
 
-    fn check_room(&self, s: &CudaState, n: usize) -> Result<(), CudaError> {
+    pub(crate) fn check_room(&self, s: &CudaState, n: usize) -> Result<(), CudaError> {
         if s.len + n > s.max_seq {
             return Err(CudaError::Unsupported(format!(
                 "context full: {} + {n} tokens exceed the {} the state was made for",
@@ -688,7 +697,7 @@ impl CudaDecoder {
         self.dev.download(&s.logits)
     }
 
-    fn check_token(&self, token: u32) -> Result<(), CudaError> {
+    pub(crate) fn check_token(&self, token: u32) -> Result<(), CudaError> {
         if token as usize >= self.embed.rows {
             return Err(CudaError::Unsupported(format!(
                 "token {token} is outside the vocabulary of {}",

@@ -33,6 +33,7 @@ mod moe;
 pub mod nvrtc;
 mod ops;
 mod persistent;
+mod prefill;
 pub mod reference;
 mod weight;
 

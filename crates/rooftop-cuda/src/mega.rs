@@ -1,9 +1,12 @@
 //! Host side of the barrier decode kernel (`kernels/mega.cu`): every layer of a token in
-//! one launch, each op spread over the whole (co-resident) grid with the per-op kernels'
-//! row loops, grid-wide barriers between ops, and the next op's weights prefetched into
-//! L2 while the current one runs. For models whose layer weights share one format (the
-//! kernel is compiled per format). Chosen with `ROOFTOP_PERSISTENT=barrier` (see
-//! [`crate::persistent::decode_kernel`]).
+//! one launch, each op spread over the whole (co-resident) grid, grid-wide barriers
+//! between ops, and each CTA's share of an op's weight rows bulk-copied into its shared
+//! memory an op ahead. For models whose layer weights share one format (the kernel is
+//! compiled per format), on sm_90+. Opt-in (`ROOFTOP_PERSISTENT=barrier`, see
+//! [`crate::persistent::decode_kernel`]): correct on every GPU check, but on an H200 it
+//! decodes qwen3-30b-a3b affine4 at ~290 tok/s against ~420 for the launch-per-op graph
+//! (docs/PERFORMANCE-cuda.md, session 5: each op's chain of dependent steps costs
+//! 5-20 us even with its weights on chip).
 
 use crate::decoder::{CudaDecoder, CudaFfn};
 use crate::device::{cfg, launch, CudaDevice};
@@ -133,14 +136,15 @@ const THREADS: u32 = 256;
 /// `MAX_TOPK` in gemv.cu (routed experts kept in shared memory).
 const MAX_TOPK: usize = 32;
 
-/// Blocks per SM the kernel is compiled for (`ROOFTOP_MEGA_BLOCKS`, default 2: 128
-/// registers per thread).
+/// Blocks per SM the kernel is compiled for (`ROOFTOP_MEGA_BLOCKS`). Default 1: on an
+/// H200 (qwen3-30b-a3b affine4) 1 block of 190 registers decoded 292 tok/s, 2 blocks
+/// (128 registers, ~500 B of spills) 274.
 pub(crate) fn mega_blocks() -> usize {
     std::env::var("ROOFTOP_MEGA_BLOCKS")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|v| (1..=8).contains(v))
-        .unwrap_or(2)
+        .unwrap_or(1)
 }
 
 /// Device buffers and launch shape of the barrier kernel, besides the decoder state's.

@@ -59,7 +59,11 @@ fn gemv_modules_export_every_kernel() {
         "moe_gate_up",
         "moe_down",
         "gemv1_epi",
+        "gemv8_epi",
         "embed_row",
+        "moe_route_n",
+        "moe_gate_up_n",
+        "moe_down_n",
     ] {
         assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
     }

@@ -116,13 +116,16 @@ impl Runner<'_> {
                         max: state.capacity(),
                     });
                 }
-                // Prefill token by token through the decode graph.
                 let mut logits = Vec::new();
-                for &t in rest {
-                    dec.feed(state, t)?;
-                    if *all {
+                if *all {
+                    // Logits at every position: token by token through the decode graph.
+                    for &t in rest {
+                        dec.feed(state, t)?;
                         logits.extend(dec.logits(state)?);
                     }
+                } else {
+                    // Chunks of 8: every weight row read once per chunk.
+                    dec.prefill(state, rest)?;
                 }
                 if *device_greedy {
                     Ok(Out::Token(dec.feed_greedy(state, *last)?))

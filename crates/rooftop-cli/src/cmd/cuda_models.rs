@@ -64,16 +64,21 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                     continue;
                 }
             };
-            for kernel in [
-                DecodeKernel::PerOp,
-                DecodeKernel::Stream,
-                DecodeKernel::Barrier,
-            ] {
+            // Each decode kernel feeding token by token, then the launch-per-op path fed
+            // by prefill chunks.
+            let modes = [
+                (DecodeKernel::PerOp, false),
+                (DecodeKernel::Stream, false),
+                (DecodeKernel::Barrier, false),
+                (DecodeKernel::PerOp, true),
+            ];
+            for (kernel, chunked) in modes {
                 rooftop_cuda::set_decode_kernel(kernel);
-                let name = match kernel {
-                    DecodeKernel::PerOp => name.clone(),
-                    DecodeKernel::Stream => format!("{name} (persistent)"),
-                    DecodeKernel::Barrier => format!("{name} (barrier)"),
+                let name = match (kernel, chunked) {
+                    (_, true) => format!("{name} (prefill)"),
+                    (DecodeKernel::PerOp, _) => name.clone(),
+                    (DecodeKernel::Stream, _) => format!("{name} (persistent)"),
+                    (DecodeKernel::Barrier, _) => format!("{name} (barrier)"),
                 };
                 // Logits at every position.
                 let (_, want) = npy::read_f32(&arch.join(format!("{vname}.npy")))?;
@@ -81,19 +86,38 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                 if st.decode_kernel() != kernel {
                     continue; // mixed formats: only the launch-per-op path applies
                 }
-                let mut got = Vec::with_capacity(want.len());
-                for &t in &tokens {
-                    dec.feed(&mut st, t)?;
-                    got.extend(dec.logits(&st)?);
-                }
-                let logits_err = rel_err(&got, &want[..got.len().min(want.len())]);
+                let logits_err = if chunked {
+                    // Chunks of every size 1-8 in turn; the last token's logits of each.
+                    let vocab = dec.vocab();
+                    let (mut got, mut at) = (Vec::new(), Vec::new());
+                    let (mut i, mut c) = (0, 0);
+                    while i < tokens.len() {
+                        let m = [3, 8, 5, 1, 7, 2, 6, 4][c % 8].min(tokens.len() - i);
+                        dec.prefill(&mut st, &tokens[i..i + m])?;
+                        (i, c) = (i + m, c + 1);
+                        got.extend(dec.logits(&st)?);
+                        at.extend_from_slice(want.get((i - 1) * vocab..i * vocab).unwrap_or(&[]));
+                    }
+                    rel_err(&got, &at)
+                } else {
+                    let mut got = Vec::with_capacity(want.len());
+                    for &t in &tokens {
+                        dec.feed(&mut st, t)?;
+                        got.extend(dec.logits(&st)?);
+                    }
+                    rel_err(&got, &want[..got.len().min(want.len())])
+                };
                 // Greedy continuation with the device's argmax.
                 let greedy: Vec<u32> = serde_json::from_value(v["greedy"].clone())?;
                 let margins: Vec<f64> = serde_json::from_value(v["margins"].clone())?;
                 let mut st = dec.new_state(prompt.len() + greedy.len() + 1)?;
                 let (last, rest) = prompt.split_last().context("empty prompt")?;
-                for &t in rest {
-                    dec.feed(&mut st, t)?;
+                if chunked {
+                    dec.prefill(&mut st, rest)?;
+                } else {
+                    for &t in rest {
+                        dec.feed(&mut st, t)?;
+                    }
                 }
                 let mut next = dec.feed_greedy(&mut st, *last)?;
                 let mut ours = vec![next];

@@ -633,10 +633,20 @@ extern "C" __global__ void __launch_bounds__(256) gemv1_epi(const QW W, const fl
   gemv_body<1, ROWS_GEMV>(W, x, 1, y, lpr, e);
 }
 
-// Embedding lookup: y[:] = W[tok[0], :] * scale, dequantized. Grid-stride over chunks.
+// y[t, :] (+)= W · rmsnorm(x[t, :]) (+ bias) for t < n <= 8 (a prefill chunk): every
+// weight row loaded once for the chunk's tokens.
+extern "C" __global__ void __launch_bounds__(256) gemv8_epi(const QW W, const float* x, int n, float* y, int lpr,
+                                                            const Epi e) {
+  gemv_body<8, 1>(W, x, n, y, lpr, e);
+}
+
+// Embedding lookup: y[t, :] = W[tok[t], :] * scale, dequantized, for token t =
+// blockIdx.y (prefill chunks; 0 when decoding). Grid-stride over chunks.
 extern "C" __global__ void __launch_bounds__(256) embed_row(const QW W, const int* tok, float* y, float scale) {
   pdl_wait();
   pdl_trigger();
+  tok += blockIdx.y;
+  y += (size_t)blockIdx.y * W.cols;
   const int row = min(max(*tok, 0), W.rows - 1);
   const int C = W.cols / 32;
   for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += gridDim.x * blockDim.x) {
@@ -1005,4 +1015,108 @@ moe_down(const QW D, const QW SD, const float* h, const int* ids, const float* w
   for (int s = s_lo; s <= s_hi; s++) sum_vec(s < k ? inter : inter_sh, xs + (s - s_lo) * 8 * Cm, xsum + (s - s_lo) * Cm);
   __syncthreads();
   down_rows(D, SD, ids, wts, k, hidden, inter, inter_sh, lpr, lo, hi, s_lo, Cm, xs, xsum, out);
+}
+
+// ---- Prefill chunks: the MoE step for n <= 8 tokens in three launches -------------
+// Each (token, routed expert) pair is a slot of inter rows (then each token's shared
+// expert / dense MLP, inter_sh rows); act is [n][k * inter + inter_sh].
+
+// Launch 1: routing of token blockIdx.x from its router logits (one warp).
+extern "C" __global__ void __launch_bounds__(32) moe_route_n(const float* logits, const Routing rt, int* ids_out,
+                                                             float* wts_out) {
+  __shared__ int ids[MAX_TOPK];
+  __shared__ float wts[MAX_TOPK];
+  pdl_wait();
+  pdl_trigger();
+  const int t = blockIdx.x;
+  route(logits + (size_t)t * rt.n_experts, rt, ids, wts);
+  __syncwarp();
+  if (threadIdx.x < rt.k) {
+    ids_out[t * rt.k + threadIdx.x] = ids[threadIdx.x];
+    wts_out[t * rt.k + threadIdx.x] = wts[threadIdx.x];
+  }
+}
+
+// Launch 2: act[t, j * inter + r] = silu(gate_e . x_t) * (up_e . x_t) for each pair
+// (t, j) (e = ids[t * k + j]) and each token's shared rows, x_t = rmsnorm(h[t]) staged
+// for all n tokens. Items are (token, row-of-its-slots) over the grid.
+extern "C" __global__ void __launch_bounds__(256)
+moe_gate_up_n(const QW G, const QW U, const QW SG, const QW SU, const float* x, int n, const int* ids, int k,
+              int inter, int inter_sh, float* act, int lpr, const float* nw, float eps) {
+  extern __shared__ float4 smem4[];
+  const int H = SG.cols > 0 ? SG.cols : G.cols, C = H / 32;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + 8 * 8 * C);
+  pdl_wait();
+  pdl_trigger();
+  for (int t = 0; t < n; t++) stage_vec_norm(x + (size_t)t * H, H, xs + t * 8 * C, nw, eps);
+  __syncthreads();
+  for (int t = 0; t < n; t++) sum_vec(H, xs + t * 8 * C, xsum + t * C);
+  __syncthreads();
+  const int per_tok = k * inter + inter_sh, items = n * per_tok;
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, nwarps = (gridDim.x * blockDim.x) >> 5;
+  for (int base = warp * rpw; base < items; base += nwarps * rpw) {
+    const int i = base + rsub;
+    float g[1] = {0.f}, u[1] = {0.f};
+    if (i < items) {
+      const int t = i / per_tok, o = i - t * per_tok;
+      const bool routed = o < k * inter;
+      const int row = routed ? ids[t * k + o / inter] * inter + o % inter : o - k * inter;
+      row_dot2(pick(routed, G, SG), row, pick(routed, U, SU), row, C, sub, lpr, xs + t * 8 * C, xsum + t * C, g, u);
+    }
+    g[0] = reduce_lpr(g[0], lpr);
+    u[0] = reduce_lpr(u[0], lpr);
+    if (i < items && sub == 0) act[i] = silu(g[0]) * u[0];
+  }
+}
+
+// Launch 3: out[t, r] += Σ_j w[t, j] * (down_e[r] . act[t, j]) (+ shared, weight 1).
+// Items are (token, slot, row) triples; each block takes `per` consecutive ones (so it
+// stages only the one or two slots it touches) and adds into out with atomics.
+extern "C" __global__ void __launch_bounds__(256)
+moe_down_n(const QW D, const QW SD, const float* act, const int* ids, const float* wts, float* out, int n, int k,
+           int hidden, int inter, int inter_sh, int lpr, int per) {
+  extern __shared__ float4 smem4[];
+  pdl_wait();
+  pdl_trigger();
+  const int ns = k + (inter_sh > 0), per_tok = k * inter + inter_sh;
+  const int Cr = inter / 32, Cs = inter_sh / 32, Cm = Cr > Cs ? Cr : Cs;
+  const int items = n * ns * hidden;
+  const int lo = blockIdx.x * per, hi = min(items, lo + per);
+  if (lo >= hi) return;
+  // Global slot g = t * ns + s: token t, slot s (s == k: shared).
+  const int g_lo = lo / hidden, g_hi = (hi - 1) / hidden;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + (g_hi - g_lo + 1) * 8 * Cm);
+  for (int g = g_lo; g <= g_hi; g++) {
+    const int t = g / ns, s = g - t * ns;
+    stage_vec(act + (size_t)t * per_tok + s * inter, s < k ? inter : inter_sh, xs + (g - g_lo) * 8 * Cm);
+  }
+  __syncthreads();
+  for (int g = g_lo; g <= g_hi; g++) {
+    const int s = g % ns;
+    sum_vec(s < k ? inter : inter_sh, xs + (g - g_lo) * 8 * Cm, xsum + (g - g_lo) * Cm);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  const int nw = blockDim.x >> 5;
+  for (int base = lo + (threadIdx.x >> 5) * rpw; base < hi; base += nw * rpw) {
+    const int i = base + rsub;
+    float acc[1] = {0.f};
+    float wt = 0.f;
+    int g = 0, r = 0;
+    if (i < hi) {
+      g = i / hidden;
+      r = i % hidden;
+      const int t = g / ns, s = g - t * ns;
+      const bool routed = s < k;
+      const int row = routed ? ids[t * k + s] * hidden + r : r;
+      wt = routed ? wts[t * k + s] : 1.f;
+      row_dot<1>(pick(routed, D, SD), row, routed ? Cr : Cs, sub, lpr, xs + (g - g_lo) * 8 * Cm, xsum + (g - g_lo) * Cm,
+                 acc);
+    }
+    acc[0] = reduce_lpr(acc[0], lpr);
+    if (i < hi && sub == 0) atomicAdd(out + (size_t)(g / ns) * hidden + r, wt * acc[0]);
+  }
 }

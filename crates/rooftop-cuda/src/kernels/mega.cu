@@ -43,6 +43,8 @@ struct MegaStep {
   int stage_bytes, qg_bytes, od_bytes, pad;  // dynamic smem: stage area, then the QG, OD, R buffers
 };
 
+#if __CUDA_ARCH__ >= 900  // bulk copies and mbarriers; the host never launches it on older GPUs
+
 // Wait for every CTA to arrive (the `n`th barrier of this launch). The writes before it
 // are visible to every CTA after it: bar.sync orders the CTA's writes before thread 0's
 // release arrival; thread 0 polls with relaxed loads (an acquire load per poll costs a
@@ -423,6 +425,8 @@ __device__ __forceinline__ QW mg_down_view(const LayerDesc& L, const int* ids, i
   const bool routed = s < L.rt.k;
   return mg_rows(routed ? L.down : L.sd, routed ? ids[s] * H + a : a, b - a, dst, off, bar, issue);
 }
+
+#endif  // __CUDA_ARCH__ >= 900
 
 extern "C" __global__ void __launch_bounds__(MG_THREADS, MEGA_MIN_BLOCKS) mega_layers(const MegaStep st) {
 #if __CUDA_ARCH__ >= 900

@@ -71,7 +71,10 @@ attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc,
   __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int len = min(*pos + 1, max_seq);
+  // Token blockIdx.z of a prefill chunk (0 when decoding) sees positions <= *pos + token.
+  const int len = min(*pos + (int)blockIdx.z + 1, max_seq);
+  q += (size_t)blockIdx.z * (n_heads + 2 * n_kv) * head_dim;
+  part += (size_t)blockIdx.z * n_heads * splits * (head_dim + 2);
   const int per = (len + splits - 1) / splits;
   const int start = split * per, end = min(len, start + per);
   const int kvh = h / (n_heads / n_kv);
@@ -127,6 +130,9 @@ extern "C" __global__ void attn_combine(const float* part, float* out, int split
   pdl_trigger();
   const int h = blockIdx.x, d = threadIdx.x;
   if (d >= head_dim) return;
+  // Token blockIdx.y of a prefill chunk (0 when decoding).
+  part += (size_t)blockIdx.y * gridDim.x * splits * (head_dim + 2);
+  out += (size_t)blockIdx.y * gridDim.x * head_dim;
   const float* ph = part + (size_t)h * splits * (head_dim + 2);
   float M = -INFINITY;
   for (int s = 0; s < splits; s++) M = fmaxf(M, ph[s * (head_dim + 2) + head_dim]);
@@ -211,9 +217,11 @@ qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, con
   pdl_trigger();
   __shared__ float xs[HD_MAX];
   __shared__ float red[32];
+  // Token blockIdx.y of a prefill chunk (0 when decoding) at position *pos + token.
   const int b = blockIdx.x, d = threadIdx.x, hd = a.head_dim;
   const bool is_q = b < a.n_heads;
-  const int p = *pos;
+  const int p = *pos + blockIdx.y;
+  qkv += (size_t)blockIdx.y * (a.n_heads + 2 * a.n_kv) * hd;
   float* row = qkv + (size_t)b * hd;  // k heads follow the q heads directly
   float x = d < hd ? row[d] : 0.f;
   if (a.bias && d < hd) x += a.bias[b * hd + d];
@@ -311,9 +319,9 @@ argmax_step(const float* x, int n, float* pval, int* pidx, u32* counter, int* to
   }
 }
 
-// pos[0] += 1 (a step whose token the host supplies: prefill).
-extern "C" __global__ void advance_pos(int* pos) {
+// pos[0] += n (a step or prefill chunk whose tokens the host supplies).
+extern "C" __global__ void advance_pos(int* pos, int n) {
   pdl_wait();
   pdl_trigger();
-  if (threadIdx.x == 0 && blockIdx.x == 0) *pos += 1;
+  if (threadIdx.x == 0 && blockIdx.x == 0) *pos += n;
 }

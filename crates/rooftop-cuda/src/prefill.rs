@@ -1,0 +1,428 @@
+//! Prompt prefill in chunks of up to [`CHUNK`] tokens: every weight row is loaded once
+//! per chunk instead of once per token (gemv8_epi; the MoE as one routing, one gate/up
+//! and one down launch for all the chunk's tokens), attention is causal within the
+//! chunk, and each chunk size is one captured CUDA graph. Only the last token's logits
+//! are computed. Where a chunk does not apply (split q/k/v projections, shared memory
+//! too small for 8 staged activations), tokens are fed one decode step at a time.
+
+use crate::decoder::{CudaDecoder, CudaFfn, CudaState, EpiArg, Gemv};
+use crate::device::{cfg, launch};
+use crate::nvrtc::ModuleSource;
+use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
+use crate::{CudaError, CudaGraph};
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+/// Tokens per chunk (the `gemv8_epi` batch).
+pub(crate) const CHUNK: usize = 8;
+
+/// Device buffers of a prefill chunk (`[CHUNK, …]` each) and one graph per chunk size.
+pub(crate) struct ChunkBufs {
+    h: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    part: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    ids: CudaSlice<i32>,
+    wts: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    tok: CudaSlice<i32>,
+    graphs: Vec<Option<CudaGraph>>,
+}
+
+fn cfg3(grid: (u32, u32, u32), block: u32, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+impl CudaDecoder {
+    /// Whether this model's layers suit prefill chunks (one stacked QKV per layer, and
+    /// 8 staged activation vectors fit a block's shared memory).
+    fn chunk_ok(&self) -> bool {
+        let smem = |cols: usize| stage_bytes(CHUNK, cols) + 1024 <= self.dev.max_smem;
+        self.layers.iter().all(|l| {
+            l.attn.qkv.len() == 1
+                && smem(l.attn.qkv[0].cols)
+                && smem(l.attn.o.cols)
+                && match &l.ffn {
+                    CudaFfn::Moe(m) => m.routing.top_k <= 32 && smem(m.router.cols),
+                    CudaFfn::Mlp(m) => smem(m.w[0].cols),
+                }
+        })
+    }
+
+    fn chunk_bufs(&self, s: &CudaState) -> Result<ChunkBufs, CudaError> {
+        let dev = &self.dev;
+        let (mut qkv, mut att, mut part, mut e, mut k, mut act) = (1, 1, 1, 1, 1, 1);
+        for l in &self.layers {
+            let a = &l.attn;
+            qkv = qkv.max((a.heads + 2 * a.kv_heads) * a.head_dim);
+            att = att.max(a.heads * a.head_dim);
+            part = part.max(a.heads * s.splits * (a.head_dim + 2));
+            match &l.ffn {
+                CudaFfn::Moe(m) => {
+                    e = e.max(m.n_experts);
+                    k = k.max(m.routing.top_k);
+                    act = act.max(m.routing.top_k * m.inter + m.inter_shared());
+                }
+                CudaFfn::Mlp(m) => act = act.max(m.w[0].rows),
+            }
+        }
+        Ok(ChunkBufs {
+            h: dev.alloc(CHUNK * self.hidden())?,
+            qkv: dev.alloc(CHUNK * qkv)?,
+            att: dev.alloc(CHUNK * att)?,
+            part: dev.alloc(CHUNK * part)?,
+            logits: dev.alloc(CHUNK * e)?,
+            ids: dev.alloc(CHUNK * k)?,
+            wts: dev.alloc(CHUNK * k)?,
+            act: dev.alloc(CHUNK * act)?,
+            tok: dev.alloc(CHUNK)?,
+            graphs: (0..CHUNK).map(|_| None).collect(),
+        })
+    }
+
+    /// Feed a prompt (or any run of host-chosen tokens) in chunks of up to 8; the logits
+    /// of the last token stay on the device ([`CudaDecoder::logits`]), as after
+    /// [`CudaDecoder::feed`] of each token in turn. No host synchronization.
+    pub fn prefill(&self, s: &mut CudaState, tokens: &[u32]) -> Result<(), CudaError> {
+        self.check_room(s, tokens.len())?;
+        for &t in tokens {
+            self.check_token(t)?;
+        }
+        if !self.chunk_ok() {
+            return tokens.iter().try_for_each(|&t| self.feed(s, t));
+        }
+        if s.chunk.is_none() {
+            s.chunk = Some(self.chunk_bufs(s)?);
+        }
+        for c in tokens.chunks(CHUNK) {
+            let n = c.len();
+            let ids: Vec<i32> = c.iter().map(|&t| t as i32).collect();
+            let bufs = s.chunk.as_mut().expect("made above");
+            self.dev.write(&mut bufs.tok, &ids)?;
+            if bufs.graphs[n - 1].is_none() {
+                // Load every kernel outside the capture (running the chunk once: it
+                // writes the same KV entries the replay will), then capture.
+                let save_pos = self.dev.download(&s.pos)?;
+                self.enqueue_chunk(s, n)?;
+                self.dev.synchronize()?;
+                self.dev.write(&mut s.pos, &save_pos)?;
+                let g = self.dev.capture(|| self.enqueue_chunk(s, n))?;
+                s.chunk.as_mut().expect("made above").graphs[n - 1] = Some(g);
+            }
+            let bufs = s.chunk.as_ref().expect("made above");
+            bufs.graphs[n - 1]
+                .as_ref()
+                .expect("captured above")
+                .launch()
+                .map_err(|e| CudaError::Driver {
+                    op: "cuGraphLaunch".into(),
+                    source: e,
+                })?;
+            s.len += n;
+        }
+        Ok(())
+    }
+
+    /// `y[t] (+)= W · norm(x[t]) (+ bias)` for the chunk's n tokens (rows W.rows apart).
+    fn gemv8(&self, w: &CudaWeight, x: u64, n: usize, y: u64, o: Gemv) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let f = dev.function(&ModuleSource::gemv(w.format), "gemv8_epi")?;
+        let smem = stage_bytes(CHUNK, w.cols);
+        dev.check_smem("prefill gemv", smem)?;
+        let lpr = lanes_per_row(w.cols, w.format.unroll());
+        let grid = dev.grid_for(
+            &f,
+            256,
+            smem,
+            w.rows.div_ceil(32 / lpr as usize).div_ceil(8),
+        );
+        let e = EpiArg {
+            nw: o.norm.map_or(0, |(nw, _)| dev.ptr(nw)),
+            eps: o.norm.map_or(0.0, |(_, e)| e),
+            add: o.add as i32,
+            bias: o.bias.map_or(0, |b| dev.ptr(b)),
+        };
+        let (arg, ni) = (w.arg(dev), n as i32);
+        launch!(
+            dev,
+            f,
+            cfg((grid, 1), 256, smem),
+            "gemv8_epi",
+            arg,
+            x,
+            ni,
+            y,
+            lpr,
+            e
+        )
+    }
+
+    /// Enqueue one chunk of n tokens (ids in the chunk's `tok`) at the state's position:
+    /// every layer for all n, lm_head for the last, position += n.
+    fn enqueue_chunk(&self, s: &CudaState, n: usize) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let c = s.chunk.as_ref().expect("allocated by prefill");
+        let ops = ModuleSource::ops();
+        let hd_all = self.hidden();
+        let (ph, pq, patt, ppart, ppos, ptok) = (
+            dev.ptr(&c.h),
+            dev.ptr(&c.qkv),
+            dev.ptr(&c.att),
+            dev.ptr(&c.part),
+            dev.ptr(&s.pos),
+            dev.ptr(&c.tok),
+        );
+        let nn = n as u32;
+        {
+            let f = dev.function(&ModuleSource::gemv(self.embed.format), "embed_row")?;
+            let (earg, escale) = (self.embed.arg(dev), self.embed_scale);
+            let grid = (self.embed.cols / 32).div_ceil(256) as u32;
+            launch!(
+                dev,
+                f,
+                cfg3((grid, nn, 1), 256, 0),
+                "embed_row",
+                earg,
+                ptok,
+                ph,
+                escale
+            )?;
+        }
+        for (li, l) in self.layers.iter().enumerate() {
+            let a = &l.attn;
+            let norm = Some((&l.attn_norm, l.eps));
+            let o = Gemv {
+                norm,
+                ..Default::default()
+            };
+            self.gemv8(&a.qkv[0], ph, n, pq, o)?;
+            self.chunk_attention(s, li, n, [pq, patt, ppart, ppos])?;
+            let o = Gemv {
+                add: true,
+                bias: a.o_bias.as_ref(),
+                ..Default::default()
+            };
+            self.gemv8(&a.o, patt, n, ph, o)?;
+            self.chunk_ffn(c, l, n, ph)?;
+        }
+        // Final norm + lm_head of the last token, then position += n.
+        let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let o = Gemv {
+            norm: Some((&self.norm, self.eps)),
+            ..Default::default()
+        };
+        let last = ph + ((n - 1) * hd_all * 4) as u64;
+        self.gemv(lm, last, dev.ptr(&s.logits), o)?;
+        let f = dev.function(&ops, "advance_pos")?;
+        let ni = n as i32;
+        launch!(dev, f, cfg((1, 1), 32, 0), "advance_pos", ppos, ni)
+    }
+
+    /// q/k/v post-processing and KV append of the chunk's n tokens, then causal
+    /// split-K attention (token t sees positions up to pos + t).
+    fn chunk_attention(
+        &self,
+        s: &CudaState,
+        li: usize,
+        n: usize,
+        [pq, patt, ppart, ppos]: [u64; 4],
+    ) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let ops = ModuleSource::ops();
+        let a = &self.layers[li].attn;
+        let nn = n as u32;
+        let (pkc, pvc) = (dev.ptr(&s.kc[li]), dev.ptr(&s.vc[li]));
+        let f = dev.function(&ops, "qkv_post")?;
+        let arg = crate::decoder::qkv_post_arg(dev, a, s.max_seq);
+        launch!(
+            dev,
+            f,
+            cfg3(((a.heads + a.kv_heads) as u32, nn, 1), a.head_dim as u32, 0),
+            "qkv_post",
+            pq,
+            ppos,
+            pkc,
+            pvc,
+            arg
+        )?;
+        let (nh, nkv, hd, ms) = (
+            a.heads as i32,
+            a.kv_heads as i32,
+            a.head_dim as i32,
+            s.max_seq as i32,
+        );
+        let scale = a.scale;
+        let f = dev.function(&ops, "attn_partial")?;
+        launch!(
+            dev,
+            f,
+            cfg3((a.heads as u32, s.splits as u32, nn), 128, 0),
+            "attn_partial",
+            pq,
+            pkc,
+            pvc,
+            ppos,
+            ppart,
+            nh,
+            nkv,
+            hd,
+            ms,
+            scale
+        )?;
+        let f = dev.function(&ops, "attn_combine")?;
+        let sp = s.splits as i32;
+        launch!(
+            dev,
+            f,
+            cfg3((a.heads as u32, nn, 1), a.head_dim as u32, 0),
+            "attn_combine",
+            ppart,
+            patt,
+            sp,
+            hd
+        )
+    }
+
+    /// The feed-forward of the chunk's n tokens, added into their residual streams.
+    fn chunk_ffn(
+        &self,
+        c: &ChunkBufs,
+        l: &crate::decoder::CudaLayer,
+        n: usize,
+        ph: u64,
+    ) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let h = self.hidden();
+        let (pl, pids, pwts, pact) = (
+            dev.ptr(&c.logits),
+            dev.ptr(&c.ids),
+            dev.ptr(&c.wts),
+            dev.ptr(&c.act),
+        );
+        let none = QwArg::default();
+        // (gate, up, down) of the routed experts, of the shared expert / dense MLP.
+        let (routed, shared, k, inter) = match &l.ffn {
+            CudaFfn::Moe(m) => {
+                let o = Gemv {
+                    norm: Some((&l.ffn_norm, l.eps)),
+                    ..Default::default()
+                };
+                self.gemv8(&m.router, ph, n, pl, o)?;
+                let f = dev.function(&ModuleSource::gemv(m.router.format), "moe_route_n")?;
+                let rt = m.routing_arg(dev);
+                launch!(
+                    dev,
+                    f,
+                    cfg((n as u32, 1), 32, 0),
+                    "moe_route_n",
+                    pl,
+                    rt,
+                    pids,
+                    pwts
+                )?;
+                (
+                    Some([&m.gate, &m.up, &m.down]),
+                    m.shared.as_ref().map(|[g, u, d]| [g, u, d]),
+                    m.routing.top_k,
+                    m.inter,
+                )
+            }
+            CudaFfn::Mlp(m) => (None, Some([&m.w[0], &m.w[1], &m.w[2]]), 0, 0),
+        };
+        let ish = shared.map_or(0, |s| s[0].rows);
+        let arg = |w: Option<&CudaWeight>| w.map_or(none, |w| w.arg(dev));
+        let (g, u, d) = (
+            arg(routed.map(|r| r[0])),
+            arg(routed.map(|r| r[1])),
+            arg(routed.map(|r| r[2])),
+        );
+        let (sg, su, sd) = (
+            arg(shared.map(|s| s[0])),
+            arg(shared.map(|s| s[1])),
+            arg(shared.map(|s| s[2])),
+        );
+        let gw = routed.map_or_else(|| shared.expect("an ffn")[0], |r| r[0]);
+        let dw = routed.map_or_else(|| shared.expect("an ffn")[2], |r| r[2]);
+        // Gate/up: items (token, row of its slots).
+        let smem = stage_bytes(CHUNK, h);
+        dev.check_smem("prefill gate/up", smem)?;
+        let f = dev.function(&ModuleSource::gemv(gw.format), "moe_gate_up_n")?;
+        let lpr_e = lanes_per_row(h, gw.format.unroll());
+        let items = n * (k * inter + ish);
+        let grid = dev.grid_for(
+            &f,
+            256,
+            smem,
+            items.div_ceil(32 / lpr_e as usize).div_ceil(8),
+        );
+        let (ni, ki, ii, si, eps) = (n as i32, k as i32, inter as i32, ish as i32, l.eps);
+        let nw = dev.ptr(&l.ffn_norm);
+        launch!(
+            dev,
+            f,
+            cfg((grid, 1), 256, smem),
+            "moe_gate_up_n",
+            g,
+            u,
+            sg,
+            su,
+            ph,
+            ni,
+            pids,
+            ki,
+            ii,
+            si,
+            pact,
+            lpr_e,
+            nw,
+            eps
+        )?;
+        // Down: items (token, slot, row); blocks take contiguous ranges.
+        let ns = k + (ish > 0) as usize;
+        let min_cols = match (k, ish) {
+            (0, s) => s,
+            (_, 0) => inter,
+            (_, s) => inter.min(s),
+        };
+        let lpr_d = lanes_per_row(min_cols, dw.format.unroll());
+        let f = dev.function(&ModuleSource::gemv(dw.format), "moe_down_n")?;
+        let cm = inter.max(ish);
+        let slot_bytes = cm * 4 + cm / 32 * 4;
+        let items = n * ns * h;
+        let grid = dev.grid_for(
+            &f,
+            256,
+            2 * slot_bytes,
+            items.div_ceil(32 / lpr_d as usize).div_ceil(8),
+        );
+        let per = items.div_ceil(grid as usize);
+        let grid = items.div_ceil(per) as u32;
+        let slots = (n * ns).min(per.div_ceil(h) + 1);
+        let smem_d = slots * slot_bytes;
+        dev.check_smem("prefill down", smem_d)?;
+        let (hi, per_i) = (h as i32, per as i32);
+        launch!(
+            dev,
+            f,
+            cfg((grid, 1), 256, smem_d),
+            "moe_down_n",
+            d,
+            sd,
+            pact,
+            pids,
+            pwts,
+            ph,
+            ni,
+            ki,
+            hi,
+            ii,
+            si,
+            lpr_d,
+            per_i
+        )
+    }
+}
