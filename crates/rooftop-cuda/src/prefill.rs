@@ -178,14 +178,14 @@ impl CudaDecoder {
         );
         let nn = n as u32;
         {
-            let f = dev.function(&ModuleSource::gemv(self.embed.format), "embed_row")?;
+            let f = dev.function(&ModuleSource::gemv(self.embed.format), "embed_rows")?;
             let (earg, escale) = (self.embed.arg(dev), self.embed_scale);
             let grid = (self.embed.cols / 32).div_ceil(256) as u32;
             launch!(
                 dev,
                 f,
                 cfg3((grid, nn, 1), 256, 0),
-                "embed_row",
+                "embed_rows",
                 earg,
                 ptok,
                 ph,
@@ -236,13 +236,13 @@ impl CudaDecoder {
         let a = &self.layers[li].attn;
         let nn = n as u32;
         let (pkc, pvc) = (dev.ptr(&s.kc[li]), dev.ptr(&s.vc[li]));
-        let f = dev.function(&ops, "qkv_post")?;
+        let f = dev.function(&ops, "qkv_post_n")?;
         let arg = crate::decoder::qkv_post_arg(dev, a, s.max_seq);
         launch!(
             dev,
             f,
             cfg3(((a.heads + a.kv_heads) as u32, nn, 1), a.head_dim as u32, 0),
-            "qkv_post",
+            "qkv_post_n",
             pq,
             ppos,
             pkc,
@@ -256,12 +256,12 @@ impl CudaDecoder {
             s.max_seq as i32,
         );
         let scale = a.scale;
-        let f = dev.function(&ops, "attn_partial")?;
+        let f = dev.function(&ops, "attn_partial_n")?;
         launch!(
             dev,
             f,
             cfg3((a.heads as u32, s.splits as u32, nn), 128, 0),
-            "attn_partial",
+            "attn_partial_n",
             pq,
             pkc,
             pvc,
@@ -273,13 +273,13 @@ impl CudaDecoder {
             ms,
             scale
         )?;
-        let f = dev.function(&ops, "attn_combine")?;
+        let f = dev.function(&ops, "attn_combine_n")?;
         let sp = s.splits as i32;
         launch!(
             dev,
             f,
             cfg3((a.heads as u32, nn, 1), a.head_dim as u32, 0),
-            "attn_combine",
+            "attn_combine_n",
             ppart,
             patt,
             sp,

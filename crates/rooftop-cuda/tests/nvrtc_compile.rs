@@ -61,6 +61,7 @@ fn gemv_modules_export_every_kernel() {
         "gemv1_epi",
         "gemv8_epi",
         "embed_row",
+        "embed_rows",
         "moe_route_n",
         "moe_gate_up_n",
         "moe_down_n",
@@ -110,5 +111,24 @@ fn mega_module_has_the_barrier_decode_kernel() {
         );
         assert!(body.contains("mbarrier.try_wait.parity"), "{name}");
         assert!(!body.contains("ld.global.nc.L1::no_allocate"), "{name}");
+    }
+}
+
+#[test]
+fn ops_module_has_decode_and_prefill_chunk_kernels() {
+    ensure_nvrtc().unwrap_or_else(|e| panic!("{e}"));
+    let m = ModuleSource::ops();
+    let ptx = compile(&m, "compute_90a", false).unwrap();
+    for k in [
+        "qkv_post",
+        "qkv_post_n",
+        "attn_partial",
+        "attn_partial_n",
+        "attn_combine",
+        "attn_combine_n",
+        "argmax_step",
+        "advance_pos",
+    ] {
+        assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
     }
 }

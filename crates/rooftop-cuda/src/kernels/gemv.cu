@@ -641,12 +641,15 @@ extern "C" __global__ void __launch_bounds__(256) gemv8_epi(const QW W, const fl
 }
 
 // Embedding lookup: y[t, :] = W[tok[t], :] * scale, dequantized, for token t =
-// blockIdx.y (prefill chunks; 0 when decoding). Grid-stride over chunks.
-extern "C" __global__ void __launch_bounds__(256) embed_row(const QW W, const int* tok, float* y, float scale) {
+// blockIdx.y of a prefill chunk (embed_rows; 0 for embed_row). Grid-stride over chunks.
+template <bool TOKENS>
+__device__ __forceinline__ void embed_body(const QW W, const int* tok, float* y, float scale) {
   pdl_wait();
   pdl_trigger();
-  tok += blockIdx.y;
-  y += (size_t)blockIdx.y * W.cols;
+  if (TOKENS) {
+    tok += blockIdx.y;
+    y += (size_t)blockIdx.y * W.cols;
+  }
   const int row = min(max(*tok, 0), W.rows - 1);
   const int C = W.cols / 32;
   for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += gridDim.x * blockDim.x) {
@@ -660,6 +663,12 @@ extern "C" __global__ void __launch_bounds__(256) embed_row(const QW W, const in
       y[c * 32 + j] = chunk_finish(W, sc, hi ? 0.f : f, hi ? f : 0.f, 1.f) * scale;
     }
   }
+}
+extern "C" __global__ void __launch_bounds__(256) embed_row(const QW W, const int* tok, float* y, float scale) {
+  embed_body<false>(W, tok, y, scale);
+}
+extern "C" __global__ void __launch_bounds__(256) embed_rows(const QW W, const int* tok, float* y, float scale) {
+  embed_body<true>(W, tok, y, scale);
 }
 
 // ---- Fused MoE decode step (batch 1): three launches, no host sync ----------------

@@ -63,18 +63,20 @@ extern "C" __global__ void kv_append(const float* k, const float* v, unsigned sh
 // interleaved subset, with an online softmax. Writes part[h][split] = (o[hd], m, l).
 #define ATT_WARPS 4
 #define HD_MAX 256
-extern "C" __global__ void __launch_bounds__(128)
-attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
-             float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
+template <bool TOKENS>
+__device__ __forceinline__ void attn_partial_body(const float* q, const unsigned short* kc, const unsigned short* vc,
+                                                  const int* pos, float* part, int n_heads, int n_kv, int head_dim,
+                                                  int max_seq, float scale) {
   pdl_wait();
   pdl_trigger();
   __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // Token blockIdx.z of a prefill chunk (0 when decoding) sees positions <= *pos + token.
-  const int len = min(*pos + (int)blockIdx.z + 1, max_seq);
-  q += (size_t)blockIdx.z * (n_heads + 2 * n_kv) * head_dim;
-  part += (size_t)blockIdx.z * n_heads * splits * (head_dim + 2);
+  // Token blockIdx.z of a prefill chunk (attn_partial_n) sees positions <= *pos + token.
+  const int tok = TOKENS ? (int)blockIdx.z : 0;
+  const int len = min(*pos + tok + 1, max_seq);
+  q += (size_t)tok * (n_heads + 2 * n_kv) * head_dim;
+  part += (size_t)tok * n_heads * splits * (head_dim + 2);
   const int per = (len + splits - 1) / splits;
   const int start = split * per, end = min(len, start + per);
   const int kvh = h / (n_heads / n_kv);
@@ -123,16 +125,28 @@ attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc,
     out[head_dim + 1] = L;
   }
 }
+extern "C" __global__ void __launch_bounds__(128)
+attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
+             float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
+  attn_partial_body<false>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+attn_partial_n(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
+               float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
+  attn_partial_body<true>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
+}
 
 // Part 2: merge the splits. Grid: heads; block: head_dim.
-extern "C" __global__ void attn_combine(const float* part, float* out, int splits, int head_dim) {
+template <bool TOKENS>
+__device__ __forceinline__ void attn_combine_body(const float* part, float* out, int splits, int head_dim) {
   pdl_wait();
   pdl_trigger();
   const int h = blockIdx.x, d = threadIdx.x;
   if (d >= head_dim) return;
-  // Token blockIdx.y of a prefill chunk (0 when decoding).
-  part += (size_t)blockIdx.y * gridDim.x * splits * (head_dim + 2);
-  out += (size_t)blockIdx.y * gridDim.x * head_dim;
+  // Token blockIdx.y of a prefill chunk (attn_combine_n).
+  const int tok = TOKENS ? (int)blockIdx.y : 0;
+  part += (size_t)tok * gridDim.x * splits * (head_dim + 2);
+  out += (size_t)tok * gridDim.x * head_dim;
   const float* ph = part + (size_t)h * splits * (head_dim + 2);
   float M = -INFINITY;
   for (int s = 0; s < splits; s++) M = fmaxf(M, ph[s * (head_dim + 2) + head_dim]);
@@ -145,6 +159,12 @@ extern "C" __global__ void attn_combine(const float* part, float* out, int split
     acc += e * ph[s * (head_dim + 2) + d];
   }
   out[h * head_dim + d] = acc / L;
+}
+extern "C" __global__ void attn_combine(const float* part, float* out, int splits, int head_dim) {
+  attn_combine_body<false>(part, out, splits, head_dim);
+}
+extern "C" __global__ void attn_combine_n(const float* part, float* out, int splits, int head_dim) {
+  attn_combine_body<true>(part, out, splits, head_dim);
 }
 
 // Read-bandwidth probe: every byte of p read once with the same 16-byte streaming loads
@@ -211,17 +231,20 @@ struct QkvPost {
   float eps, mscale;
   int rot, traditional, n_heads, n_kv, head_dim, max_seq;
 };
-extern "C" __global__ void __launch_bounds__(256)
-qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, const QkvPost a) {
+// TOKENS: token blockIdx.y of a prefill chunk (qkv_post_n); the decode kernel is the
+// same code with token 0 folded in.
+template <bool TOKENS>
+__device__ __forceinline__ void qkv_post_body(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc,
+                                              const QkvPost a) {
   pdl_wait();
   pdl_trigger();
   __shared__ float xs[HD_MAX];
   __shared__ float red[32];
-  // Token blockIdx.y of a prefill chunk (0 when decoding) at position *pos + token.
+  const int tok = TOKENS ? (int)blockIdx.y : 0;
   const int b = blockIdx.x, d = threadIdx.x, hd = a.head_dim;
   const bool is_q = b < a.n_heads;
-  const int p = *pos + blockIdx.y;
-  qkv += (size_t)blockIdx.y * (a.n_heads + 2 * a.n_kv) * hd;
+  const int p = *pos + tok;
+  qkv += (size_t)tok * (a.n_heads + 2 * a.n_kv) * hd;
   float* row = qkv + (size_t)b * hd;  // k heads follow the q heads directly
   float x = d < hd ? row[d] : 0.f;
   if (a.bias && d < hd) x += a.bias[b * hd + d];
@@ -256,6 +279,14 @@ qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, con
   float v = qkv[(size_t)(a.n_heads + a.n_kv + kvh) * hd + d];
   if (a.bias) v += a.bias[(a.n_heads + a.n_kv + kvh) * hd + d];
   vc[o] = f32_to_f16(v);
+}
+extern "C" __global__ void __launch_bounds__(256)
+qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, const QkvPost a) {
+  qkv_post_body<false>(qkv, pos, kc, vc, a);
+}
+extern "C" __global__ void __launch_bounds__(256)
+qkv_post_n(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, const QkvPost a) {
+  qkv_post_body<true>(qkv, pos, kc, vc, a);
 }
 
 // Greedy sampling on the device: tok[0] = argmax(x[0..n]) (lowest index among equal
