@@ -248,11 +248,7 @@ impl ModuleSource {
         }
         m.defines
             .push(format!("-DMEGA_MIN_BLOCKS={}", crate::mega::mega_blocks()));
-        // Tuning switches: barrier flavour, and N empty barriers timed first.
-        m.defines.push(format!(
-            "-DMEGA_BAR={}",
-            env_usize("ROOFTOP_MEGA_BAR", 0..=1).unwrap_or(0)
-        ));
+        // ROOFTOP_MEGA_BARTEST=N: N empty grid barriers timed first (ROOFTOP_VERBOSE report).
         if let Some(n) = env_usize("ROOFTOP_MEGA_BARTEST", 1..=100_000) {
             m.defines.push(format!("-DMEGA_BARTEST={n}"));
         }

@@ -185,7 +185,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     let decode_s = t.elapsed().as_secs_f64();
     let last_unique = last_layer_unique(&dec, &st)?;
     if let Some(r) = st.phase_report(&dev)? {
-        say(format!("streaming kernel ops (mean per layer): {r}"));
+        say(format!("single-launch kernel ops (mean per layer): {r}"));
     }
     let times = dec.time_parts(&mut st, 20)?;
     let bw1 = dev.read_bandwidth(bw_bytes, 10)?;
@@ -263,7 +263,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         r.decode_ms_per_token,
         n,
         if r.persistent {
-            "all layers in one streaming kernel"
+            "all layers in one launch"
         } else {
             "one launch per op"
         }
