@@ -557,7 +557,7 @@ impl CudaDecoder {
                 max_seq: s.max_seq,
                 splits: s.splits,
             };
-            dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &shp, a.scale)?;
+            dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &shp, a.scale, 1)?;
             // Output projection into the residual stream.
             let o = Gemv {
                 add: true,

@@ -359,6 +359,15 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// A launch over a 3-D grid (prefill chunks put the token on y or z).
+pub(crate) fn cfg3(grid: (u32, u32, u32), block: u32, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
 pub(crate) fn cfg(grid: (u32, u32), block: u32, smem: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),

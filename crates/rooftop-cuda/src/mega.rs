@@ -11,7 +11,7 @@
 use crate::decoder::{CudaDecoder, CudaFfn};
 use crate::device::{cfg, launch, CudaDevice};
 use crate::nvrtc::{KernelFormat, ModuleSource};
-use crate::persistent::{decode_kernel, desc_bytes, layer_desc, uniform_format, DecodeKernel};
+use crate::persistent::{desc_bytes, layer_desc};
 use crate::weight::{stage_bytes, CudaWeight};
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -168,33 +168,18 @@ pub(crate) struct Mega {
 }
 
 impl Mega {
-    /// The layer table for a state whose KV caches are `kc`/`vc`. None when not chosen or
-    /// the model does not suit the kernel (reason printed with ROOFTOP_VERBOSE).
+    /// The layer table for a state whose KV caches are `kc`/`vc` and whose layer weights
+    /// are all in `format` (sm_90+ checked by [`crate::persistent::Fused::new`]);
+    /// `Err(why)` when the model's shapes do not suit the kernel.
     pub(crate) fn new(
         dec: &CudaDecoder,
         kc: &[CudaSlice<u16>],
         vc: &[CudaSlice<u16>],
-    ) -> Result<Option<Self>, CudaError> {
-        if decode_kernel() != DecodeKernel::Barrier {
-            return Ok(None);
-        }
+        format: KernelFormat,
+    ) -> Result<Result<Self, String>, CudaError> {
         let verbose = std::env::var("ROOFTOP_VERBOSE").is_ok();
-        let skip = |why: String| {
-            if verbose {
-                eprintln!("barrier decode kernel not used: {why}");
-            }
-            Ok(None)
-        };
+        let skip = |why: String| Ok(Err(why));
         let dev = &dec.dev;
-        if dev.cc.0 < 9 {
-            return skip(format!(
-                "needs sm_90+ (bulk copies), this GPU is sm_{}{}",
-                dev.cc.0, dev.cc.1
-            ));
-        }
-        let Some(format) = uniform_format(dec) else {
-            return skip("layer weights are not all in one format".into());
-        };
         let (mut max_heads, mut max_hd, mut max_logits, mut max_act, mut max_k) = (1, 32, 1, 1, 1);
         for l in &dec.layers {
             let a = &l.attn;
@@ -256,7 +241,7 @@ impl Mega {
             );
         }
         let n = dec.layers.len();
-        Ok(Some(Mega {
+        Ok(Ok(Mega {
             format,
             descs: dev.upload(&desc_bytes(&descs))?,
             bar: dev.alloc(64 + max_heads)?,

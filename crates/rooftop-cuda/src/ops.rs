@@ -1,7 +1,7 @@
 //! The decode ops around the MoE (RMSNorm, RoPE, KV append, decode attention) and the
 //! read-bandwidth probe that serves as the roofline.
 
-use crate::device::{cfg, launch, CudaDevice};
+use crate::device::{cfg, cfg3, launch, CudaDevice};
 use crate::error::shape;
 use crate::nvrtc::ModuleSource;
 use crate::CudaError;
@@ -204,31 +204,41 @@ impl CudaDevice {
             self.ptr(partial),
             self.ptr(out),
         );
-        self.attention_raw([pq, pk, pv, pp, ppart, po], s, scale)
+        self.attention_raw([pq, pk, pv, pp, ppart, po], s, scale, 1)
     }
 
     /// [`CudaDevice::attention`] on raw device addresses `[q, k_cache, v_cache, pos,
     /// partial, out]` (the decoder's carved buffers); the caller guarantees the sizes.
+    /// `tokens` > 1: a prefill chunk's tokens at positions pos, pos + 1, … (causal), with
+    /// q, partial and out `tokens` rows deep (the `_n` kernels; decode keeps its own).
     pub(crate) fn attention_raw(
         &self,
         [pq, pk, pv, pp, ppart, po]: [u64; 6],
         s: &AttnShape,
         scale: f32,
+        tokens: usize,
     ) -> Result<(), CudaError> {
         s.check()?;
         let ops = ModuleSource::ops();
-        let f = self.function(&ops, "attn_partial")?;
+        let chunk = tokens > 1;
+        let (partial, combine) = if chunk {
+            ("attn_partial_n", "attn_combine_n")
+        } else {
+            ("attn_partial", "attn_combine")
+        };
+        let f = self.function(&ops, partial)?;
         let (nh, nkv, hd, ms) = (
             s.n_heads as i32,
             s.n_kv_heads as i32,
             s.head_dim as i32,
             s.max_seq as i32,
         );
+        let t = tokens.max(1) as u32;
         launch!(
             self,
             f,
-            cfg((s.n_heads as u32, s.splits as u32), 128, 0),
-            "attn_partial",
+            cfg3((s.n_heads as u32, s.splits as u32, t), 128, 0),
+            partial,
             pq,
             pk,
             pv,
@@ -240,13 +250,13 @@ impl CudaDevice {
             ms,
             scale
         )?;
-        let f = self.function(&ops, "attn_combine")?;
+        let f = self.function(&ops, combine)?;
         let sp = s.splits as i32;
         launch!(
             self,
             f,
-            cfg((s.n_heads as u32, 1), s.head_dim as u32, 0),
-            "attn_combine",
+            cfg3((s.n_heads as u32, t, 1), s.head_dim as u32, 0),
+            combine,
             ppart,
             po,
             sp,

@@ -302,34 +302,18 @@ pub(crate) fn desc_bytes(descs: &[LayerDesc]) -> Vec<u8> {
 }
 
 impl Persistent {
-    /// Build the layer table for a state whose KV caches are `kc`/`vc`. None when the
-    /// model does not suit the kernel (mixed formats, sm < 90, shapes out of range; the
-    /// reason is printed with ROOFTOP_VERBOSE) or it is turned off.
+    /// Build the layer table for a state whose KV caches are `kc`/`vc` and whose layer
+    /// weights are all in `format` (sm_90+ checked by [`Fused::new`]); `Err(why)` when
+    /// the model's shapes do not suit the kernel.
     pub(crate) fn new(
         dec: &CudaDecoder,
         kc: &[CudaSlice<u16>],
         vc: &[CudaSlice<u16>],
-    ) -> Result<Option<Self>, CudaError> {
-        if decode_kernel() != DecodeKernel::Stream {
-            return Ok(None);
-        }
+        format: KernelFormat,
+    ) -> Result<Result<Self, String>, CudaError> {
         let verbose = std::env::var("ROOFTOP_VERBOSE").is_ok();
-        let skip = |why: String| {
-            if verbose {
-                eprintln!("streaming decode kernel not used: {why}");
-            }
-            Ok(None)
-        };
+        let skip = |why: String| Ok(Err(why));
         let dev = &dec.dev;
-        if dev.cc.0 < 9 {
-            return skip(format!(
-                "needs sm_90+, this GPU is sm_{}{}",
-                dev.cc.0, dev.cc.1
-            ));
-        }
-        let Some(format) = uniform_format(dec) else {
-            return skip("layer weights are not all in one format".into());
-        };
         let h = dec.hidden();
         if h > 8192 {
             return skip(format!("hidden size {h} > 8192"));
@@ -398,7 +382,7 @@ impl Persistent {
         }
         let bytes = desc_bytes(&descs);
         let n = dec.layers.len();
-        Ok(Some(Persistent {
+        Ok(Ok(Persistent {
             format,
             descs: dev.upload(&bytes)?,
             done: dev.alloc(n * 8)?,
@@ -569,17 +553,38 @@ pub(crate) enum Fused {
 }
 
 impl Fused {
-    /// The kernel [`decode_kernel`] asks for, if the model suits it (None: per-op graph).
+    /// The kernel [`decode_kernel`] asks for, if the model suits it (None: the per-op
+    /// graph; why not is printed with ROOFTOP_VERBOSE). Both single-launch kernels need
+    /// sm_90+ (bulk copies, mbarriers) and one weight format for every layer (they are
+    /// compiled per format).
     pub(crate) fn new(
         dec: &CudaDecoder,
         kc: &[CudaSlice<u16>],
         vc: &[CudaSlice<u16>],
     ) -> Result<Option<Self>, CudaError> {
-        Ok(match decode_kernel() {
-            DecodeKernel::PerOp => None,
-            DecodeKernel::Stream => Persistent::new(dec, kc, vc)?.map(Fused::Stream),
-            DecodeKernel::Barrier => crate::mega::Mega::new(dec, kc, vc)?.map(Fused::Barrier),
-        })
+        let kind = decode_kernel();
+        let cc = dec.dev.cc;
+        let made = if kind == DecodeKernel::PerOp {
+            return Ok(None);
+        } else if cc.0 < 9 {
+            Err(format!("needs sm_90+, this GPU is sm_{}{}", cc.0, cc.1))
+        } else if let Some(f) = uniform_format(dec) {
+            match kind {
+                DecodeKernel::Stream => Persistent::new(dec, kc, vc, f)?.map(Fused::Stream),
+                _ => crate::mega::Mega::new(dec, kc, vc, f)?.map(Fused::Barrier),
+            }
+        } else {
+            Err("layer weights are not all in one format".into())
+        };
+        match made {
+            Ok(f) => Ok(Some(f)),
+            Err(why) => {
+                if std::env::var("ROOFTOP_VERBOSE").is_ok() {
+                    eprintln!("{kind:?} decode kernel not used: {why}");
+                }
+                Ok(None)
+            }
+        }
     }
     pub(crate) fn ids(&self) -> &CudaSlice<i32> {
         match self {

@@ -6,11 +6,11 @@
 //! too small for 8 staged activations), tokens are fed one decode step at a time.
 
 use crate::decoder::{CudaDecoder, CudaFfn, CudaState, EpiArg, Gemv};
-use crate::device::{cfg, launch};
+use crate::device::{cfg, cfg3, launch};
 use crate::nvrtc::ModuleSource;
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
 use crate::{CudaError, CudaGraph};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::CudaSlice;
 
 /// Tokens per chunk (the `gemv8_epi` batch).
 pub(crate) const CHUNK: usize = 8;
@@ -27,14 +27,6 @@ pub(crate) struct ChunkBufs {
     act: CudaSlice<f32>,
     tok: CudaSlice<i32>,
     graphs: Vec<Option<CudaGraph>>,
-}
-
-fn cfg3(grid: (u32, u32, u32), block: u32, smem: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: grid,
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: smem as u32,
-    }
 }
 
 impl CudaDecoder {
@@ -249,42 +241,14 @@ impl CudaDecoder {
             pvc,
             arg
         )?;
-        let (nh, nkv, hd, ms) = (
-            a.heads as i32,
-            a.kv_heads as i32,
-            a.head_dim as i32,
-            s.max_seq as i32,
-        );
-        let scale = a.scale;
-        let f = dev.function(&ops, "attn_partial_n")?;
-        launch!(
-            dev,
-            f,
-            cfg3((a.heads as u32, s.splits as u32, nn), 128, 0),
-            "attn_partial_n",
-            pq,
-            pkc,
-            pvc,
-            ppos,
-            ppart,
-            nh,
-            nkv,
-            hd,
-            ms,
-            scale
-        )?;
-        let f = dev.function(&ops, "attn_combine_n")?;
-        let sp = s.splits as i32;
-        launch!(
-            dev,
-            f,
-            cfg3((a.heads as u32, nn, 1), a.head_dim as u32, 0),
-            "attn_combine_n",
-            ppart,
-            patt,
-            sp,
-            hd
-        )
+        let shp = crate::AttnShape {
+            n_heads: a.heads,
+            n_kv_heads: a.kv_heads,
+            head_dim: a.head_dim,
+            max_seq: s.max_seq,
+            splits: s.splits,
+        };
+        dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &shp, a.scale, n)
     }
 
     /// The feed-forward of the chunk's n tokens, added into their residual streams.

@@ -111,23 +111,6 @@ struct Unit {
   int head, t0, nt, first, last;
 };
 
-__device__ __forceinline__ void share(int n, int& a, int& b) {
-  a = (int)((u32)n * blockIdx.x / gridDim.x);  // n * grid < 2^32 for every model here
-  b = (int)((u32)n * (blockIdx.x + 1) / gridDim.x);
-}
-__device__ __forceinline__ u32 wrow_bytes(const QW& W) { return (u32)(W.cols / 32) * CHUNK_WORDS * 4; }
-__device__ __forceinline__ u32 srow_bytes(const QW& W) {
-#if QMODE == MODE_AFFINE
-  return (u32)(W.cols / W.group) * (QSDT == SDT_F32 ? 4 : 2);
-#elif QMODE == MODE_NVFP4
-  return (u32)(W.cols / 16);
-#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
-  return (u32)(W.cols / 32);
-#else
-  return 0;
-#endif
-}
-__device__ __forceinline__ u32 brow_bytes(const QW& W) { return QMODE == MODE_AFFINE ? srow_bytes(W) : 0; }
 // Bytes one row costs in a slot (+ 32 per segment for the alignment slack).
 __device__ __forceinline__ u32 row_cost(const QW& W) { return wrow_bytes(W) + srow_bytes(W) + brow_bytes(W); }
 __device__ __forceinline__ int rows_fit(const QW& W, int nm, int slot) {

@@ -107,21 +107,6 @@ __device__ void mg_stage(const float* x, int cols, float4* xs, float* xsum, cons
   __syncthreads();
 }
 
-// Bytes of one row of W: codes, scales, biases (0 where the format has none).
-__device__ __forceinline__ u32 mg_rowb(const QW& W) { return (u32)(W.cols / 32) * CHUNK_WORDS * 4; }
-__device__ __forceinline__ u32 mg_srow(const QW& W) {
-#if QMODE == MODE_AFFINE
-  return (u32)(W.cols / W.group) * (QSDT == SDT_F32 ? 4 : 2);
-#elif QMODE == MODE_NVFP4
-  return (u32)(W.cols / 16);
-#elif QMODE == MODE_MXFP4 || QMODE == MODE_MXFP8
-  return (u32)(W.cols / 32);
-#else
-  return 0;
-#endif
-}
-__device__ __forceinline__ u32 mg_brow(const QW& W) { return QMODE == MODE_AFFINE ? mg_srow(W) : 0; }
-
 // Rows [r0, r0 + nr) of W copied to dst (shared memory) as codes, scales, biases, each
 // piece widened to 16-byte alignment (bulk copies need it; allocations are 256-byte
 // aligned, so the widening never leaves them). Returns the local view (row 0 = r0) and
@@ -132,8 +117,8 @@ __device__ __forceinline__ QW mg_rows(const QW& W, int r0, int nr, unsigned char
   QW v = W;
   v.rows = nr;
   if (nr <= 0) return v;
-  const unsigned char* src[3] = {W.w + (u64)r0 * mg_rowb(W), W.s + (u64)r0 * mg_srow(W), W.b + (u64)r0 * mg_brow(W)};
-  const u32 len[3] = {(u32)nr * mg_rowb(W), (u32)nr * mg_srow(W), (u32)nr * mg_brow(W)};
+  const unsigned char* src[3] = {W.w + (u64)r0 * wrow_bytes(W), W.s + (u64)r0 * srow_bytes(W), W.b + (u64)r0 * brow_bytes(W)};
+  const u32 len[3] = {(u32)nr * wrow_bytes(W), (u32)nr * srow_bytes(W), (u32)nr * brow_bytes(W)};
   const unsigned char** out[3] = {&v.w, &v.s, &v.b};
 #pragma unroll
   for (int i = 0; i < 3; i++) {
@@ -147,12 +132,6 @@ __device__ __forceinline__ QW mg_rows(const QW& W, int r0, int nr, unsigned char
     off += (u32)(e - a);
   }
   return v;
-}
-
-// This CTA's contiguous share [r0, r1) of n rows.
-__device__ __forceinline__ void mg_share(int n, int& r0, int& r1) {
-  r0 = (int)((long long)n * blockIdx.x / gridDim.x);
-  r1 = (int)((long long)n * (blockIdx.x + 1) / gridDim.x);
 }
 
 // A shared-memory buffer with its mbarrier; `n` counts its loads (the wait parity).
@@ -379,7 +358,7 @@ __device__ __forceinline__ void mg_load_share(const QW& W, MgBuf& b) {
     // The buffer's last contents were read through the generic proxy.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     int r0, r1;
-    mg_share(W.rows, r0, r1);
+    share(W.rows, r0, r1);
     u32 off = 0;
     mg_rows(W, r0, r1 - r0, b.p, off, b.bar, true);
   }
@@ -387,7 +366,7 @@ __device__ __forceinline__ void mg_load_share(const QW& W, MgBuf& b) {
 // The local view of this CTA's share of W's rows in b, and its first row.
 __device__ __forceinline__ QW mg_view_share(const QW& W, const MgBuf& b, int& r0) {
   int r1;
-  mg_share(W.rows, r0, r1);
+  share(W.rows, r0, r1);
   u32 off = 0;
   return mg_rows(W, r0, r1 - r0, b.p, off, nullptr, false);
 }
@@ -521,8 +500,8 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, MEGA_MIN_BLOCKS) mega_l
     // ---- GU: route, then this CTA's gate/up rows -> QG and down rows -> OD ----
     const int items_gu = k * L.inter + ish, items_d = nslots * H;
     int glo, ghi, dlo, dhi;
-    mg_share(items_gu, glo, ghi);
-    mg_share(items_d, dlo, dhi);
+    share(items_gu, glo, ghi);
+    share(items_d, dlo, dhi);
     auto gu_rows = [&](int s) { return s < k ? L.inter : ish; };
     auto d_rows = [&](int) { return H; };
     {
