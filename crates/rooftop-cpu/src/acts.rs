@@ -74,10 +74,17 @@ impl QActs {
         let affine = spec.mode == QuantMode::Affine;
         if affine {
             self.pad_gsum(n * cols / spec.group_size);
+        } else {
+            // Scratch is reused across formats: stale affine sums would be taken as this
+            // format's (and `gather` would slice them with the wrong stride).
+            self.gsum.clear();
         }
         if let ActLayout::Nibble { .. } = layout {
             self.lane_dx.resize(n * cols / 8, 0.0);
             self.lane_init.resize(n * cols / 8, 0);
+        } else {
+            self.lane_dx.clear();
+            self.lane_init.clear();
         }
         for t in 0..n {
             self.quantize_blocks(x, t, 0, cols / QBLOCK);
@@ -98,10 +105,15 @@ impl QActs {
         self.dx.resize(n * cols / QBLOCK, 0.0);
         if spec.mode == QuantMode::Affine {
             self.pad_gsum(n * cols / spec.group_size);
+        } else {
+            self.gsum.clear();
         }
         if let ActLayout::Nibble { .. } = layout {
             self.lane_dx.resize(n * cols / 8, 0.0);
             self.lane_init.resize(n * cols / 8, 0);
+        } else {
+            self.lane_dx.clear();
+            self.lane_init.clear();
         }
     }
 
@@ -408,6 +420,35 @@ mod tests {
 
     /// The vectorizable rounding gives `round_ties_even`'s codes and the same scale,
     /// ties (k + ½ after scaling) and signs included.
+    /// Scratch reused across formats (eval runs an affine model, then an nvfp4 one,
+    /// on one thread's activations): the affine group sums and the nibble layout's lane
+    /// data of an earlier, larger batch must not survive into a later format's batch,
+    /// where `gather` once sliced them with the new stride and panicked.
+    #[test]
+    fn reuse_across_formats_drops_stale_sums() {
+        let (cols, n) = (256, 4);
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut a = QActs::new();
+        let affine = QuantSpec::affine(4, 64).unwrap();
+        a.quantize(&x, n, cols, affine, ActLayout::Nibble { fp4: false });
+        assert!(!a.gsum.is_empty() && !a.lane_dx.is_empty());
+        for (spec, layout) in [
+            (QuantSpec::nvfp4(), ActLayout::Natural),
+            (QuantSpec::mxfp8(), ActLayout::Natural),
+        ] {
+            a.quantize(&x[..3 * cols], 3, cols, spec, layout);
+            assert!(a.gsum.is_empty() && a.lane_dx.is_empty() && a.lane_init.is_empty());
+            let g = a.gather(&[2, 0]);
+            assert_eq!(g.rows(), 2);
+            assert_eq!(g.q[..cols], a.q[2 * cols..3 * cols]);
+            a.reset(2, cols, spec, layout);
+            assert!(a.gsum.is_empty() && a.lane_dx.is_empty());
+            a.quantize(&x, n, cols, affine, ActLayout::Nibble { fp4: false });
+        }
+    }
+
     #[test]
     fn quantize_block_rounds_ties_to_even() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
