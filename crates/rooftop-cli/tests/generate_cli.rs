@@ -173,3 +173,37 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `--device auto` is the asked-for fallback: without a driver it says so and runs on
+/// the CPU (the same bench report as `--device cpu`).
+#[test]
+fn device_auto_without_a_gpu_runs_on_the_cpu() {
+    let has_driver = ["libcuda.so.1", "libcuda.so"]
+        .iter()
+        .any(|n| unsafe { libloading::Library::new(*n) }.is_ok());
+    if has_driver {
+        eprintln!("a CUDA driver is present: the CPU fallback is not exercised here");
+        return;
+    }
+    let o = rooftop(&[
+        "bench",
+        "--device",
+        "auto",
+        "--layers",
+        "1",
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "2",
+    ]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("--device auto") && err.contains("running on the CPU"),
+        "{err}"
+    );
+    assert!(out.contains("decode"), "{out}");
+}

@@ -51,6 +51,16 @@ fn probe_driver() -> Result<(), CudaError> {
     )))
 }
 
+/// How many CUDA GPUs the driver sees; [`CudaError::NoDriver`] where there is no driver
+/// (never panics). For `--device auto`: the first GPU if there is one, else the CPU.
+pub fn gpu_count() -> Result<usize, CudaError> {
+    probe_driver()?;
+    let n = std::panic::catch_unwind(CudaContext::device_count)
+        .map_err(|_| CudaError::NoDriver("the driver panicked while counting devices".into()))?
+        .op("counting CUDA devices")?;
+    Ok(n.max(0) as usize)
+}
+
 impl CudaDevice {
     /// Open GPU `ordinal`. Fails with [`CudaError::NoDriver`] on machines without the
     /// NVIDIA driver (never panics).

@@ -42,7 +42,7 @@ pub use decoder::{
     CudaAttention, CudaDecoder, CudaFfn, CudaLayer, CudaRope, CudaState, Parts, StepBytes,
     StepTimes,
 };
-pub use device::{CudaDevice, Timer};
+pub use device::{gpu_count, CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
 pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind, StepOpts};
 pub use ops::{AttnShape, Rope};

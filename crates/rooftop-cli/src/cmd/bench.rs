@@ -145,7 +145,8 @@ pub struct Args {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
-    /// Where to run: cpu, cuda or cuda:N.
+    /// Where to run: cpu, cuda, cuda:N, or auto (the first GPU where there is one, else
+    /// the CPU with a note).
     #[arg(long, default_value = "cpu")]
     device: String,
 }

@@ -14,18 +14,31 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
+/// `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N); `auto` → Some(0) where a CUDA
+/// GPU is usable, else None with a note on stderr (the CPU only when asked for: `cuda`
+/// without a GPU is an error).
 pub fn parse_device(s: &str) -> Result<Option<usize>> {
     match s {
         "cpu" => Ok(None),
         "cuda" | "gpu" => Ok(Some(0)),
+        "auto" => match rooftop_cuda::gpu_count() {
+            Ok(n) if n > 0 => Ok(Some(0)),
+            Ok(_) => {
+                eprintln!("note: --device auto: the CUDA driver sees no GPU; running on the CPU");
+                Ok(None)
+            }
+            Err(e) => {
+                eprintln!("note: --device auto: {e}; running on the CPU");
+                Ok(None)
+            }
+        },
         _ => match s.strip_prefix("cuda:") {
             Some(n) => {
                 Ok(Some(n.parse().with_context(|| {
                     format!("--device {s}: expected cuda:<ordinal>")
                 })?))
             }
-            None => bail!("--device {s}: expected cpu, cuda or cuda:<ordinal>"),
+            None => bail!("--device {s}: expected cpu, cuda, cuda:<ordinal> or auto"),
         },
     }
 }

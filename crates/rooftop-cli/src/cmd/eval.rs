@@ -31,6 +31,38 @@ pub struct Args {
     /// Print the table as JSON.
     #[arg(long)]
     json: bool,
+    /// Where the models (and the reference) run: cpu, cuda, cuda:N or auto. On a GPU the
+    /// logits of every position come from the decode graph, token by token (its KV cache
+    /// is f16, the CPU's f32).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// One model, on the CPU or uploaded to a GPU: logits `[t, vocab]` of every position.
+enum Runner<'a> {
+    Cpu(&'a Model),
+    Cuda(Box<(rooftop_cuda::CudaDecoder, rooftop_cuda::CudaState)>),
+}
+
+impl Runner<'_> {
+    fn all_logits(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+        match self {
+            Runner::Cpu(m) => {
+                let mut cache = m.new_cache(tokens.len());
+                Ok(m.forward(tokens, &mut cache, Logits::All)?)
+            }
+            Runner::Cuda(b) => {
+                let (dec, st) = &mut **b;
+                dec.reset(st)?;
+                let mut out = Vec::with_capacity(tokens.len() * dec.vocab());
+                for &t in tokens {
+                    dec.feed(st, t)?;
+                    out.extend(dec.logits(st)?);
+                }
+                Ok(out)
+            }
+        }
+    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -64,6 +96,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             m.vocab_size()
         );
     }
+    let ordinal = super::bench_cuda::parse_device(&a.device)?;
+    let dev = ordinal.map(rooftop_cuda::CudaDevice::new).transpose()?;
+    let runner = |m| -> anyhow::Result<Runner> {
+        Ok(match &dev {
+            None => Runner::Cpu(m),
+            Some(d) => {
+                let dec = m.to_cuda(d.clone(), true)?;
+                let st = dec.new_state(a.ctx)?;
+                Runner::Cuda(Box::new((dec, st)))
+            }
+        })
+    };
+    let mut ref_run = runner(&reference)?;
+    let mut runs = models
+        .iter()
+        .map(runner)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let bar = ProgressBar::new((chunks.len() * (models.len() + 1)) as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -74,13 +123,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut ref_scores = Scores::default();
     let mut scores = vec![Scores::default(); models.len()];
     for chunk in &chunks {
-        let mut cache = reference.new_cache(chunk.len());
-        let r = reference.forward(chunk, &mut cache, Logits::All)?;
+        let r = ref_run.all_logits(chunk)?;
         ref_scores.add_chunk(chunk, &r, None, vocab);
         bar.inc(1);
-        for (m, s) in models.iter().zip(&mut scores) {
-            let mut cache = m.new_cache(chunk.len());
-            let q = m.forward(chunk, &mut cache, Logits::All)?;
+        for (m, s) in runs.iter_mut().zip(&mut scores) {
+            let q = m.all_logits(chunk)?;
             s.add_chunk(chunk, &q, Some(&r), vocab);
             bar.inc(1);
         }

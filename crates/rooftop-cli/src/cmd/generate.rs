@@ -46,7 +46,8 @@ pub struct Args {
     /// Write float32 logits [positions, vocab] for prompt + generated tokens.
     #[arg(long)]
     dump_logits: Option<PathBuf>,
-    /// Where to run: cpu, cuda or cuda:N (weights uploaded once, in their format).
+    /// Where to run: cpu, cuda, cuda:N (weights uploaded once, in their format), or auto
+    /// (the first GPU where there is one, else the CPU with a note).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
