@@ -70,6 +70,10 @@ fn gemv_modules_export_every_kernel() {
     }
     // Weights are streamed with 16-byte loads past L1.
     assert!(ptx.contains("ld.global.nc.L1::no_allocate.L2::256B.v4.u32"));
+    // ROOFTOP_DUMP_PTX=DIR keeps the PTX, for `ptxas -v` (registers, spills).
+    if let Ok(dir) = std::env::var("ROOFTOP_DUMP_PTX") {
+        std::fs::write(format!("{dir}/{}.ptx", m.name), &ptx).unwrap();
+    }
 }
 
 #[test]
