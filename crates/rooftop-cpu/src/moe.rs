@@ -526,6 +526,38 @@ mod tests {
         quantize("w", &w, &[rows, cols], spec, QuantizeOptions::default()).unwrap()
     }
 
+    /// A random f32 router `[ne, h]` (as bytes) and ne + 1 experts' gate, up, down in
+    /// `spec` (the last one serves as the shared expert).
+    fn random_moe(
+        ne: usize,
+        h: usize,
+        inter: usize,
+        spec: QuantSpec,
+        rng: &mut impl Rng,
+    ) -> (Vec<u8>, Vec<[Quantized; 3]>) {
+        let rf: Vec<f32> = (0..ne * h).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mats = (0..ne + 1)
+            .map(|_| {
+                [
+                    q(inter, h, spec, rng),
+                    q(inter, h, spec, rng),
+                    q(h, inter, spec, rng),
+                ]
+            })
+            .collect();
+        (bytemuck::cast_slice(&rf).to_vec(), mats)
+    }
+
+    fn expert_views(mats: &[[Quantized; 3]]) -> Vec<Expert<'_>> {
+        mats.iter()
+            .map(|m| Expert {
+                gate: WeightView::Quant(m[0].view()),
+                up: WeightView::Quant(m[1].view()),
+                down: WeightView::Quant(m[2].view()),
+            })
+            .collect()
+    }
+
     /// Plain MoE: f32 routing and `matmul_ref` per expert.
     fn reference(w: &MoeWeights, x: &[f32], n: usize, cfg: &RoutingConfig) -> Vec<f32> {
         let h = w.router.cols();
@@ -567,31 +599,14 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let (h, inter, ne, n) = (256, 128, 8, 32);
         for spec in [QuantSpec::affine(4, 64).unwrap(), QuantSpec::nvfp4()] {
-            let rf: Vec<f32> = (0..ne * h).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let rb: Vec<u8> = bytemuck::cast_slice(&rf).to_vec();
+            let (rb, mats) = random_moe(ne, h, inter, spec, &mut rng);
             let router = WeightView::Dense {
                 dtype: DType::F32,
                 rows: ne,
                 cols: h,
                 data: &rb,
             };
-            let mats: Vec<[Quantized; 3]> = (0..ne + 1)
-                .map(|_| {
-                    [
-                        q(inter, h, spec, &mut rng),
-                        q(inter, h, spec, &mut rng),
-                        q(h, inter, spec, &mut rng),
-                    ]
-                })
-                .collect();
-            let experts: Vec<Expert> = mats
-                .iter()
-                .map(|m| Expert {
-                    gate: WeightView::Quant(m[0].view()),
-                    up: WeightView::Quant(m[1].view()),
-                    down: WeightView::Quant(m[2].view()),
-                })
-                .collect();
+            let experts = expert_views(&mats);
             let cfg = RoutingConfig {
                 top_k: 3,
                 scoring: Scoring::Softmax,
@@ -645,31 +660,14 @@ mod tests {
             // Last: the draws of the formats above stay as they were.
             QuantSpec::mxfp4(),
         ] {
-            let rf: Vec<f32> = (0..ne * h).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let rb: Vec<u8> = bytemuck::cast_slice(&rf).to_vec();
+            let (rb, mats) = random_moe(ne, h, inter, spec, &mut rng);
             let router = WeightView::Dense {
                 dtype: DType::F32,
                 rows: ne,
                 cols: h,
                 data: &rb,
             };
-            let mats: Vec<[Quantized; 3]> = (0..ne + 1)
-                .map(|_| {
-                    [
-                        q(inter, h, spec, &mut rng),
-                        q(inter, h, spec, &mut rng),
-                        q(h, inter, spec, &mut rng),
-                    ]
-                })
-                .collect();
-            let experts: Vec<Expert> = mats
-                .iter()
-                .map(|m| Expert {
-                    gate: WeightView::Quant(m[0].view()),
-                    up: WeightView::Quant(m[1].view()),
-                    down: WeightView::Quant(m[2].view()),
-                })
-                .collect();
+            let experts = expert_views(&mats);
             for (shared, scoring, n) in [
                 (false, Scoring::Softmax, 1),
                 (true, Scoring::Sigmoid, 1),
