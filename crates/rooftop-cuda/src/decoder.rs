@@ -95,6 +95,19 @@ impl StepBytes {
 }
 
 /// `struct QkvPost` in ops.cu.
+impl CudaAttention {
+    /// This layer's attention geometry over a sequence state's caches and splits.
+    pub(crate) fn shape(&self, s: &CudaState) -> AttnShape {
+        AttnShape {
+            n_heads: self.heads,
+            n_kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            max_seq: s.max_seq,
+            splits: s.splits,
+        }
+    }
+}
+
 /// qkv_post's arguments for attention `a` with caches of `max_seq` positions.
 pub(crate) fn qkv_post_arg(dev: &CudaDevice, a: &CudaAttention, max_seq: usize) -> QkvPostArg {
     QkvPostArg {
@@ -550,14 +563,7 @@ impl CudaDecoder {
                 arg
             )?;
             // Attention (split-K partials, merge).
-            let shp = AttnShape {
-                n_heads: a.heads,
-                n_kv_heads: a.kv_heads,
-                head_dim: a.head_dim,
-                max_seq: s.max_seq,
-                splits: s.splits,
-            };
-            dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &shp, a.scale, 1)?;
+            dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &a.shape(s), a.scale, 1)?;
             // Output projection into the residual stream.
             let o = Gemv {
                 add: true,

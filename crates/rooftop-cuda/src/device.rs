@@ -134,6 +134,14 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Zero `s` on the device's stream (capturable: a memset node in a graph).
+    pub(crate) fn zero<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        s: &mut CudaSlice<T>,
+    ) -> Result<(), CudaError> {
+        self.stream.memset_zeros(s).op("cuMemsetD8Async")
+    }
+
     /// Uninitialized device buffer of `n` elements (checked against free memory).
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(
         &self,

@@ -348,12 +348,7 @@ impl Mega {
         max_seq: usize,
     ) -> Result<(), CudaError> {
         let f = dev.function(&ModuleSource::mega(self.format), "mega_layers")?;
-        dev.stream()
-            .memset_zeros(&mut self.bar)
-            .map_err(|e| CudaError::Driver {
-                op: "cuMemsetD8Async".into(),
-                source: e,
-            })?;
+        dev.zero(&mut self.bar)?;
         let arg = MegaArg {
             layers: dev.ptr(&self.descs),
             h,

@@ -220,12 +220,16 @@ impl ModuleSource {
     /// The streaming decode kernel (decode.cu) for one weight format: gemv.cu's chunk
     /// code with weights read from shared memory (`W_SMEM`).
     pub fn stream(f: KernelFormat) -> Self {
+        Self::smem_weights(f, "stream_", DECODE)
+    }
+    /// gemv.cu's chunk code with weights read from shared memory (`W_SMEM`), plus a
+    /// single-launch decode kernel's source. Shared memory answers in ~30 cycles, not
+    /// ~600: two chunks per lane in flight suffice, and the registers go to more warps.
+    fn smem_weights(f: KernelFormat, prefix: &str, kernel: &str) -> Self {
         let mut m = Self::gemv(f);
-        m.name = m.name.replacen("gemv_", "stream_", 1);
-        m.source = format!("{COMMON}\n{GEMV}\n{LAYER}\n{DECODE}");
+        m.name = m.name.replacen("gemv_", prefix, 1);
+        m.source = format!("{COMMON}\n{GEMV}\n{LAYER}\n{kernel}");
         m.defines.push("-DW_SMEM=1".into());
-        // Weights come from shared memory (~30 cycles, not ~600): two chunks per lane in
-        // flight suffice, and the registers go to more consumer warps.
         for d in m.defines.iter_mut() {
             if d.starts_with("-DUNROLL_BYTES=") {
                 *d = format!("-DUNROLL_BYTES={}", 8 * f.bits.min(8));
@@ -236,16 +240,7 @@ impl ModuleSource {
     /// The barrier decode kernel (mega.cu) for one weight format: gemv.cu's chunk code
     /// with weights read from shared memory (`W_SMEM`), where bulk copies put them.
     pub fn mega(f: KernelFormat) -> Self {
-        let mut m = Self::gemv(f);
-        m.name = m.name.replacen("gemv_", "mega_", 1);
-        m.source = format!("{COMMON}\n{GEMV}\n{LAYER}\n{MEGA}");
-        m.defines.push("-DW_SMEM=1".into());
-        // Weights are read from shared memory: two chunks per lane in flight suffice.
-        for d in m.defines.iter_mut() {
-            if d.starts_with("-DUNROLL_BYTES=") {
-                *d = format!("-DUNROLL_BYTES={}", 8 * f.bits.min(8));
-            }
-        }
+        let mut m = Self::smem_weights(f, "mega_", MEGA);
         m.defines
             .push(format!("-DMEGA_MIN_BLOCKS={}", crate::mega::mega_blocks()));
         // ROOFTOP_MEGA_BARTEST=N: N empty grid barriers timed first (ROOFTOP_VERBOSE report).

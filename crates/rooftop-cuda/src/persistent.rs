@@ -8,6 +8,7 @@
 
 use crate::decoder::{CudaDecoder, CudaFfn};
 use crate::device::{cfg, launch, CudaDevice};
+use crate::error::DriverResult;
 use crate::moe::RoutingArg;
 use crate::nvrtc::{KernelFormat, ModuleSource};
 use crate::weight::QwArg;
@@ -368,10 +369,7 @@ impl Persistent {
         // attention scratch) and the kernel's static arrays leave.
         stage = stage.max(ATT_SM_BYTES);
         let f = dev.function(&ModuleSource::stream(format), "decode_layers")?;
-        let fixed = f.shared_size_bytes().map_err(|e| CudaError::Driver {
-            op: "static shared memory size".into(),
-            source: e,
-        })? as usize;
+        let fixed = f.shared_size_bytes().op("static shared memory size")? as usize;
         let avail = dev.max_smem.saturating_sub(1024 + fixed + stage);
         let nslots = (avail / slot).min(MAX_SLOTS);
         if nslots < 2 {
@@ -497,12 +495,7 @@ impl Persistent {
         max_seq: usize,
     ) -> Result<(), CudaError> {
         let f = dev.function(&ModuleSource::stream(self.format), "decode_layers")?;
-        dev.stream()
-            .memset_zeros(&mut self.done)
-            .map_err(|e| CudaError::Driver {
-                op: "cuMemsetD8Async".into(),
-                source: e,
-            })?;
+        dev.zero(&mut self.done)?;
         let smem = self.nslots * self.slot_bytes + self.stage_bytes;
         // Every CTA must be resident at once (they wait on each other): one per SM.
         let grid = dev.grid_for(&f, THREADS, smem, dev.sms);

@@ -7,6 +7,7 @@
 
 use crate::decoder::{CudaDecoder, CudaFfn, CudaState, EpiArg, Gemv};
 use crate::device::{cfg, cfg3, launch};
+use crate::error::DriverResult;
 use crate::nvrtc::ModuleSource;
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, QwArg};
 use crate::{CudaError, CudaGraph};
@@ -110,10 +111,7 @@ impl CudaDecoder {
                 .as_ref()
                 .expect("captured above")
                 .launch()
-                .map_err(|e| CudaError::Driver {
-                    op: "cuGraphLaunch".into(),
-                    source: e,
-                })?;
+                .op("cuGraphLaunch")?;
             s.len += n;
         }
         Ok(())
@@ -241,14 +239,7 @@ impl CudaDecoder {
             pvc,
             arg
         )?;
-        let shp = crate::AttnShape {
-            n_heads: a.heads,
-            n_kv_heads: a.kv_heads,
-            head_dim: a.head_dim,
-            max_seq: s.max_seq,
-            splits: s.splits,
-        };
-        dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &shp, a.scale, n)
+        dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &a.shape(s), a.scale, n)
     }
 
     /// The feed-forward of the chunk's n tokens, added into their residual streams.
