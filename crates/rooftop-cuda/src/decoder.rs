@@ -191,6 +191,8 @@ pub struct CudaState {
     persistent: Option<Fused>,
     /// Prefill-chunk buffers and graphs (prefill.rs), made on the first prefill.
     pub(crate) chunk: Option<crate::prefill::ChunkBufs>,
+    /// Tensor-core prefill buffers (tc.rs), made on the first long prompt.
+    pub(crate) tc: Option<crate::tc::TcBufs>,
 }
 
 impl CudaState {
@@ -379,6 +381,7 @@ impl CudaDecoder {
             len: 0,
             graphs: [None, None],
             chunk: None,
+            tc: None,
         })
     }
 

@@ -35,6 +35,7 @@ mod ops;
 mod persistent;
 mod prefill;
 pub mod reference;
+mod tc;
 mod weight;
 
 pub use cudarc::driver::{CudaGraph, CudaSlice};
@@ -47,4 +48,5 @@ pub use error::{Bytes, CudaError};
 pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind, StepOpts};
 pub use ops::{AttnShape, Rope};
 pub use persistent::{clear_decode_kernel, decode_kernel, set_decode_kernel, DecodeKernel};
+pub use tc::{set_prefill_tc, tc_chunk, tc_min};
 pub use weight::CudaWeight;

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 const COMMON: &str = include_str!("kernels/common.cuh");
+const QUANT: &str = include_str!("kernels/quant.cuh");
 const GEMV: &str = include_str!("kernels/gemv.cu");
+const MMA: &str = include_str!("kernels/mma.cu");
 const OPS: &str = include_str!("kernels/ops.cu");
 const DECODE: &str = include_str!("kernels/decode.cu");
 const LAYER: &str = include_str!("kernels/layer.cuh");
@@ -173,7 +175,7 @@ pub fn int8_activations(f: KernelFormat) -> bool {
     f.mode == 1 && f.bits == 4 && !f32_activations()
 }
 
-fn env_usize(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
+pub(crate) fn env_usize(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -196,7 +198,7 @@ impl ModuleSource {
                 f.name(),
                 if f32_activations() { "_f32act" } else { "" }
             ),
-            source: format!("{COMMON}\n{GEMV}"),
+            source: format!("{COMMON}\n{QUANT}\n{GEMV}"),
             defines: vec![
                 format!("-DQMODE={}", f.mode),
                 format!("-DQBITS={}", f.bits),
@@ -228,7 +230,7 @@ impl ModuleSource {
     fn smem_weights(f: KernelFormat, prefix: &str, kernel: &str) -> Self {
         let mut m = Self::gemv(f);
         m.name = m.name.replacen("gemv_", prefix, 1);
-        m.source = format!("{COMMON}\n{GEMV}\n{LAYER}\n{kernel}");
+        m.source = format!("{COMMON}\n{QUANT}\n{GEMV}\n{LAYER}\n{kernel}");
         m.defines.push("-DW_SMEM=1".into());
         for d in m.defines.iter_mut() {
             if d.starts_with("-DUNROLL_BYTES=") {
@@ -249,6 +251,19 @@ impl ModuleSource {
         }
         m
     }
+    /// The tensor-core prefill GEMM (mma.cu) for one weight format: quant.cuh's chunk
+    /// decode without gemv.cu's kernels (sm_80+: bf16 `mma.sync`).
+    pub fn mma(f: KernelFormat) -> Self {
+        Self {
+            name: format!("mma_{}", f.name()),
+            source: format!("{COMMON}\n{QUANT}\n{MMA}"),
+            defines: vec![
+                format!("-DQMODE={}", f.mode),
+                format!("-DQBITS={}", f.bits),
+                format!("-DQSDT={}", f.sdt),
+            ],
+        }
+    }
     pub fn ops() -> Self {
         Self {
             name: "ops".into(),
@@ -261,6 +276,7 @@ impl ModuleSource {
         let mut v: Vec<_> = KernelFormat::all().into_iter().map(Self::gemv).collect();
         v.extend(KernelFormat::all().into_iter().map(Self::stream));
         v.extend(KernelFormat::all().into_iter().map(Self::mega));
+        v.extend(KernelFormat::all().into_iter().map(Self::mma));
         v.push(Self::ops());
         v
     }

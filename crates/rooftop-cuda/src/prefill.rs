@@ -33,7 +33,7 @@ pub(crate) struct ChunkBufs {
 impl CudaDecoder {
     /// Whether this model's layers suit prefill chunks (one stacked QKV per layer, and
     /// 8 staged activation vectors fit a block's shared memory).
-    fn chunk_ok(&self) -> bool {
+    pub(crate) fn chunk_ok(&self) -> bool {
         let smem = |cols: usize| stage_bytes(CHUNK, cols) + 1024 <= self.dev.max_smem;
         self.layers.iter().all(|l| {
             l.attn.qkv.len() == 1
@@ -85,6 +85,20 @@ impl CudaDecoder {
         for &t in tokens {
             self.check_token(t)?;
         }
+        // Long prompts: tensor-core chunks (tc.rs), all but a tail too short for them.
+        let tokens = match crate::tc::tc_min().filter(|_| self.tc_ok(tokens.len())) {
+            Some(min) => {
+                let r = tokens.len() % crate::tc::tc_chunk();
+                let full = if r >= min {
+                    tokens.len()
+                } else {
+                    tokens.len() - r
+                };
+                self.prefill_tc(s, &tokens[..full])?;
+                &tokens[full..]
+            }
+            None => tokens,
+        };
         if !self.chunk_ok() {
             return tokens.iter().try_for_each(|&t| self.feed(s, t));
         }
@@ -156,8 +170,6 @@ impl CudaDecoder {
     fn enqueue_chunk(&self, s: &CudaState, n: usize) -> Result<(), CudaError> {
         let dev = &self.dev;
         let c = s.chunk.as_ref().expect("allocated by prefill");
-        let ops = ModuleSource::ops();
-        let hd_all = self.hidden();
         let (ph, pq, patt, ppart, ppos, ptok) = (
             dev.ptr(&c.h),
             dev.ptr(&c.qkv),
@@ -199,7 +211,14 @@ impl CudaDecoder {
             self.gemv8(&a.o, patt, n, ph, o)?;
             self.chunk_ffn(c, l, n, ph)?;
         }
-        // Final norm + lm_head of the last token, then position += n.
+        self.chunk_head(s, ph, n)
+    }
+
+    /// Final norm + lm_head of the last of the n token rows at `ph`, then position += n.
+    pub(crate) fn chunk_head(&self, s: &CudaState, ph: u64, n: usize) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let ppos = dev.ptr(&s.pos);
+        let hd_all = self.hidden();
         let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
         let o = Gemv {
             norm: Some((&self.norm, self.eps)),
@@ -207,26 +226,41 @@ impl CudaDecoder {
         };
         let last = ph + ((n - 1) * hd_all * 4) as u64;
         self.gemv(lm, last, dev.ptr(&s.logits), o)?;
-        let f = dev.function(&ops, "advance_pos")?;
+        let f = dev.function(&ModuleSource::ops(), "advance_pos")?;
         let ni = n as i32;
         launch!(dev, f, cfg((1, 1), 32, 0), "advance_pos", ppos, ni)
     }
 
     /// q/k/v post-processing and KV append of the chunk's n tokens, then causal
     /// split-K attention (token t sees positions up to pos + t).
-    fn chunk_attention(
+    pub(crate) fn chunk_attention(
         &self,
         s: &CudaState,
         li: usize,
         n: usize,
         [pq, patt, ppart, ppos]: [u64; 4],
     ) -> Result<(), CudaError> {
+        self.chunk_qkv_post(s, li, n, pq, ppos)?;
+        let a = &self.layers[li].attn;
+        let (pkc, pvc) = (self.dev.ptr(&s.kc[li]), self.dev.ptr(&s.vc[li]));
+        self.dev
+            .attention_raw([pq, pkc, pvc, ppos, ppart, patt], &a.shape(s), a.scale, n)
+    }
+
+    /// q/k norm, RoPE and the KV-cache append of the chunk's n tokens (qkv rows at `pq`).
+    pub(crate) fn chunk_qkv_post(
+        &self,
+        s: &CudaState,
+        li: usize,
+        n: usize,
+        pq: u64,
+        ppos: u64,
+    ) -> Result<(), CudaError> {
         let dev = &self.dev;
-        let ops = ModuleSource::ops();
         let a = &self.layers[li].attn;
         let nn = n as u32;
         let (pkc, pvc) = (dev.ptr(&s.kc[li]), dev.ptr(&s.vc[li]));
-        let f = dev.function(&ops, "qkv_post_n")?;
+        let f = dev.function(&ModuleSource::ops(), "qkv_post_n")?;
         let arg = crate::decoder::qkv_post_arg(dev, a, s.max_seq);
         launch!(
             dev,
@@ -238,8 +272,7 @@ impl CudaDecoder {
             pkc,
             pvc,
             arg
-        )?;
-        dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &a.shape(s), a.scale, n)
+        )
     }
 
     /// The feed-forward of the chunk's n tokens, added into their residual streams.

@@ -136,3 +136,43 @@ fn ops_module_has_decode_and_prefill_chunk_kernels() {
         assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
     }
 }
+
+/// The prefill GEMM runs on tensor cores in every format (an `mma` in its PTX for the
+/// oldest target too), and the ops it needs are exported.
+#[test]
+fn mma_modules_use_tensor_cores() {
+    ensure_nvrtc().unwrap_or_else(|e| panic!("{e}"));
+    for name in [
+        "mma_affine4_bf16",
+        "mma_affine3_f16",
+        "mma_nvfp4",
+        "mma_mxfp8",
+        "mma_dense_f32",
+    ] {
+        let m = ModuleSource::all()
+            .into_iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no module {name}"));
+        for arch in ["compute_80", "compute_90a"] {
+            let ptx = compile(&m, arch, false).unwrap();
+            if let Some(dir) = std::env::var_os("ROOFTOP_DUMP_PTX") {
+                let p = std::path::Path::new(&dir).join(format!("{name}_{arch}.ptx"));
+                std::fs::write(p, &ptx).unwrap();
+            }
+            assert!(ptx.contains(".entry tc_gemm"), "{name} {arch}");
+            assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{name} {arch}");
+            assert!(ptx.contains("ldmatrix"), "{name} {arch}");
+        }
+    }
+    let ops = ModuleSource::ops();
+    let ptx = compile(&ops, "compute_80", false).unwrap();
+    for k in [
+        "rows_bf16",
+        "moe_sort",
+        "attn_prefill_32",
+        "attn_prefill_64",
+        "attn_prefill_128",
+    ] {
+        assert!(ptx.contains(&format!(".entry {k}")), "ops lacks {k}");
+    }
+}

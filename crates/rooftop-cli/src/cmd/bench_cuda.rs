@@ -266,8 +266,14 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "device     {}; read bandwidth {:.0} GB/s (runs {:.0} / {:.0})",
         r.device, roof, bw0, bw1
     );
+    // The path prefill takes for this prompt (the rest after the last token).
+    let rest = r.prompt_tokens.saturating_sub(1);
+    let how = match rooftop_cuda::tc_min() {
+        Some(m) if rest >= m => format!("tensor-core chunks of <= {}", rooftop_cuda::tc_chunk()),
+        _ => "chunks of 8".to_string(),
+    };
     println!(
-        "prefill    {:>8.1} tok/s   ({} tokens: chunks of 8, then one greedy step)",
+        "prefill    {:>8.1} tok/s   ({} tokens: {how}, then one greedy step)",
         r.prefill_tok_s, r.prompt_tokens
     );
     println!(

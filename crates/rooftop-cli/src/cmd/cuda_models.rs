@@ -65,17 +65,25 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                 }
             };
             // Each decode kernel feeding token by token, then the launch-per-op path fed
-            // by prefill chunks.
+            // by prefill chunks of 8, then by tensor-core chunks (forced on for these
+            // short prompts: chunks of up to 16 tokens, any length from 2).
             let modes = [
-                (DecodeKernel::PerOp, false),
-                (DecodeKernel::Stream, false),
-                (DecodeKernel::Barrier, false),
-                (DecodeKernel::PerOp, true),
+                (DecodeKernel::PerOp, Feed::Tokens),
+                (DecodeKernel::Stream, Feed::Tokens),
+                (DecodeKernel::Barrier, Feed::Tokens),
+                (DecodeKernel::PerOp, Feed::Chunks),
+                (DecodeKernel::PerOp, Feed::TensorCores),
             ];
-            for (kernel, chunked) in modes {
+            for (kernel, feed) in modes {
                 rooftop_cuda::set_decode_kernel(kernel);
-                let name = match (kernel, chunked) {
-                    (_, true) => format!("{name} (prefill)"),
+                rooftop_cuda::set_prefill_tc(match feed {
+                    Feed::TensorCores => Some((2, 16)),
+                    _ => Some((usize::MAX, 16)),
+                });
+                let chunked = feed != Feed::Tokens;
+                let name = match (kernel, feed) {
+                    (_, Feed::Chunks) => format!("{name} (prefill)"),
+                    (_, Feed::TensorCores) => format!("{name} (prefill tc)"),
                     (DecodeKernel::PerOp, _) => name.clone(),
                     (DecodeKernel::Stream, _) => format!("{name} (persistent)"),
                     (DecodeKernel::Barrier, _) => format!("{name} (barrier)"),
@@ -87,12 +95,18 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
                     continue; // mixed formats: only the launch-per-op path applies
                 }
                 let logits_err = if chunked {
-                    // Chunks of every size 1-8 in turn; the last token's logits of each.
+                    // Chunks of every size 1-8 in turn (tensor cores: pieces of 19 —
+                    // a full 16-token chunk and a 3-token one — then 5 and the rest);
+                    // the last token's logits of each.
                     let vocab = dec.vocab();
                     let (mut got, mut at) = (Vec::new(), Vec::new());
                     let (mut i, mut c) = (0, 0);
+                    let sizes: &[usize] = match feed {
+                        Feed::TensorCores => &[19, 5],
+                        _ => &[3, 8, 5, 1, 7, 2, 6, 4],
+                    };
                     while i < tokens.len() {
-                        let m = [3, 8, 5, 1, 7, 2, 6, 4][c % 8].min(tokens.len() - i);
+                        let m = sizes[c % sizes.len()].min(tokens.len() - i);
                         dec.prefill(&mut st, &tokens[i..i + m])?;
                         (i, c) = (i + m, c + 1);
                         got.extend(dec.logits(&st)?);
@@ -155,7 +169,19 @@ pub fn check_models(dev: &Arc<CudaDevice>, root: &Path) -> Result<Vec<ModelCheck
         }
     }
     rooftop_cuda::clear_decode_kernel();
+    rooftop_cuda::set_prefill_tc(None);
     Ok(out)
+}
+
+/// How a check feeds the prompt.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// One decode step per token.
+    Tokens,
+    /// Prefill chunks of up to 8 tokens.
+    Chunks,
+    /// Tensor-core prefill chunks.
+    TensorCores,
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {

@@ -356,3 +356,244 @@ extern "C" __global__ void advance_pos(int* pos, int n) {
   pdl_trigger();
   if (threadIdx.x == 0 && blockIdx.x == 0) *pos += n;
 }
+
+// ---- Tensor-core prefill helpers (mma.cu consumes their bf16 rows and lists) -------
+
+// out[row] = bf16(x[row] * rsqrt(mean(x[row]^2) + eps) * w), or bf16(x[row]) when w is
+// null: a prompt chunk's activations, normalized once, as the tensor cores' input.
+// Grid: rows; block: 256.
+extern "C" __global__ void __launch_bounds__(256)
+rows_bf16(const float* x, const float* w, unsigned short* out, int d, float eps) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float red[32];
+  const float* xr = x + (size_t)blockIdx.x * d;
+  float inv = 1.f;
+  if (w) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+      v = warp_sum(v);
+      if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    inv = 1.f / sqrtf(red[0] / d + eps);
+  }
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = w ? xr[i] * inv * w[i] : xr[i];
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    out[(size_t)blockIdx.x * d + i] = h;
+  }
+}
+
+// Per-expert lists of a chunk's (token, slot) pairs: cnt[e] pairs chose expert e, listed
+// at list[off[e] ..]. One CTA; order within a list is arbitrary (each pair's result is
+// independent of it). Ids outside [0, E) are dropped.
+#define SORT_MAX_E 512
+extern "C" __global__ void __launch_bounds__(1024)
+moe_sort(const int* ids, int pairs, int n_experts, int* cnt, int* off, int* list) {
+  __shared__ int c[SORT_MAX_E], o[SORT_MAX_E];
+  pdl_wait();
+  pdl_trigger();
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) c[e] = 0;
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int e = ids[p];
+    if (e >= 0 && e < n_experts) atomicAdd(&c[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    // Exclusive scan on one warp: each lane sums a contiguous run of experts.
+    const int per = (n_experts + 31) / 32, lo = threadIdx.x * per, hi = min(n_experts, lo + per);
+    int s = 0;
+    for (int e = lo; e < hi; e++) s += c[e];
+    int incl = s;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(FULL_MASK, incl, d);
+      if ((int)threadIdx.x >= d) incl += v;
+    }
+    int run = incl - s;
+    for (int e = lo; e < hi; e++) { o[e] = run; run += c[e]; }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) { cnt[e] = c[e]; off[e] = o[e]; c[e] = 0; }
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int e = ids[p];
+    if (e >= 0 && e < n_experts) list[o[e] + atomicAdd(&c[e], 1)] = p;
+  }
+}
+
+// ---- Prefill attention on tensor cores (flash-attention style, sm_80+) -------------
+// A CTA owns 64 rows (token, q head of one kv head's group: row = token * G + g) of a
+// chunk and walks the keys 0 .. (its last token's position) in blocks of 32: S = Q·Kᵀ
+// and O += P·V on mma.sync m16n8k16 (f16 in, f32 accumulate), an online softmax per
+// row, causal per row (token t of the chunk sees positions <= *pos + t). The chunk's
+// K/V are already in the caches (qkv_post_n). Output: bf16 rows [token][heads·HD], the
+// o_proj GEMM's input. Every query of a kv-head group shares each K/V load.
+#define FA_BM 64
+#define FA_BK 32
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldsm4(u32 (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm4_t(u32 (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int HD>
+__device__ __forceinline__ void attn_prefill_body(const float* q, const unsigned short* kc, const unsigned short* vc,
+                                                  const int* pos, unsigned short* out, int n_tok, int n_heads,
+                                                  int n_kv, int max_seq, float scale) {
+  constexpr int LD = HD + 8;  // f16 pitch: rows 16 B apart in bank terms, conflict-free ldmatrix
+  __shared__ __align__(16) unsigned short Qs[FA_BM * LD], Ks[FA_BK * LD], Vs[FA_BK * LD];
+  pdl_wait();
+  pdl_trigger();
+  const int kvh = blockIdx.y, G = n_heads / n_kv, rows = n_tok * G, r0 = blockIdx.x * FA_BM;
+  if (r0 >= rows) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int pos0 = *pos, qstride = (n_heads + 2 * n_kv) * HD;
+  for (int i = tid; i < FA_BM * HD / 2; i += blockDim.x) {
+    const int r = i / (HD / 2), d = (i % (HD / 2)) * 2, row = r0 + r;
+    u32 v = 0;
+    if (row < rows) {
+      const float* qp = q + (size_t)(row / G) * qstride + (kvh * G + row % G) * HD + d;
+      v = pack_f16x2(qp[0] * scale, qp[1] * scale);
+    }
+    *(u32*)(Qs + r * LD + d) = v;
+  }
+  int lim[2];  // last visible position of this thread's rows g, g+8 (-1: no row)
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int row = r0 + warp * 16 + (lane >> 2) + h * 8;
+    lim[h] = row < rows ? pos0 + row / G : -1;
+  }
+  const int kend = min(pos0 + (min(rows, r0 + FA_BM) - 1) / G + 1, max_seq);
+  float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < HD / 8; j++)
+#pragma unroll
+    for (int c = 0; c < 4; c++) o[j][c] = 0.f;
+  for (int kb = 0; kb < kend; kb += FA_BK) {
+    __syncthreads();  // the previous block's K/V (and, first, Q's stores) are done with
+    for (int i = tid; i < FA_BK * HD / 8; i += blockDim.x) {
+      const int r = i / (HD / 8), d = (i % (HD / 8)) * 8, p = kb + r;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
+      if (p < kend) {
+        kv = *(const uint4*)(kc + ((size_t)kvh * max_seq + p) * HD + d);
+        vv = *(const uint4*)(vc + ((size_t)kvh * max_seq + p) * HD + d);
+      }
+      *(uint4*)(Ks + r * LD + d) = kv;
+      *(uint4*)(Vs + r * LD + d) = vv;
+    }
+    __syncthreads();
+    float s[FA_BK / 8][4];
+#pragma unroll
+    for (int j = 0; j < FA_BK / 8; j++)
+#pragma unroll
+      for (int c = 0; c < 4; c++) s[j][c] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD; kk += 16) {
+      u32 a[4];
+      ldsm4(a, Qs + (warp * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int p = 0; p < FA_BK / 16; p++) {
+        u32 b[4];
+        ldsm4(b, Ks + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk + ((lane >> 3) & 1) * 8);
+        mma_f16(s[2 * p], a, b[0], b[1]);
+        mma_f16(s[2 * p + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < FA_BK / 8; j++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          const int key = kb + j * 8 + (lane & 3) * 2 + i;
+          if (key > lim[h]) s[j][h * 2 + i] = -INFINITY;
+          mx = fmaxf(mx, s[j][h * 2 + i]);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+      const float mn = fmaxf(m[h], mx), ms = mn == -INFINITY ? 0.f : mn;
+      const float corr = expf(m[h] - ms);
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < FA_BK / 8; j++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          const float p = expf(s[j][h * 2 + i] - ms);
+          s[j][h * 2 + i] = p;
+          rs += p;
+        }
+      rs += __shfl_xor_sync(FULL_MASK, rs, 1);
+      rs += __shfl_xor_sync(FULL_MASK, rs, 2);
+      l[h] = l[h] * corr + rs;
+      m[h] = mn;
+#pragma unroll
+      for (int j = 0; j < HD / 8; j++) {
+        o[j][h * 2] *= corr;
+        o[j][h * 2 + 1] *= corr;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < FA_BK / 16; kk++) {
+      const u32 a[4] = {pack_f16x2(s[2 * kk][0], s[2 * kk][1]), pack_f16x2(s[2 * kk][2], s[2 * kk][3]),
+                        pack_f16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                        pack_f16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < HD / 16; dp++) {
+        u32 b[4];
+        ldsm4_t(b, Vs + (kk * 16 + (lane & 15)) * LD + dp * 16 + (lane >> 4) * 8);
+        mma_f16(o[2 * dp], a, b[0], b[1]);
+        mma_f16(o[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int row = r0 + warp * 16 + (lane >> 2) + h * 8;
+    if (row >= rows) continue;
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    unsigned short* op = out + (size_t)(row / G) * n_heads * HD + (kvh * G + row % G) * HD + (lane & 3) * 2;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      u32 v;
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(o[j][h * 2 + 1] * inv), "f"(o[j][h * 2] * inv));
+      *(u32*)(op + j * 8) = v;
+    }
+  }
+}
+#define ATTN_PREFILL(HD)                                                                                        \
+  extern "C" __global__ void __launch_bounds__(128) attn_prefill_##HD(                                         \
+      const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos, unsigned short* out, \
+      int n_tok, int n_heads, int n_kv, int max_seq, float scale) {                                            \
+    attn_prefill_body<HD>(q, kc, vc, pos, out, n_tok, n_heads, n_kv, max_seq, scale);                         \
+  }
+ATTN_PREFILL(32)
+ATTN_PREFILL(64)
+ATTN_PREFILL(128)

@@ -1,0 +1,213 @@
+// Tensor-core GEMM for prompt prefill, for ONE weight format per module (quant.cuh).
+//
+// Y = W · X^T over a set of "items" (rows of X): each CTA owns TM weight rows and TN
+// items; per TK-step its threads load and dequantize the weight tile into shared memory
+// as bf16 (each weight is decoded once per CTA, not once per token as in the GEMV), stage
+// the items' bf16 activations beside it, and four warps run mma.sync m16n8k16 (bf16 in,
+// f32 accumulate; sm_80+). The next step's global loads are issued before this step's
+// MMAs, so HBM streams while the tensor cores work.
+//
+// One kernel serves every prefill matrix (`mode`):
+//   0 / 1  dense projection: items 0..n-1 are tokens; y[item] = or += W·x (+ bias);
+//   2      MoE down: blockIdx.z is the expert; its items are (token, slot) pairs from the
+//          per-expert lists of moe_sort; y[pair / ydiv] += wts[pair] · (W_e · act[pair])
+//          with atomics (a token's k experts land in the same row);
+//   3      SwiGLU: gate (A) and up (B) tiles side by side, act[item] = silu(g) · u as
+//          bf16; experts (lists) or a dense MLP / shared expert (items 0..n-1).
+// Cost per weight (tile decode): the format's ~3-op decode, one FFMA and half a cvt,
+// amortized over the tile's items; weights are read from HBM once per (row tile, item
+// tile), i.e. once per prompt chunk for an expert with <= TN tokens.
+
+#define TM 64          // weight rows per CTA (4 warps x 16)
+#define TN 64          // items per pass (8 n-tiles of 8; tiles past the items are skipped)
+#define TK 64          // k per step: two 32-weight chunks per row
+#define TLD (TK + 8)   // smem row pitch in bf16: 144 B, so ldmatrix's 8 row reads hit 8 bank groups
+
+struct TcIn {
+  const unsigned short* x;  // bf16 input rows, ldx elements apart
+  const int* list;          // per-expert item lists (null: items 0..n-1)
+  const int* cnt;           // [E] items per expert
+  const int* off;           // [E] start of each expert's list
+  int ldx, xdiv, n, pad;    // input row of item p: p / xdiv; n: items when list is null
+};
+struct TcOut {
+  float* y;              // f32 output rows (modes 0-2), ldy apart; row of item p: p / ydiv
+  unsigned short* a;     // bf16 output rows (mode 3), lda apart
+  const float* bias;     // [rows] or null (modes 0, 1)
+  const float* wts;      // [items] routing weights (mode 2)
+  int ldy, lda, ydiv, mode;
+};
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ unsigned short f32_bf16(float f) {
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The 32 weights of a loaded chunk as their true values, rounded to bf16 pairs
+// (out[i] = weights 2i, 2i+1): value = (decoded bits · 2^P) · scale + offset, the power
+// of two undoing the fp modes' exponent placement (exact), as chunk_finish does.
+__device__ __forceinline__ void chunk_bf16(const QW& W, const u32 (&w)[CHUNK_WORDS], SC sc, u32 (&out)[16]) {
+  float m0 = 1.f, m1 = 1.f, a = 0.f, pre = 1.f;
+#if QMODE == MODE_AFFINE
+  const float s = sdt_bits(sc.a) * (float)(1u << QBITS);
+  m0 = m1 = s;
+  a = sdt_bits(sc.b) - s;  // decoded 1 + q/2^b: s(1 + q/2^b) + b - s = scale·q + bias
+#elif QMODE == MODE_NVFP4
+  pre = 0x1p126f;
+  m0 = e4m3_f32(sc.a) * W.gmul;
+  m1 = e4m3_f32(sc.b) * W.gmul;
+#elif QMODE == MODE_MXFP4
+  pre = 0x1p126f;
+  m0 = m1 = e8m0_f32(sc.a);
+#elif QMODE == MODE_MXFP8
+  pre = 0x1p120f;
+  m0 = m1 = e8m0_f32(sc.a);
+#endif
+#pragma unroll
+  for (int i = 0; i < 16; i++) {
+    const float m = i < 8 ? m0 : m1;
+    out[i] = pack_bf16(fmaf(deq(w, 2 * i) * pre, m, a), fmaf(deq(w, 2 * i + 1) * pre, m, a));
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3) tc_gemm(const QW A, const QW B, int rpe, const TcIn in,
+                                                             const TcOut out) {
+  __shared__ __align__(16) unsigned short As[2][TM * TLD];
+  __shared__ __align__(16) unsigned short Bs[TN * TLD];
+  __shared__ int items[TN];
+  pdl_wait();
+  pdl_trigger();
+  const int e = blockIdx.z;
+  const int n = in.list ? in.cnt[e] : in.n;
+  const int base = in.list ? in.off[e] : 0;
+  const int r0 = blockIdx.x * TM;
+  const bool dual = out.mode == 3;
+  const int K = A.cols, C = K / 32;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // Loader roles: weight row wr (chunk wc of each step); item xt, 32 k's at xk.
+  const int wr = tid >> 1, wc = tid & 1, xt = tid >> 1, xk = (tid & 1) * 32;
+  const bool rok = r0 + wr < rpe;
+  const size_t arow = (size_t)e * rpe + r0 + wr;
+  for (int t0 = blockIdx.y * TN; t0 < n; t0 += gridDim.y * TN) {
+    const int nv = min(TN, n - t0);  // items of this pass: n-tiles from nv on are skipped
+    __syncthreads();  // the previous pass's epilogue has read `items`
+    if (tid < TN) items[tid] = tid < nv ? (in.list ? in.list[base + t0 + tid] : t0 + tid) : -1;
+    __syncthreads();
+    const int item = items[xt];
+    const unsigned short* xp = item >= 0 ? in.x + (size_t)(item / in.xdiv) * in.ldx : nullptr;
+    float acc[2][TN / 8][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int j = 0; j < TN / 8; j++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) acc[m][j][q] = 0.f;
+    // Registers of the step in flight.
+    u32 wq[2][CHUNK_WORDS];
+    SC sq[2];
+    uint4 xv[4];
+    auto load = [&](int k0) {
+      const int c = k0 / 32 + wc;
+#pragma unroll
+      for (int m = 0; m < 2; m++) {
+        if ((m == 0 || dual) && rok && c < C) {
+          load_chunk((m ? B.w : A.w) + (arow * C + c) * (CHUNK_WORDS * 4), wq[m]);
+          sq[m] = load_scales(m ? B : A, (int)arow, c);
+        }
+      }
+      const bool xok = xp != nullptr && k0 + xk < K;
+#pragma unroll
+      for (int i = 0; i < 4; i++) xv[i] = xok ? *(const uint4*)(xp + k0 + xk + 8 * i) : make_uint4(0, 0, 0, 0);
+    };
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += TK) {
+      const int c = k0 / 32 + wc;
+#pragma unroll
+      for (int m = 0; m < 2; m++) {
+        if (m == 0 || dual) {
+          u32 q[16];
+          if (rok && c < C) {
+            chunk_bf16(m ? B : A, wq[m], sq[m], q);
+          } else {
+#pragma unroll
+            for (int i = 0; i < 16; i++) q[i] = 0;
+          }
+          uint4* dst = (uint4*)(As[m] + wr * TLD + wc * 32);
+#pragma unroll
+          for (int i = 0; i < 4; i++) dst[i] = make_uint4(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; i++) *(uint4*)(Bs + xt * TLD + xk + 8 * i) = xv[i];
+      __syncthreads();
+      if (k0 + TK < K) load(k0 + TK);
+#pragma unroll
+      for (int kk = 0; kk < TK; kk += 16) {
+        u32 b[TN / 16][4];
+#pragma unroll
+        for (int p = 0; p < TN / 16; p++)
+          if (p * 16 < nv)
+            ldsm_x4(b[p], Bs + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * TLD + kk + ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int m = 0; m < 2; m++) {
+          if (m == 0 || dual) {
+            u32 a[4];
+            ldsm_x4(a, As[m] + (warp * 16 + (lane & 15)) * TLD + kk + (lane >> 4) * 8);
+#pragma unroll
+            for (int j = 0; j < TN / 8; j++)
+              if (j * 8 < nv) mma_bf16(acc[m][j], a, b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+    // Epilogue: this thread holds rows g, g+8 of the warp's 16, items 2(lane%4)+{0,1} of
+    // each n-tile.
+#pragma unroll
+    for (int j = 0; j < TN / 8; j++) {
+      if (j * 8 >= nv) break;
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int row = r0 + warp * 16 + (lane >> 2) + h * 8;
+        if (row >= rpe) continue;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          const int it = items[j * 8 + (lane & 3) * 2 + i];
+          if (it < 0) continue;
+          const float v = acc[0][j][h * 2 + i];
+          if (out.mode == 3) {
+            const float u = acc[1][j][h * 2 + i];
+            out.a[(size_t)it * out.lda + row] = f32_bf16(v / (1.f + expf(-v)) * u);
+          } else {
+            float* y = out.y + (size_t)(it / out.ydiv) * out.ldy + row;
+            if (out.mode == 2) {
+              atomicAdd(y, out.wts[it] * v);
+            } else {
+              const float r = v + (out.bias ? out.bias[row] : 0.f);
+              *y = out.mode == 1 ? *y + r : r;
+            }
+          }
+        }
+      }
+    }
+  }
+}
