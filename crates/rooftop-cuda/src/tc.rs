@@ -1,14 +1,15 @@
 //! Prefill of long prompts on tensor cores (mma.cu): chunks of up to [`tc_chunk`] tokens
-//! (default 256) where every projection is one bf16 `mma.sync` GEMM over the chunk's
+//! (default 1024) where every projection is one bf16 `mma.sync` GEMM over the chunk's
 //! tokens, with each weight tile dequantized once per CTA. The MoE runs per expert: the
 //! chunk's (token, slot) pairs are grouped by expert on the device (`moe_sort`), and
 //! each expert's weights are read once for all the tokens that chose it — the cost of a
 //! chunk is one pass over the layer's weights, not one per token or per 8 tokens.
 //!
-//! Exact-f32 pieces stay where precision decides discrete choices: the router logits
-//! (top-k) come from the f32 GEMV (`gemv8_epi`, 8 tokens per CTA row), and the residual
-//! stream, norms, attention and KV cache are the chunk path's. Matrix inputs are bf16
-//! (the rows normalized once per chunk), accumulation f32.
+//! Attention is on tensor cores too (`attn_prefill`, flash-attention style, f16 inputs,
+//! f32 softmax and accumulation). Exact-f32 pieces stay where precision decides discrete
+//! choices: the router logits (top-k) come from the f32 GEMV (`gemv8_epi`, 8 tokens per
+//! CTA row); the residual stream, norms and f16 KV cache are the chunk path's. Matrix
+//! inputs are bf16 (the rows normalized once per chunk), accumulation f32.
 //!
 //! Shorter prompts (fewer than [`tc_min`] tokens, default 64) and the tail of a long one
 //! use the 8-token chunks of prefill.rs, which read each weight once per 8 tokens.
@@ -37,8 +38,8 @@ pub fn set_prefill_tc(v: Option<(usize, usize)>) {
 }
 
 /// Fewest prompt tokens sent to the tensor cores (`ROOFTOP_TC_MIN`, default 64;
-/// `ROOFTOP_TC=0` turns the path off). Below it the 8-token chunks are faster: a
-/// 32-item tile would be mostly padding.
+/// `ROOFTOP_TC=0` turns the path off). Below it the 8-token chunks serve: a 64-item
+/// tile would be mostly padding.
 pub fn tc_min() -> Option<usize> {
     match MIN_OVERRIDE.load(Ordering::Relaxed) {
         0 if std::env::var("ROOFTOP_TC").as_deref() == Ok("0") => None,
@@ -47,13 +48,21 @@ pub fn tc_min() -> Option<usize> {
     }
 }
 
-/// Most tokens per tensor-core chunk (`ROOFTOP_TC_CHUNK`, default 256): each chunk
+/// Most tokens per tensor-core chunk (`ROOFTOP_TC_CHUNK`, default 1024): each chunk
 /// reads every expert once, so longer chunks read less per token; buffers grow with it.
 pub fn tc_chunk() -> usize {
     match CHUNK_OVERRIDE.load(Ordering::Relaxed) {
-        0 => env_usize("ROOFTOP_TC_CHUNK", 1..=8192).unwrap_or(256),
+        0 => env_usize("ROOFTOP_TC_CHUNK", 1..=8192).unwrap_or(1024),
         c => c,
     }
+}
+
+/// Whether a layer's prefill attention runs on tensor cores (`attn_prefill_{32,64,128}`;
+/// else the per-query split-K kernels). `ROOFTOP_TC_ATTN=0` forces the latter (A/B).
+fn tc_attention(a: &crate::decoder::CudaAttention) -> bool {
+    matches!(a.head_dim, 32 | 64 | 128)
+        && a.heads.is_multiple_of(a.kv_heads)
+        && std::env::var("ROOFTOP_TC_ATTN").as_deref() != Ok("0")
 }
 
 /// `struct TcIn` in mma.cu.
@@ -64,6 +73,7 @@ struct TcIn {
     list: u64,
     cnt: u64,
     off: u64,
+    work: u64,
     ldx: i32,
     xdiv: i32,
     n: i32,
@@ -105,6 +115,7 @@ pub(crate) struct TcBufs {
     cnt: CudaSlice<i32>,
     off: CudaSlice<i32>,
     list: CudaSlice<i32>,
+    work: CudaSlice<i32>,
     act: CudaSlice<u16>,
     tok: CudaSlice<i32>,
 }
@@ -136,7 +147,9 @@ impl CudaDecoder {
             qkv = qkv.max((a.heads + 2 * a.kv_heads) * a.head_dim);
             att = att.max(a.heads * a.head_dim);
             xw = xw.max(a.heads * a.head_dim);
-            part = part.max(a.heads * s.splits * (a.head_dim + 2));
+            if !tc_attention(a) {
+                part = part.max(a.heads * s.splits * (a.head_dim + 2));
+            }
             match &l.ffn {
                 CudaFfn::Moe(m) => {
                     e = e.max(m.n_experts);
@@ -159,6 +172,7 @@ impl CudaDecoder {
             cnt: dev.alloc(e)?,
             off: dev.alloc(e)?,
             list: dev.alloc(cap * pairs)?,
+            work: dev.alloc(1 + 2 * (cap * pairs / TN + e + 1))?,
             act: dev.alloc(cap * act)?,
             tok: dev.alloc(cap)?,
         })
@@ -311,9 +325,7 @@ impl CudaDecoder {
                 self.tc_dense(w, pxb, n, pq + (col * 4) as u64, width, STORE, 0)?;
                 col += w.rows;
             }
-            // ROOFTOP_TC_ATTN=0: the per-query split-K attention instead (A/B).
-            let fa = std::env::var("ROOFTOP_TC_ATTN").as_deref() != Ok("0");
-            if fa && matches!(a.head_dim, 32 | 64 | 128) && a.heads % a.kv_heads == 0 {
+            if tc_attention(a) {
                 // Tensor-core attention straight into o_proj's bf16 input.
                 self.chunk_qkv_post(s, li, n, pq, ppos)?;
                 let f = dev.function(
@@ -435,10 +447,15 @@ impl CudaDecoder {
             )?;
         }
         let k = m.routing.top_k;
-        let (pcnt, poff, plist) = (dev.ptr(&b.cnt), dev.ptr(&b.off), dev.ptr(&b.list));
+        let (pcnt, poff, plist, pwork) = (
+            dev.ptr(&b.cnt),
+            dev.ptr(&b.off),
+            dev.ptr(&b.list),
+            dev.ptr(&b.work),
+        );
         {
             let f = dev.function(&ModuleSource::ops(), "moe_sort")?;
-            let (pairs, ne) = ((n * k) as i32, m.n_experts as i32);
+            let (pairs, ne, tile) = ((n * k) as i32, m.n_experts as i32, TN as i32);
             launch!(
                 dev,
                 f,
@@ -449,18 +466,30 @@ impl CudaDecoder {
                 ne,
                 pcnt,
                 poff,
-                plist
+                plist,
+                pwork,
+                tile
             )?;
         }
         self.to_bf16(ph, n, hd, Some((&l.ffn_norm, l.eps)), pxb)?;
-        // An expert holds at most n pairs (a token picks distinct experts); the CTA of a
-        // row tile walks its expert's item tiles (usually one).
-        let tiles = 1;
+        // A CTA per (row tile, item tile, expert), sized for the worst case (an expert
+        // holds at most n pairs) so that a hot expert's tiles run side by side — one CTA
+        // walking them in turn was the launch's tail under skewed routing (1.78 → 0.68
+        // ms for gate/up of a 1024-token chunk); CTAs past their expert's count exit at
+        // once. ROOFTOP_TC_WORK=1: one CTA per tile of moe_sort's tile list instead (no
+        // empty CTAs; down measured 393 vs 595 µs, the whole path not yet measured).
+        let listed = std::env::var("ROOFTOP_TC_WORK").as_deref() == Ok("1");
+        let (experts, tiles) = if listed {
+            (1, (n * k).div_ceil(TN) + m.n_experts)
+        } else {
+            (m.n_experts, n.div_ceil(TN))
+        };
         let gate_up = TcIn {
             x: pxb,
             list: plist,
             cnt: pcnt,
             off: poff,
+            work: if listed { pwork } else { 0 },
             ldx: hd as i32,
             xdiv: k as i32,
             ..Default::default()
@@ -472,15 +501,7 @@ impl CudaDecoder {
             mode: SWIGLU,
             ..Default::default()
         };
-        self.tc_gemm(
-            &m.gate,
-            Some(&m.up),
-            m.inter,
-            m.n_experts,
-            tiles,
-            gate_up,
-            act,
-        )?;
+        self.tc_gemm(&m.gate, Some(&m.up), m.inter, experts, tiles, gate_up, act)?;
         let down = TcIn {
             x: pact,
             ldx: m.inter as i32,
@@ -495,7 +516,7 @@ impl CudaDecoder {
             mode: ATOMIC,
             ..Default::default()
         };
-        self.tc_gemm(&m.down, None, hd, m.n_experts, tiles, down, res)?;
+        self.tc_gemm(&m.down, None, hd, experts, tiles, down, res)?;
         if let Some([g, u, d]) = &m.shared {
             dense_mlp([g, u, d])?;
         }

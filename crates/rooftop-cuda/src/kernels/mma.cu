@@ -28,6 +28,7 @@ struct TcIn {
   const int* list;          // per-expert item lists (null: items 0..n-1)
   const int* cnt;           // [E] items per expert
   const int* off;           // [E] start of each expert's list
+  const int* work;          // [1 + 2T]: T, then (expert, first item) of each tile, or null
   int ldx, xdiv, n, pad;    // input row of item p: p / xdiv; n: items when list is null
 };
 struct TcOut {
@@ -89,6 +90,64 @@ __device__ __forceinline__ void chunk_bf16(const QW& W, const u32 (&w)[CHUNK_WOR
   }
 }
 
+// MMAs of one TK-step: the warp's 16 rows of As[0] (and As[1] for SwiGLU) against the
+// pass's items in Bs (pitch TLD); n-tiles at or past nv are skipped.
+__device__ __forceinline__ void tc_mma_step(const unsigned short* As0, const unsigned short* As1,
+                                            const unsigned short* Bs, float (&acc)[2][TN / 8][4], int nv, bool dual,
+                                            int warp, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < TK; kk += 16) {
+    u32 b[TN / 16][4];
+#pragma unroll
+    for (int p = 0; p < TN / 16; p++)
+      if (p * 16 < nv)
+        ldsm_x4(b[p], Bs + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * TLD + kk + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+      if (m == 0 || dual) {
+        u32 a[4];
+        ldsm_x4(a, (m ? As1 : As0) + (warp * 16 + (lane & 15)) * TLD + kk + (lane >> 4) * 8);
+#pragma unroll
+        for (int j = 0; j < TN / 8; j++)
+          if (j * 8 < nv) mma_bf16(acc[m][j], a, b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
+      }
+    }
+  }
+}
+
+// Epilogue: this thread holds rows g, g+8 of the warp's 16, items 2(lane%4)+{0,1} of
+// each n-tile.
+__device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)[2][TN / 8][4], const int* items,
+                                            int nv, int r0, int rpe, int warp, int lane) {
+#pragma unroll
+  for (int j = 0; j < TN / 8; j++) {
+    if (j * 8 >= nv) break;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int row = r0 + warp * 16 + (lane >> 2) + h * 8;
+      if (row >= rpe) continue;
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        const int it = items[j * 8 + (lane & 3) * 2 + i];
+        if (it < 0) continue;
+        const float v = acc[0][j][h * 2 + i];
+        if (out.mode == 3) {
+          const float u = acc[1][j][h * 2 + i];
+          out.a[(size_t)it * out.lda + row] = f32_bf16(v / (1.f + expf(-v)) * u);
+        } else {
+          float* y = out.y + (size_t)(it / out.ydiv) * out.ldy + row;
+          if (out.mode == 2) {
+            atomicAdd(y, out.wts[it] * v);
+          } else {
+            const float r = v + (out.bias ? out.bias[row] : 0.f);
+            *y = out.mode == 1 ? *y + r : r;
+          }
+        }
+      }
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(128, 3) tc_gemm(const QW A, const QW B, int rpe, const TcIn in,
                                                              const TcOut out) {
   __shared__ __align__(16) unsigned short As[2][TM * TLD];
@@ -96,7 +155,15 @@ extern "C" __global__ void __launch_bounds__(128, 3) tc_gemm(const QW A, const Q
   __shared__ int items[TN];
   pdl_wait();
   pdl_trigger();
-  const int e = blockIdx.z;
+  // The tile list (experts): CTA y takes tile y, if there is one; else expert z, item
+  // tiles y, y + gridDim.y, ...
+  int e = blockIdx.z, t_first = blockIdx.y * TN, t_step = gridDim.y * TN;
+  if (in.work) {
+    if ((int)blockIdx.y >= in.work[0]) return;
+    e = in.work[1 + 2 * blockIdx.y];
+    t_first = in.work[2 + 2 * blockIdx.y];
+    t_step = 1 << 30;
+  }
   const int n = in.list ? in.cnt[e] : in.n;
   const int base = in.list ? in.off[e] : 0;
   const int r0 = blockIdx.x * TM;
@@ -107,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) tc_gemm(const QW A, const Q
   const int wr = tid >> 1, wc = tid & 1, xt = tid >> 1, xk = (tid & 1) * 32;
   const bool rok = r0 + wr < rpe;
   const size_t arow = (size_t)e * rpe + r0 + wr;
-  for (int t0 = blockIdx.y * TN; t0 < n; t0 += gridDim.y * TN) {
+  for (int t0 = t_first; t0 < n; t0 += t_step) {
     const int nv = min(TN, n - t0);  // items of this pass: n-tiles from nv on are skipped
     __syncthreads();  // the previous pass's epilogue has read `items`
     if (tid < TN) items[tid] = tid < nv ? (in.list ? in.list[base + t0 + tid] : t0 + tid) : -1;
@@ -160,54 +227,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) tc_gemm(const QW A, const Q
       for (int i = 0; i < 4; i++) *(uint4*)(Bs + xt * TLD + xk + 8 * i) = xv[i];
       __syncthreads();
       if (k0 + TK < K) load(k0 + TK);
-#pragma unroll
-      for (int kk = 0; kk < TK; kk += 16) {
-        u32 b[TN / 16][4];
-#pragma unroll
-        for (int p = 0; p < TN / 16; p++)
-          if (p * 16 < nv)
-            ldsm_x4(b[p], Bs + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * TLD + kk + ((lane >> 3) & 1) * 8);
-#pragma unroll
-        for (int m = 0; m < 2; m++) {
-          if (m == 0 || dual) {
-            u32 a[4];
-            ldsm_x4(a, As[m] + (warp * 16 + (lane & 15)) * TLD + kk + (lane >> 4) * 8);
-#pragma unroll
-            for (int j = 0; j < TN / 8; j++)
-              if (j * 8 < nv) mma_bf16(acc[m][j], a, b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
-          }
-        }
-      }
+      tc_mma_step(As[0], As[1], Bs, acc, nv, dual, warp, lane);
       __syncthreads();
     }
-    // Epilogue: this thread holds rows g, g+8 of the warp's 16, items 2(lane%4)+{0,1} of
-    // each n-tile.
-#pragma unroll
-    for (int j = 0; j < TN / 8; j++) {
-      if (j * 8 >= nv) break;
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int row = r0 + warp * 16 + (lane >> 2) + h * 8;
-        if (row >= rpe) continue;
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-          const int it = items[j * 8 + (lane & 3) * 2 + i];
-          if (it < 0) continue;
-          const float v = acc[0][j][h * 2 + i];
-          if (out.mode == 3) {
-            const float u = acc[1][j][h * 2 + i];
-            out.a[(size_t)it * out.lda + row] = f32_bf16(v / (1.f + expf(-v)) * u);
-          } else {
-            float* y = out.y + (size_t)(it / out.ydiv) * out.ldy + row;
-            if (out.mode == 2) {
-              atomicAdd(y, out.wts[it] * v);
-            } else {
-              const float r = v + (out.bias ? out.bias[row] : 0.f);
-              *y = out.mode == 1 ? *y + r : r;
-            }
-          }
-        }
-      }
-    }
+    tc_epilogue(out, acc, items, nv, r0, rpe, warp, lane);
   }
 }

@@ -395,8 +395,10 @@ rows_bf16(const float* x, const float* w, unsigned short* out, int d, float eps)
 // at list[off[e] ..]. One CTA; order within a list is arbitrary (each pair's result is
 // independent of it). Ids outside [0, E) are dropped.
 #define SORT_MAX_E 512
+// Also the tile list of tc_gemm: work[0] = tiles, then (expert, first item) per tile of
+// up to `tile` items, so that CTAs go only where items are.
 extern "C" __global__ void __launch_bounds__(1024)
-moe_sort(const int* ids, int pairs, int n_experts, int* cnt, int* off, int* list) {
+moe_sort(const int* ids, int pairs, int n_experts, int* cnt, int* off, int* list, int* work, int tile) {
   __shared__ int c[SORT_MAX_E], o[SORT_MAX_E];
   pdl_wait();
   pdl_trigger();
@@ -422,7 +424,33 @@ moe_sort(const int* ids, int pairs, int n_experts, int* cnt, int* off, int* list
     for (int e = lo; e < hi; e++) { o[e] = run; run += c[e]; }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) { cnt[e] = c[e]; off[e] = o[e]; c[e] = 0; }
+  __shared__ int tiles[SORT_MAX_E];
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    cnt[e] = c[e];
+    off[e] = o[e];
+    tiles[e] = (c[e] + tile - 1) / tile;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    // Exclusive scan of the tile counts (as above), then each lane writes its experts'.
+    const int per = (n_experts + 31) / 32, lo = threadIdx.x * per, hi = min(n_experts, lo + per);
+    int s = 0;
+    for (int e = lo; e < hi; e++) s += tiles[e];
+    int incl = s;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(FULL_MASK, incl, d);
+      if ((int)threadIdx.x >= d) incl += v;
+    }
+    int w = incl - s;
+    for (int e = lo; e < hi; e++)
+      for (int t = 0; t < tiles[e]; t++, w++) {
+        work[1 + 2 * w] = e;
+        work[2 + 2 * w] = t * tile;
+      }
+    if (threadIdx.x == 31) work[0] = incl;
+  }
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) c[e] = 0;
   __syncthreads();
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int e = ids[p];
