@@ -131,7 +131,38 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// `y[t] (+)= W · norm(x[t]) (+ bias)` for the chunk's n tokens (rows W.rows apart).
+    /// Router logits of n tokens' rows at `ph` (f32, RMS-normalized by the FFN norm), then
+    /// each token's top-k experts and weights: `[logits, ids, wts]` device pointers.
+    pub(crate) fn route_chunk(
+        &self,
+        l: &crate::decoder::CudaLayer,
+        m: &crate::moe::CudaMoe,
+        ph: u64,
+        n: usize,
+        [pl, pids, pwts]: [u64; 3],
+    ) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let o = Gemv {
+            norm: Some((&l.ffn_norm, l.eps)),
+            ..Default::default()
+        };
+        self.gemv8(&m.router, ph, n, pl, o)?;
+        let f = dev.function(&ModuleSource::gemv(m.router.format), "moe_route_n")?;
+        let rt = m.routing_arg(dev);
+        launch!(
+            dev,
+            f,
+            cfg((n as u32, 1), 32, 0),
+            "moe_route_n",
+            pl,
+            rt,
+            pids,
+            pwts
+        )
+    }
+
+    /// `y[t] (+)= W · norm(x[t]) (+ bias)` for n tokens (rows W.rows apart): each CTA row
+    /// (grid y) takes 8 tokens, so any n runs in one launch.
     fn gemv8(&self, w: &CudaWeight, x: u64, n: usize, y: u64, o: Gemv) -> Result<(), CudaError> {
         let dev = &self.dev;
         let f = dev.function(&ModuleSource::gemv(w.format), "gemv8_epi")?;
@@ -154,7 +185,7 @@ impl CudaDecoder {
         launch!(
             dev,
             f,
-            cfg((grid, 1), 256, smem),
+            cfg((grid, n.div_ceil(CHUNK) as u32), 256, smem),
             "gemv8_epi",
             arg,
             x,
@@ -178,22 +209,7 @@ impl CudaDecoder {
             dev.ptr(&s.pos),
             dev.ptr(&c.tok),
         );
-        let nn = n as u32;
-        {
-            let f = dev.function(&ModuleSource::gemv(self.embed.format), "embed_rows")?;
-            let (earg, escale) = (self.embed.arg(dev), self.embed_scale);
-            let grid = (self.embed.cols / 32).div_ceil(256) as u32;
-            launch!(
-                dev,
-                f,
-                cfg3((grid, nn, 1), 256, 0),
-                "embed_rows",
-                earg,
-                ptok,
-                ph,
-                escale
-            )?;
-        }
+        self.embed_chunk(ptok, n, ph)?;
         for (li, l) in self.layers.iter().enumerate() {
             let a = &l.attn;
             let norm = Some((&l.attn_norm, l.eps));
@@ -212,6 +228,24 @@ impl CudaDecoder {
             self.chunk_ffn(c, l, n, ph)?;
         }
         self.chunk_head(s, ph, n)
+    }
+
+    /// The embeddings (times the model's scale) of n token ids at `ptok` into rows at `ph`.
+    pub(crate) fn embed_chunk(&self, ptok: u64, n: usize, ph: u64) -> Result<(), CudaError> {
+        let dev = &self.dev;
+        let f = dev.function(&ModuleSource::gemv(self.embed.format), "embed_rows")?;
+        let (earg, escale) = (self.embed.arg(dev), self.embed_scale);
+        let grid = (self.embed.cols / 32).div_ceil(256) as u32;
+        launch!(
+            dev,
+            f,
+            cfg3((grid, n as u32, 1), 256, 0),
+            "embed_rows",
+            earg,
+            ptok,
+            ph,
+            escale
+        )
     }
 
     /// Final norm + lm_head of the last of the n token rows at `ph`, then position += n.
@@ -295,23 +329,7 @@ impl CudaDecoder {
         // (gate, up, down) of the routed experts, of the shared expert / dense MLP.
         let (routed, shared, k, inter) = match &l.ffn {
             CudaFfn::Moe(m) => {
-                let o = Gemv {
-                    norm: Some((&l.ffn_norm, l.eps)),
-                    ..Default::default()
-                };
-                self.gemv8(&m.router, ph, n, pl, o)?;
-                let f = dev.function(&ModuleSource::gemv(m.router.format), "moe_route_n")?;
-                let rt = m.routing_arg(dev);
-                launch!(
-                    dev,
-                    f,
-                    cfg((n as u32, 1), 32, 0),
-                    "moe_route_n",
-                    pl,
-                    rt,
-                    pids,
-                    pwts
-                )?;
+                self.route_chunk(l, m, ph, n, [pl, pids, pwts])?;
                 (
                     Some([&m.gate, &m.up, &m.down]),
                     m.shared.as_ref().map(|[g, u, d]| [g, u, d]),

@@ -14,10 +14,10 @@
 //! Shorter prompts (fewer than [`tc_min`] tokens, default 64) and the tail of a long one
 //! use the 8-token chunks of prefill.rs, which read each weight once per 8 tokens.
 
-use crate::decoder::{CudaDecoder, CudaFfn, CudaLayer, CudaState, EpiArg};
+use crate::decoder::{CudaDecoder, CudaFfn, CudaLayer, CudaState};
 use crate::device::{cfg, cfg3, launch};
 use crate::nvrtc::{env_usize, ModuleSource};
-use crate::weight::{lanes_per_row, stage_bytes, CudaWeight};
+use crate::weight::{stage_bytes, CudaWeight};
 use crate::CudaError;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -301,21 +301,7 @@ impl CudaDecoder {
             dev.ptr(&s.pos),
             dev.ptr(&b.tok),
         );
-        {
-            let f = dev.function(&ModuleSource::gemv(self.embed.format), "embed_rows")?;
-            let (earg, escale) = (self.embed.arg(dev), self.embed_scale);
-            let grid = (self.embed.cols / 32).div_ceil(256) as u32;
-            launch!(
-                dev,
-                f,
-                cfg3((grid, n as u32, 1), 256, 0),
-                "embed_rows",
-                earg,
-                ptok,
-                ph,
-                escale
-            )?;
-        }
+        self.embed_chunk(ptok, n, ph)?;
         for (li, l) in self.layers.iter().enumerate() {
             let a = &l.attn;
             self.to_bf16(ph, n, hd, Some((&l.attn_norm, l.eps)), pxb)?;
@@ -401,51 +387,7 @@ impl CudaDecoder {
         };
         // Router logits in f32 (8 tokens per CTA row, all rows of 8 at once), routing.
         let (pl, pids, pwts) = (dev.ptr(&b.logits), dev.ptr(&b.ids), dev.ptr(&b.wts));
-        {
-            let w = &m.router;
-            let f = dev.function(&ModuleSource::gemv(w.format), "gemv8_epi")?;
-            let smem = stage_bytes(crate::prefill::CHUNK, w.cols);
-            dev.check_smem("prefill router", smem)?;
-            let lpr = lanes_per_row(w.cols, w.format.unroll());
-            let grid = dev.grid_for(
-                &f,
-                256,
-                smem,
-                w.rows.div_ceil(32 / lpr as usize).div_ceil(8),
-            );
-            let e = EpiArg {
-                nw: dev.ptr(&l.ffn_norm),
-                eps: l.eps,
-                add: 0,
-                bias: 0,
-            };
-            let (arg, ni) = (w.arg(dev), n as i32);
-            let groups = n.div_ceil(crate::prefill::CHUNK) as u32;
-            launch!(
-                dev,
-                f,
-                cfg((grid, groups), 256, smem),
-                "gemv8_epi",
-                arg,
-                ph,
-                ni,
-                pl,
-                lpr,
-                e
-            )?;
-            let f = dev.function(&ModuleSource::gemv(w.format), "moe_route_n")?;
-            let rt = m.routing_arg(dev);
-            launch!(
-                dev,
-                f,
-                cfg((n as u32, 1), 32, 0),
-                "moe_route_n",
-                pl,
-                rt,
-                pids,
-                pwts
-            )?;
-        }
+        self.route_chunk(l, m, ph, n, [pl, pids, pwts])?;
         let k = m.routing.top_k;
         let (pcnt, poff, plist, pwork) = (
             dev.ptr(&b.cnt),

@@ -39,30 +39,6 @@ struct TcOut {
   int ldy, lda, ydiv, mode;
 };
 
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-__device__ __forceinline__ unsigned short f32_bf16(float f) {
-  unsigned short h;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // The 32 weights of a loaded chunk as their true values, rounded to bf16 pairs
 // (out[i] = weights 2i, 2i+1): value = (decoded bits · 2^P) · scale + offset, the power
 // of two undoing the fp modes' exponent placement (exact), as chunk_finish does.
@@ -109,7 +85,7 @@ __device__ __forceinline__ void tc_mma_step(const unsigned short* As0, const uns
         ldsm_x4(a, (m ? As1 : As0) + (warp * 16 + (lane & 15)) * TLD + kk + (lane >> 4) * 8);
 #pragma unroll
         for (int j = 0; j < TN / 8; j++)
-          if (j * 8 < nv) mma_bf16(acc[m][j], a, b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
+          if (j * 8 < nv) mma_16816<true>(acc[m][j], a, b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
       }
     }
   }

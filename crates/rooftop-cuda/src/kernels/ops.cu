@@ -3,13 +3,9 @@
 // Positions are read from device memory so that a captured CUDA graph replays each
 // token without host writes into kernel arguments.
 
-// y[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w. Grid: rows; block: 256.
-extern "C" __global__ void __launch_bounds__(256)
-rmsnorm(const float* x, const float* w, float* y, int d, float eps) {
-  pdl_wait();
-  pdl_trigger();
+// 1 / sqrt(mean(xr[0..d)^2) + eps) over the block (every thread gets it).
+__device__ __forceinline__ float row_inv_rms(const float* xr, int d, float eps) {
   __shared__ float red[32];
-  const float* xr = x + (size_t)blockIdx.x * d;
   float ss = 0.f;
   for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
   ss = warp_sum(ss);
@@ -21,7 +17,16 @@ rmsnorm(const float* x, const float* w, float* y, int d, float eps) {
     if (threadIdx.x == 0) red[0] = v;
   }
   __syncthreads();
-  const float inv = 1.f / sqrtf(red[0] / d + eps);
+  return 1.f / sqrtf(red[0] / d + eps);
+}
+
+// y[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w. Grid: rows; block: 256.
+extern "C" __global__ void __launch_bounds__(256)
+rmsnorm(const float* x, const float* w, float* y, int d, float eps) {
+  pdl_wait();
+  pdl_trigger();
+  const float* xr = x + (size_t)blockIdx.x * d;
+  const float inv = row_inv_rms(xr, d, eps);
   for (int i = threadIdx.x; i < d; i += blockDim.x) y[(size_t)blockIdx.x * d + i] = xr[i] * inv * w[i];
 }
 
@@ -366,40 +371,43 @@ extern "C" __global__ void __launch_bounds__(256)
 rows_bf16(const float* x, const float* w, unsigned short* out, int d, float eps) {
   pdl_wait();
   pdl_trigger();
-  __shared__ float red[32];
   const float* xr = x + (size_t)blockIdx.x * d;
-  float inv = 1.f;
-  if (w) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
-      v = warp_sum(v);
-      if (threadIdx.x == 0) red[0] = v;
-    }
-    __syncthreads();
-    inv = 1.f / sqrtf(red[0] / d + eps);
-  }
+  const float inv = w ? row_inv_rms(xr, d, eps) : 1.f;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     const float v = w ? xr[i] * inv * w[i] : xr[i];
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    out[(size_t)blockIdx.x * d + i] = h;
+    out[(size_t)blockIdx.x * d + i] = f32_bf16(v);
   }
+}
+
+// Exclusive prefix sums of v[0..n) into out, on one warp (lane i sums a contiguous run of
+// ceil(n/32)); every lane gets the total.
+__device__ __forceinline__ int warp_exclusive_scan(const int* v, int n, int* out) {
+  const int lane = threadIdx.x & 31, per = (n + 31) / 32, lo = min(n, lane * per), hi = min(n, lo + per);
+  int s = 0;
+  for (int e = lo; e < hi; e++) s += v[e];
+  int incl = s;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int x = __shfl_up_sync(FULL_MASK, incl, d);
+    if (lane >= d) incl += x;
+  }
+  int run = incl - s;
+  for (int e = lo; e < hi; e++) {
+    out[e] = run;
+    run += v[e];
+  }
+  return __shfl_sync(FULL_MASK, incl, 31);
 }
 
 // Per-expert lists of a chunk's (token, slot) pairs: cnt[e] pairs chose expert e, listed
 // at list[off[e] ..]. One CTA; order within a list is arbitrary (each pair's result is
-// independent of it). Ids outside [0, E) are dropped.
+// independent of it). Ids outside [0, E) are dropped. Also the tile list of tc_gemm:
+// work[0] = tiles, then (expert, first item) per tile of up to `tile` items, so that
+// CTAs go only where items are.
 #define SORT_MAX_E 512
-// Also the tile list of tc_gemm: work[0] = tiles, then (expert, first item) per tile of
-// up to `tile` items, so that CTAs go only where items are.
 extern "C" __global__ void __launch_bounds__(1024)
 moe_sort(const int* ids, int pairs, int n_experts, int* cnt, int* off, int* list, int* work, int tile) {
-  __shared__ int c[SORT_MAX_E], o[SORT_MAX_E];
+  __shared__ int c[SORT_MAX_E], o[SORT_MAX_E], tl[SORT_MAX_E], to[SORT_MAX_E];
   pdl_wait();
   pdl_trigger();
   for (int e = threadIdx.x; e < n_experts; e += blockDim.x) c[e] = 0;
@@ -409,48 +417,26 @@ moe_sort(const int* ids, int pairs, int n_experts, int* cnt, int* off, int* list
     if (e >= 0 && e < n_experts) atomicAdd(&c[e], 1);
   }
   __syncthreads();
-  if (threadIdx.x < 32) {
-    // Exclusive scan on one warp: each lane sums a contiguous run of experts.
-    const int per = (n_experts + 31) / 32, lo = threadIdx.x * per, hi = min(n_experts, lo + per);
-    int s = 0;
-    for (int e = lo; e < hi; e++) s += c[e];
-    int incl = s;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(FULL_MASK, incl, d);
-      if ((int)threadIdx.x >= d) incl += v;
-    }
-    int run = incl - s;
-    for (int e = lo; e < hi; e++) { o[e] = run; run += c[e]; }
-  }
+  if (threadIdx.x < 32) warp_exclusive_scan(c, n_experts, o);
   __syncthreads();
-  __shared__ int tiles[SORT_MAX_E];
   for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
     cnt[e] = c[e];
     off[e] = o[e];
-    tiles[e] = (c[e] + tile - 1) / tile;
+    tl[e] = (c[e] + tile - 1) / tile;
   }
   __syncthreads();
   if (threadIdx.x < 32) {
-    // Exclusive scan of the tile counts (as above), then each lane writes its experts'.
-    const int per = (n_experts + 31) / 32, lo = threadIdx.x * per, hi = min(n_experts, lo + per);
-    int s = 0;
-    for (int e = lo; e < hi; e++) s += tiles[e];
-    int incl = s;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(FULL_MASK, incl, d);
-      if ((int)threadIdx.x >= d) incl += v;
-    }
-    int w = incl - s;
-    for (int e = lo; e < hi; e++)
-      for (int t = 0; t < tiles[e]; t++, w++) {
-        work[1 + 2 * w] = e;
-        work[2 + 2 * w] = t * tile;
-      }
-    if (threadIdx.x == 31) work[0] = incl;
+    const int tiles = warp_exclusive_scan(tl, n_experts, to);
+    if (threadIdx.x == 0) work[0] = tiles;
   }
-  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) c[e] = 0;
+  __syncthreads();
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    for (int t = 0; t < tl[e]; t++) {
+      work[1 + 2 * (to[e] + t)] = e;
+      work[2 + 2 * (to[e] + t)] = t * tile;
+    }
+    c[e] = 0;
+  }
   __syncthreads();
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int e = ids[p];
@@ -467,30 +453,6 @@ moe_sort(const int* ids, int pairs, int n_experts, int* cnt, int* off, int* list
 // o_proj GEMM's input. Every query of a kv-head group shares each K/V load.
 #define FA_BM 64
 #define FA_BK 32
-__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void ldsm4(u32 (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm4_t(u32 (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 template <int HD>
 __device__ __forceinline__ void attn_prefill_body(const float* q, const unsigned short* kc, const unsigned short* vc,
                                                   const int* pos, unsigned short* out, int n_tok, int n_heads,
@@ -508,7 +470,7 @@ __device__ __forceinline__ void attn_prefill_body(const float* q, const unsigned
     u32 v = 0;
     if (row < rows) {
       const float* qp = q + (size_t)(row / G) * qstride + (kvh * G + row % G) * HD + d;
-      v = pack_f16x2(qp[0] * scale, qp[1] * scale);
+      v = pack_f16(qp[0] * scale, qp[1] * scale);
     }
     *(u32*)(Qs + r * LD + d) = v;
   }
@@ -545,13 +507,13 @@ __device__ __forceinline__ void attn_prefill_body(const float* q, const unsigned
 #pragma unroll
     for (int kk = 0; kk < HD; kk += 16) {
       u32 a[4];
-      ldsm4(a, Qs + (warp * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+      ldsm_x4(a, Qs + (warp * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
 #pragma unroll
       for (int p = 0; p < FA_BK / 16; p++) {
         u32 b[4];
-        ldsm4(b, Ks + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk + ((lane >> 3) & 1) * 8);
-        mma_f16(s[2 * p], a, b[0], b[1]);
-        mma_f16(s[2 * p + 1], a, b[2], b[3]);
+        ldsm_x4(b, Ks + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk + ((lane >> 3) & 1) * 8);
+        mma_16816<false>(s[2 * p], a, b[0], b[1]);
+        mma_16816<false>(s[2 * p + 1], a, b[2], b[3]);
       }
     }
 #pragma unroll
@@ -590,15 +552,15 @@ __device__ __forceinline__ void attn_prefill_body(const float* q, const unsigned
     }
 #pragma unroll
     for (int kk = 0; kk < FA_BK / 16; kk++) {
-      const u32 a[4] = {pack_f16x2(s[2 * kk][0], s[2 * kk][1]), pack_f16x2(s[2 * kk][2], s[2 * kk][3]),
-                        pack_f16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                        pack_f16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const u32 a[4] = {pack_f16(s[2 * kk][0], s[2 * kk][1]), pack_f16(s[2 * kk][2], s[2 * kk][3]),
+                        pack_f16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                        pack_f16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int dp = 0; dp < HD / 16; dp++) {
         u32 b[4];
-        ldsm4_t(b, Vs + (kk * 16 + (lane & 15)) * LD + dp * 16 + (lane >> 4) * 8);
-        mma_f16(o[2 * dp], a, b[0], b[1]);
-        mma_f16(o[2 * dp + 1], a, b[2], b[3]);
+        ldsm_x4<true>(b, Vs + (kk * 16 + (lane & 15)) * LD + dp * 16 + (lane >> 4) * 8);
+        mma_16816<false>(o[2 * dp], a, b[0], b[1]);
+        mma_16816<false>(o[2 * dp + 1], a, b[2], b[3]);
       }
     }
   }
@@ -610,9 +572,7 @@ __device__ __forceinline__ void attn_prefill_body(const float* q, const unsigned
     unsigned short* op = out + (size_t)(row / G) * n_heads * HD + (kvh * G + row % G) * HD + (lane & 3) * 2;
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) {
-      u32 v;
-      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(o[j][h * 2 + 1] * inv), "f"(o[j][h * 2] * inv));
-      *(u32*)(op + j * 8) = v;
+      *(u32*)(op + j * 8) = pack_bf16(o[j][h * 2] * inv, o[j][h * 2 + 1] * inv);
     }
   }
 }
