@@ -124,7 +124,8 @@ impl Runner<'_> {
                         logits.extend(dec.logits(state)?);
                     }
                 } else {
-                    // Chunks of 8: every weight row read once per chunk.
+                    // Tensor-core chunks for long prompts, else chunks of 8: each
+                    // weight row read once per chunk, not once per token.
                     dec.prefill(state, rest)?;
                 }
                 if *device_greedy {
@@ -156,8 +157,9 @@ impl<'a> Generator<'a> {
     }
 
     /// Run the forward passes on the GPU (`model` uploaded with [`Model::to_cuda`]).
-    /// Prompts are fed one token at a time through the decode graph; with greedy
-    /// sampling the token is chosen on the device.
+    /// Prompts are prefilled in chunks (`CudaDecoder::prefill`: tensor cores from 64
+    /// tokens, else 8 tokens a chunk); with greedy sampling the token is chosen on the
+    /// device.
     pub fn on_cuda(self, dec: &'a rooftop_cuda::CudaDecoder) -> Self {
         Self {
             gpu: Some(dec),
