@@ -86,14 +86,13 @@ impl CudaDecoder {
             self.check_token(t)?;
         }
         // Long prompts: tensor-core chunks (tc.rs), all but a tail too short for them.
-        let tokens = match crate::tc::tc_min().filter(|_| self.tc_ok(tokens.len())) {
+        let tc = match crate::tc::tc_min() {
+            Some(m) if self.tc_ok(tokens.len()) && self.tc_ready(s)? => Some(m),
+            _ => None,
+        };
+        let tokens = match tc {
             Some(min) => {
-                let r = tokens.len() % crate::tc::tc_chunk();
-                let full = if r >= min {
-                    tokens.len()
-                } else {
-                    tokens.len() - r
-                };
+                let full = crate::tc::tc_tokens(tokens.len(), min, crate::tc::tc_chunk());
                 self.prefill_tc(s, &tokens[..full])?;
                 &tokens[full..]
             }

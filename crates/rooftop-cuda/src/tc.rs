@@ -57,6 +57,17 @@ pub fn tc_chunk() -> usize {
     }
 }
 
+/// How many of `len` prompt tokens go to tensor-core chunks of `chunk`: all, unless the
+/// last chunk would be shorter than `min` (that tail takes the 8-token chunks).
+pub(crate) fn tc_tokens(len: usize, min: usize, chunk: usize) -> usize {
+    let r = len % chunk;
+    if r >= min {
+        len
+    } else {
+        len - r
+    }
+}
+
 /// Whether a layer's prefill attention runs on tensor cores (`attn_prefill_{32,64,128}`;
 /// else the per-query split-K kernels). `ROOFTOP_TC_ATTN=0` forces the latter (A/B).
 fn tc_attention(a: &crate::decoder::CudaAttention) -> bool {
@@ -178,15 +189,35 @@ impl CudaDecoder {
         })
     }
 
+    /// Make the chunk buffers where missing (or made for another chunk size); false when
+    /// they do not fit in the device memory the weights left (the caller then prefills in
+    /// 8-token chunks, whose buffers are ~128× smaller).
+    pub(crate) fn tc_ready(&self, s: &mut CudaState) -> Result<bool, CudaError> {
+        let cap = tc_chunk();
+        if s.tc.as_ref().is_some_and(|b| b.cap == cap) {
+            return Ok(true);
+        }
+        s.tc = None;
+        match self.tc_bufs(s, cap) {
+            Ok(b) => {
+                s.tc = Some(b);
+                Ok(true)
+            }
+            Err(CudaError::OutOfMemory { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Feed `tokens` (at least [`tc_min`]) in tensor-core chunks; logits of the last
     /// token stay on the device. Launched eagerly (no graph: a chunk's hundreds of
     /// launches take less host time than its GPU time).
     pub(crate) fn prefill_tc(&self, s: &mut CudaState, tokens: &[u32]) -> Result<(), CudaError> {
-        let cap = tc_chunk();
-        if s.tc.as_ref().is_none_or(|b| b.cap != cap) {
-            s.tc = None;
-            s.tc = Some(self.tc_bufs(s, cap)?);
+        if !self.tc_ready(s)? {
+            return Err(CudaError::Unsupported(
+                "tensor-core prefill buffers do not fit in device memory".into(),
+            ));
         }
+        let cap = tc_chunk();
         for c in tokens.chunks(cap) {
             let ids: Vec<i32> = c.iter().map(|&t| t as i32).collect();
             let b = s.tc.as_mut().expect("made above");
@@ -463,5 +494,20 @@ impl CudaDecoder {
             dense_mlp([g, u, d])?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tc_tokens;
+
+    #[test]
+    fn a_short_last_chunk_goes_to_the_8_token_path() {
+        assert_eq!(tc_tokens(100, 64, 1024), 100); // one partial chunk, long enough
+        assert_eq!(tc_tokens(1100, 64, 1024), 1100); // 1024 + 76
+        assert_eq!(tc_tokens(1050, 64, 1024), 1024); // 1024, then 26 in chunks of 8
+        assert_eq!(tc_tokens(2048, 64, 1024), 2048);
+        assert_eq!(tc_tokens(19, 2, 16), 19); // the checks' pieces: 16 + 3
+        assert_eq!(tc_tokens(17, 2, 16), 16); // 16, then 1 token
     }
 }
