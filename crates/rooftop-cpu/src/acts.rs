@@ -418,8 +418,6 @@ mod tests {
         }
     }
 
-    /// The vectorizable rounding gives `round_ties_even`'s codes and the same scale,
-    /// ties (k + ½ after scaling) and signs included.
     /// Scratch reused across formats (eval runs an affine model, then an nvfp4 one,
     /// on one thread's activations): the affine group sums and the nibble layout's lane
     /// data of an earlier, larger batch must not survive into a later format's batch,
@@ -449,6 +447,8 @@ mod tests {
         }
     }
 
+    /// The vectorizable rounding gives `round_ties_even`'s codes and the same scale,
+    /// ties (k + ½ after scaling) and signs included.
     #[test]
     fn quantize_block_rounds_ties_to_even() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);

@@ -94,7 +94,6 @@ impl StepBytes {
     }
 }
 
-/// `struct QkvPost` in ops.cu.
 impl CudaAttention {
     /// This layer's attention geometry over a sequence state's caches and splits.
     pub(crate) fn shape(&self, s: &CudaState) -> AttnShape {
@@ -126,6 +125,7 @@ pub(crate) fn qkv_post_arg(dev: &CudaDevice, a: &CudaAttention, max_seq: usize) 
     }
 }
 
+/// `struct QkvPost` in ops.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct QkvPostArg {

@@ -48,5 +48,5 @@ pub use error::{Bytes, CudaError};
 pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind, StepOpts};
 pub use ops::{AttnShape, Rope};
 pub use persistent::{clear_decode_kernel, decode_kernel, set_decode_kernel, DecodeKernel};
-pub use tc::{set_prefill_tc, tc_chunk, tc_min};
+pub use tc::set_prefill_tc;
 pub use weight::CudaWeight;

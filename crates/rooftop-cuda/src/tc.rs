@@ -40,7 +40,7 @@ pub fn set_prefill_tc(v: Option<(usize, usize)>) {
 /// Fewest prompt tokens sent to the tensor cores (`ROOFTOP_TC_MIN`, default 64;
 /// `ROOFTOP_TC=0` turns the path off). Below it the 8-token chunks serve: a 64-item
 /// tile would be mostly padding.
-pub fn tc_min() -> Option<usize> {
+pub(crate) fn tc_min() -> Option<usize> {
     match MIN_OVERRIDE.load(Ordering::Relaxed) {
         0 if std::env::var("ROOFTOP_TC").as_deref() == Ok("0") => None,
         0 => Some(env_usize("ROOFTOP_TC_MIN", 1..=1 << 20).unwrap_or(64)),
@@ -50,7 +50,7 @@ pub fn tc_min() -> Option<usize> {
 
 /// Most tokens per tensor-core chunk (`ROOFTOP_TC_CHUNK`, default 1024): each chunk
 /// reads every expert once, so longer chunks read less per token; buffers grow with it.
-pub fn tc_chunk() -> usize {
+pub(crate) fn tc_chunk() -> usize {
     match CHUNK_OVERRIDE.load(Ordering::Relaxed) {
         0 => env_usize("ROOFTOP_TC_CHUNK", 1..=8192).unwrap_or(1024),
         c => c,
@@ -156,9 +156,11 @@ impl CudaDecoder {
         for l in &self.layers {
             let a = &l.attn;
             qkv = qkv.max((a.heads + 2 * a.kv_heads) * a.head_dim);
-            att = att.max(a.heads * a.head_dim);
             xw = xw.max(a.heads * a.head_dim);
+            // f32 attention output and split-K partials: only for the per-query kernels
+            // (attn_prefill writes o_proj's bf16 input directly).
             if !tc_attention(a) {
+                att = att.max(a.heads * a.head_dim);
                 part = part.max(a.heads * s.splits * (a.head_dim + 2));
             }
             match &l.ffn {
@@ -189,6 +191,19 @@ impl CudaDecoder {
         })
     }
 
+    /// How [`CudaDecoder::prefill`] feeds a run of `n` tokens, for reports: tensor-core
+    /// chunks (unless their buffers do not fit beside the weights), chunks of 8, or one
+    /// decode step per token.
+    pub fn prefill_path(&self, n: usize) -> String {
+        if self.tc_ok(n) {
+            format!("tensor-core chunks of <= {}", tc_chunk())
+        } else if self.chunk_ok() {
+            "chunks of 8".into()
+        } else {
+            "one decode step per token".into()
+        }
+    }
+
     /// Make the chunk buffers where missing (or made for another chunk size); false when
     /// they do not fit in the device memory the weights left (the caller then prefills in
     /// 8-token chunks, whose buffers are ~128× smaller).
@@ -211,16 +226,11 @@ impl CudaDecoder {
     /// Feed `tokens` (at least [`tc_min`]) in tensor-core chunks; logits of the last
     /// token stay on the device. Launched eagerly (no graph: a chunk's hundreds of
     /// launches take less host time than its GPU time).
+    /// Needs the buffers [`CudaDecoder::tc_ready`] made.
     pub(crate) fn prefill_tc(&self, s: &mut CudaState, tokens: &[u32]) -> Result<(), CudaError> {
-        if !self.tc_ready(s)? {
-            return Err(CudaError::Unsupported(
-                "tensor-core prefill buffers do not fit in device memory".into(),
-            ));
-        }
-        let cap = tc_chunk();
-        for c in tokens.chunks(cap) {
+        for c in tokens.chunks(tc_chunk()) {
             let ids: Vec<i32> = c.iter().map(|&t| t as i32).collect();
-            let b = s.tc.as_mut().expect("made above");
+            let b = s.tc.as_mut().expect("made by tc_ready");
             self.dev.write(&mut b.tok, &ids)?;
             self.enqueue_tc(s, c.len())?;
             s.len += c.len();
@@ -321,7 +331,7 @@ impl CudaDecoder {
     /// One chunk of n tokens (ids in the buffers' `tok`) at the state's position.
     fn enqueue_tc(&self, s: &CudaState, n: usize) -> Result<(), CudaError> {
         let dev = &self.dev;
-        let b = s.tc.as_ref().expect("allocated by prefill_tc");
+        let b = s.tc.as_ref().expect("made by tc_ready");
         let hd = self.hidden();
         let (ph, pxb, pq, patt, ppart, ppos, ptok) = (
             dev.ptr(&b.h),
@@ -408,9 +418,11 @@ impl CudaDecoder {
             self.tc_gemm(g, Some(u), g.rows, 1, n.div_ceil(TN), input, out)?;
             self.tc_dense(d, pact, n, ph, hd, ADD, 0)
         };
+        // The normalized input of every FFN matrix (the router's GEMV normalizes its own
+        // f32 copy).
+        self.to_bf16(ph, n, hd, Some((&l.ffn_norm, l.eps)), pxb)?;
         let m = match &l.ffn {
             CudaFfn::Mlp(m) => {
-                self.to_bf16(ph, n, hd, Some((&l.ffn_norm, l.eps)), pxb)?;
                 let [g, u, d] = &m.w;
                 return dense_mlp([g, u, d]);
             }
@@ -444,7 +456,6 @@ impl CudaDecoder {
                 tile
             )?;
         }
-        self.to_bf16(ph, n, hd, Some((&l.ffn_norm, l.eps)), pxb)?;
         // A CTA per (row tile, item tile, expert), sized for the worst case (an expert
         // holds at most n pairs) so that a hot expert's tiles run side by side — one CTA
         // walking them in turn was the launch's tail under skewed routing (1.78 → 0.68

@@ -66,6 +66,8 @@ struct Report {
     routing: String,
     weight_gb: f64,
     prompt_tokens: usize,
+    /// How the prompt (all but its last token) was prefilled.
+    prefill_path: String,
     gen_tokens: usize,
     prefill_tok_s: f64,
     decode_tok_s: f64,
@@ -227,6 +229,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         ),
         weight_gb: dec.weight_bytes() as f64 / 1e9,
         prompt_tokens: prompt.len(),
+        prefill_path: dec.prefill_path(rest.len()),
         gen_tokens: n,
         prefill_tok_s: prompt.len() as f64 / prefill_s,
         decode_tok_s: tok_s,
@@ -266,15 +269,9 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "device     {}; read bandwidth {:.0} GB/s (runs {:.0} / {:.0})",
         r.device, roof, bw0, bw1
     );
-    // The path prefill takes for this prompt (the rest after the last token).
-    let rest = r.prompt_tokens.saturating_sub(1);
-    let how = match rooftop_cuda::tc_min() {
-        Some(m) if rest >= m => format!("tensor-core chunks of <= {}", rooftop_cuda::tc_chunk()),
-        _ => "chunks of 8".to_string(),
-    };
     println!(
-        "prefill    {:>8.1} tok/s   ({} tokens: {how}, then one greedy step)",
-        r.prefill_tok_s, r.prompt_tokens
+        "prefill    {:>8.1} tok/s   ({} tokens: {}, then one greedy step)",
+        r.prefill_tok_s, r.prompt_tokens, r.prefill_path
     );
     println!(
         "decode     {:>8.1} tok/s   ({:.3} ms/token, {} tokens, one graph launch each; {})",

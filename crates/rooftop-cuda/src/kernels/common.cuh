@@ -72,6 +72,8 @@ __device__ __forceinline__ float rope_rotate(float x, float other, float sn, flo
   return first ? x * cs - other * sn : other * sn + x * cs;
 }
 
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

@@ -1,5 +1,14 @@
 // Quantized GEMV and the fused MoE decode step, for ONE weight format per module; the
 // format's layout, loads and dequantization are in quant.cuh (included before this file).
+//
+// Work split (bandwidth first):
+//   * a "chunk" is 32 consecutive weights of a row = QBITS u32 words, loaded with the
+//     widest aligned vector load (16 B for 4/8-bit), streamed past L1;
+//   * LPR lanes ("lanes per row", a power of two chosen by the host so that the row's
+//     chunks divide evenly) share one row; a warp holds 32/LPR rows at a time;
+//   * the activation vector is staged once per CTA in shared memory, transposed as
+//     [8][C] float4 so that lanes reading neighbouring chunks hit neighbouring banks;
+//   * the grid is sized to fill every SM and strides over rows.
 
 // y[t] += (loaded chunk c of a row) . (token t's chunk c), for NB tokens in xs/xsum.
 // Staged int8 activations of one vector (INT8_ACT), inside its float4 staging region
@@ -609,7 +618,6 @@ moe_router(const QW R, const float* x, float* logits, int lpr, const float* nw, 
   gemv_body<1, 1>(R, x, 1, logits, lpr, Epi{nw, eps, 0, nullptr});
 }
 
-__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
 // Launch 2: route (every CTA, from the router's logits: one warp, ~1 us, in parallel
 // with the others; CTA 0 also writes ids/wts for launch 3), then

@@ -9,8 +9,9 @@
 //
 // One kernel serves every prefill matrix (`mode`):
 //   0 / 1  dense projection: items 0..n-1 are tokens; y[item] = or += W·x (+ bias);
-//   2      MoE down: blockIdx.z is the expert; its items are (token, slot) pairs from the
-//          per-expert lists of moe_sort; y[pair / ydiv] += wts[pair] · (W_e · act[pair])
+//   2      MoE down: blockIdx.z (or the tile list) gives the expert; its items are
+//          (token, slot) pairs from the per-expert lists of moe_sort;
+//          y[pair / ydiv] += wts[pair] · (W_e · act[pair])
 //          with atomics (a token's k experts land in the same row);
 //   3      SwiGLU: gate (A) and up (B) tiles side by side, act[item] = silu(g) · u as
 //          bf16; experts (lists) or a dense MLP / shared expert (items 0..n-1).
@@ -109,7 +110,7 @@ __device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)
         const float v = acc[0][j][h * 2 + i];
         if (out.mode == 3) {
           const float u = acc[1][j][h * 2 + i];
-          out.a[(size_t)it * out.lda + row] = f32_bf16(v / (1.f + expf(-v)) * u);
+          out.a[(size_t)it * out.lda + row] = f32_bf16(silu(v) * u);
         } else {
           float* y = out.y + (size_t)(it / out.ydiv) * out.ldy + row;
           if (out.mode == 2) {

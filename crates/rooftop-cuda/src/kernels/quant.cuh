@@ -8,15 +8,6 @@
 // Layout is rooftop_quant's (MLX's): each row is an LSB-first bit stream of codes in
 // little-endian u32 words; scales (and affine biases) per group, row-major.
 //
-// Work split (bandwidth first):
-//   * a "chunk" is 32 consecutive weights of a row = QBITS u32 words, loaded with the
-//     widest aligned vector load (16 B for 4/8-bit), streamed past L1;
-//   * LPR lanes ("lanes per row", a power of two chosen by the host so that the row's
-//     chunks divide evenly) share one row; a warp holds 32/LPR rows at a time;
-//   * the activation vector is staged once per CTA in shared memory, transposed as
-//     [8][C] float4 so that lanes reading neighbouring chunks hit neighbouring banks;
-//   * the grid is sized to fill every SM and strides over rows.
-//
 // Dequantization costs ~2 integer ops per weight, with no int->float conversion:
 //   affine: the code is placed in the top mantissa bits of 1.0f, giving 1 + q/2^b; the
 //     offset is removed per chunk with the chunk's sum of x (s*2^b*(acc - X) + bias*X);
