@@ -67,45 +67,59 @@ __device__ __forceinline__ void chunk_bf16(const QW& W, const u32 (&w)[CHUNK_WOR
   }
 }
 
-// MMAs of one TK-step: the warp's 16 rows of As[0] (and As[1] for SwiGLU) against the
-// pass's items in Bs (pitch TLD); n-tiles at or past nv are skipped.
+// Warp w of a CTA of W warps owns m-tile w % 4 (16 weight rows) and, with 8 warps, half
+// of the pass's n-tiles (items (w / 4) * 32 ...): 8 warps halve each thread's
+// accumulators and dequantization share, for more warps per SM.
+template <int W>
+struct TcWarp {
+  static constexpr int NT = TN / 8 / (W / 4);  // n-tiles per warp
+};
+
+// MMAs of one TK-step: the warp's 16 rows of As[0] (and As[1] for SwiGLU) against its
+// n-tiles of the pass's items in Bs (pitch TLD); n-tiles at or past nv are skipped.
+template <int W>
 __device__ __forceinline__ void tc_mma_step(const unsigned short* As0, const unsigned short* As1,
-                                            const unsigned short* Bs, float (&acc)[2][TN / 8][4], int nv, bool dual,
-                                            int warp, int lane) {
+                                            const unsigned short* Bs, float (&acc)[2][TcWarp<W>::NT][4], int nv,
+                                            bool dual, int warp, int lane) {
+  constexpr int NT = TcWarp<W>::NT;
+  const int mw = warp & 3, n0 = (warp >> 2) * NT;  // first n-tile of this warp
 #pragma unroll
   for (int kk = 0; kk < TK; kk += 16) {
-    u32 b[TN / 16][4];
+    u32 b[NT / 2][4];
 #pragma unroll
-    for (int p = 0; p < TN / 16; p++)
-      if (p * 16 < nv)
-        ldsm_x4(b[p], Bs + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * TLD + kk + ((lane >> 3) & 1) * 8);
+    for (int p = 0; p < NT / 2; p++)
+      if ((n0 + 2 * p) * 8 < nv)
+        ldsm_x4(b[p], Bs + ((n0 + 2 * p) * 8 + (lane >> 4) * 8 + (lane & 7)) * TLD + kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
     for (int m = 0; m < 2; m++) {
       if (m == 0 || dual) {
         u32 a[4];
-        ldsm_x4(a, (m ? As1 : As0) + (warp * 16 + (lane & 15)) * TLD + kk + (lane >> 4) * 8);
+        ldsm_x4(a, (m ? As1 : As0) + (mw * 16 + (lane & 15)) * TLD + kk + (lane >> 4) * 8);
 #pragma unroll
-        for (int j = 0; j < TN / 8; j++)
-          if (j * 8 < nv) mma_16816<true>(acc[m][j], a, b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
+        for (int j = 0; j < NT; j++)
+          if ((n0 + j) * 8 < nv) mma_16816<true>(acc[m][j], a, b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
       }
     }
   }
 }
 
 // Epilogue: this thread holds rows g, g+8 of the warp's 16, items 2(lane%4)+{0,1} of
-// each n-tile.
-__device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)[2][TN / 8][4], const int* items,
-                                            int nv, int r0, int rpe, int warp, int lane) {
+// each of its n-tiles.
+template <int W>
+__device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)[2][TcWarp<W>::NT][4],
+                                            const int* items, int nv, int r0, int rpe, int warp, int lane) {
+  constexpr int NT = TcWarp<W>::NT;
+  const int mw = warp & 3, n0 = (warp >> 2) * NT;
 #pragma unroll
-  for (int j = 0; j < TN / 8; j++) {
-    if (j * 8 >= nv) break;
+  for (int j = 0; j < NT; j++) {
+    if ((n0 + j) * 8 >= nv) break;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-      const int row = r0 + warp * 16 + (lane >> 2) + h * 8;
+      const int row = r0 + mw * 16 + (lane >> 2) + h * 8;
       if (row >= rpe) continue;
 #pragma unroll
       for (int i = 0; i < 2; i++) {
-        const int it = items[j * 8 + (lane & 3) * 2 + i];
+        const int it = items[(n0 + j) * 8 + (lane & 3) * 2 + i];
         if (it < 0) continue;
         const float v = acc[0][j][h * 2 + i];
         if (out.mode == 3) {
@@ -125,6 +139,109 @@ __device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)
   }
 }
 
+// The GEMM on W warps (8: tc_gemm8; 4 would be tc_gemm with other loader roles). Loader jobs per TK-step: 2 matrices x
+// 64 rows x 2 chunks of weights (a job each; B's only for SwiGLU) and 512 16-byte pieces
+// of the items' activations, spread over the CTA's threads.
+template <int W>
+__device__ __forceinline__ void tc_gemm_body(const QW& A, const QW& B, int rpe, const TcIn& in, const TcOut& out) {
+  constexpr int T = 32 * W, WJ = 256 / T, XJ = 512 / T, NT = TcWarp<W>::NT;
+  __shared__ __align__(16) unsigned short As[2][TM * TLD];
+  __shared__ __align__(16) unsigned short Bs[TN * TLD];
+  __shared__ int items[TN];
+  pdl_wait();
+  pdl_trigger();
+  // The tile list (experts): CTA y takes tile y, if there is one; else expert z, item
+  // tiles y, y + gridDim.y, ...
+  int e = blockIdx.z, t_first = blockIdx.y * TN, t_step = gridDim.y * TN;
+  if (in.work) {
+    if ((int)blockIdx.y >= in.work[0]) return;
+    e = in.work[1 + 2 * blockIdx.y];
+    t_first = in.work[2 + 2 * blockIdx.y];
+    t_step = 1 << 30;
+  }
+  const int n = in.list ? in.cnt[e] : in.n;
+  const int base = in.list ? in.off[e] : 0;
+  const int r0 = blockIdx.x * TM;
+  const bool dual = out.mode == 3;
+  const int K = A.cols, C = K / 32;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  for (int t0 = t_first; t0 < n; t0 += t_step) {
+    const int nv = min(TN, n - t0);  // items of this pass: n-tiles from nv on are skipped
+    __syncthreads();  // the previous pass's epilogue has read `items`
+    if (tid < TN) items[tid] = tid < nv ? (in.list ? in.list[base + t0 + tid] : t0 + tid) : -1;
+    __syncthreads();
+    const unsigned short* xp[XJ];
+#pragma unroll
+    for (int i = 0; i < XJ; i++) {
+      const int item = items[(tid + i * T) >> 3];
+      xp[i] = item >= 0 ? in.x + (size_t)(item / in.xdiv) * in.ldx : nullptr;
+    }
+    float acc[2][NT][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) acc[m][j][q] = 0.f;
+    // Registers of the step in flight.
+    u32 wq[WJ][CHUNK_WORDS];
+    SC sq[WJ];
+    uint4 xv[XJ];
+    auto load = [&](int k0) {
+#pragma unroll
+      for (int jj = 0; jj < WJ; jj++) {
+        // Matrix of the job: jj itself with 4 warps (known at compile time), else the
+        // thread's half of the CTA; fields picked by value (a runtime choice between two
+        // kernel parameters taken by reference would copy them to the stack).
+        const int job = tid + jj * T, m = WJ == 2 ? jj : tid >> 7, wr = (job & 127) >> 1, c = k0 / 32 + (job & 1);
+        if ((m == 0 || dual) && r0 + wr < rpe && c < C) {
+          const QW Wm = pick(m == 0, A, B);
+          const size_t row = (size_t)e * rpe + r0 + wr;
+          load_chunk(Wm.w + (row * C + c) * (CHUNK_WORDS * 4), wq[jj]);
+          sq[jj] = load_scales(Wm, (int)row, c);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < XJ; i++) {
+        const int k = k0 + ((tid + i * T) & 7) * 8;
+        const bool ok = xp[i] != nullptr && k < K;
+        xv[i] = ok ? *(const uint4*)(xp[i] + k) : make_uint4(0, 0, 0, 0);
+      }
+    };
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += TK) {
+#pragma unroll
+      for (int jj = 0; jj < WJ; jj++) {
+        const int job = tid + jj * T, m = WJ == 2 ? jj : tid >> 7, wr = (job & 127) >> 1, wc = job & 1,
+                  c = k0 / 32 + wc;
+        if (m == 0 || dual) {
+          u32 q[16];
+          if (r0 + wr < rpe && c < C) {
+            chunk_bf16(pick(m == 0, A, B), wq[jj], sq[jj], q);
+          } else {
+#pragma unroll
+            for (int i = 0; i < 16; i++) q[i] = 0;
+          }
+          uint4* dst = (uint4*)(As[m] + wr * TLD + wc * 32);
+#pragma unroll
+          for (int i = 0; i < 4; i++) dst[i] = make_uint4(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < XJ; i++) {
+        const int idx = tid + i * T;
+        *(uint4*)(Bs + (idx >> 3) * TLD + (idx & 7) * 8) = xv[i];
+      }
+      __syncthreads();
+      if (k0 + TK < K) load(k0 + TK);
+      tc_mma_step<W>(As[0], As[1], Bs, acc, nv, dual, warp, lane);
+      __syncthreads();
+    }
+    tc_epilogue<W>(out, acc, items, nv, r0, rpe, warp, lane);
+  }
+}
+
+// The 4-warp kernel (the default) as on main, so that an A/B compares like with like.
 extern "C" __global__ void __launch_bounds__(128, 3) tc_gemm(const QW A, const QW B, int rpe, const TcIn in,
                                                              const TcOut out) {
   __shared__ __align__(16) unsigned short As[2][TM * TLD];
@@ -204,9 +321,13 @@ extern "C" __global__ void __launch_bounds__(128, 3) tc_gemm(const QW A, const Q
       for (int i = 0; i < 4; i++) *(uint4*)(Bs + xt * TLD + xk + 8 * i) = xv[i];
       __syncthreads();
       if (k0 + TK < K) load(k0 + TK);
-      tc_mma_step(As[0], As[1], Bs, acc, nv, dual, warp, lane);
+      tc_mma_step<4>(As[0], As[1], Bs, acc, nv, dual, warp, lane);
       __syncthreads();
     }
-    tc_epilogue(out, acc, items, nv, r0, rpe, warp, lane);
+    tc_epilogue<4>(out, acc, items, nv, r0, rpe, warp, lane);
   }
+}
+extern "C" __global__ void __launch_bounds__(256, 2) tc_gemm8(const QW A, const QW B, int rpe, const TcIn in,
+                                                              const TcOut out) {
+  tc_gemm_body<8>(A, B, rpe, in, out);
 }
