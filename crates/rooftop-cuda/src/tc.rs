@@ -254,7 +254,11 @@ impl CudaDecoder {
         // ROOFTOP_TC_WARPS=8: the 8-warp GEMM (half the accumulators and decode work per
         // thread; to be A/B'd against the 4-warp default).
         let eight = std::env::var("ROOFTOP_TC_WARPS").as_deref() == Ok("8");
-        let (name, threads) = if eight { ("tc_gemm8", 256) } else { ("tc_gemm", 128) };
+        let (name, threads) = if eight {
+            ("tc_gemm8", 256)
+        } else {
+            ("tc_gemm", 128)
+        };
         let f = dev.function(&ModuleSource::mma(a.format), name)?;
         let (aa, ba) = (a.arg(dev), b.unwrap_or(a).arg(dev));
         let rpe_i = rpe as i32;
@@ -263,7 +267,17 @@ impl CudaDecoder {
             item_tiles.max(1) as u32,
             experts as u32,
         );
-        launch!(dev, f, cfg3(grid, threads, 0), name, aa, ba, rpe_i, input, out)
+        launch!(
+            dev,
+            f,
+            cfg3(grid, threads, 0),
+            name,
+            aa,
+            ba,
+            rpe_i,
+            input,
+            out
+        )
     }
 
     /// `out (+)= W · in` for the chunk's n token rows (dense projections).
