@@ -251,9 +251,11 @@ impl CudaDecoder {
         out: TcOut,
     ) -> Result<(), CudaError> {
         let dev = &self.dev;
-        // ROOFTOP_TC_WARPS=8: the 8-warp GEMM (half the accumulators and decode work per
-        // thread; to be A/B'd against the 4-warp default).
-        let eight = std::env::var("ROOFTOP_TC_WARPS").as_deref() == Ok("8");
+        // The 8-warp GEMM (half the accumulators and decode work per thread, 16 warps per
+        // SM instead of 12): with the tile list, 2048-token prefill on an H200 went
+        // 13.8k → 14.7k tok/s (affine4), 12.0k → 12.6k (nvfp4). ROOFTOP_TC_WARPS=4: the
+        // 4-warp `tc_gemm`.
+        let eight = std::env::var("ROOFTOP_TC_WARPS").as_deref() != Ok("4");
         let (name, threads) = if eight {
             ("tc_gemm8", 256)
         } else {
@@ -468,9 +470,10 @@ impl CudaDecoder {
         // holds at most n pairs) so that a hot expert's tiles run side by side — one CTA
         // walking them in turn was the launch's tail under skewed routing (1.78 → 0.68
         // ms for gate/up of a 1024-token chunk); CTAs past their expert's count exit at
-        // once. ROOFTOP_TC_WORK=1: one CTA per tile of moe_sort's tile list instead (no
-        // empty CTAs; down measured 393 vs 595 µs, the whole path not yet measured).
-        let listed = std::env::var("ROOFTOP_TC_WORK").as_deref() == Ok("1");
+        // once. Default: one CTA per tile of moe_sort's tile list instead (no empty CTAs;
+        // 1.04x for the whole 2048-token prefill on an H200). ROOFTOP_TC_WORK=0: the grid
+        // over every expert.
+        let listed = std::env::var("ROOFTOP_TC_WORK").as_deref() != Ok("0");
         let (experts, tiles) = if listed {
             (1, (n * k).div_ceil(TN) + m.n_experts)
         } else {
