@@ -13,7 +13,7 @@
 use crate::device::{cfg, launch, CudaDevice};
 use crate::error::{shape, DriverResult};
 use crate::moe::{CudaMlp, CudaMoe, MoeScratch};
-use crate::nvrtc::ModuleSource;
+use crate::nvrtc::{KernelFormat, ModuleSource};
 use crate::persistent::{DecodeKernel, Fused};
 use crate::weight::{lanes_per_row, stage_bytes, CudaWeight, PfArg};
 use crate::{AttnShape, CudaError, CudaGraph};
@@ -162,6 +162,81 @@ pub(crate) struct Gemv<'a> {
     pub(crate) add: bool,
     pub(crate) bias: Option<&'a CudaSlice<f32>>,
     pub(crate) next: Option<&'a CudaWeight>,
+    /// A decode launch that may preload its weights (`gemv_pre`): its
+    /// name for [`preload_of`], or "".
+    pub(crate) pre: &'static str,
+}
+
+/// Whether decode launch `what` ("qkv", "o", "router") over weights of format `f`
+/// copies its weights on chip before waiting for the previous kernel (`gemv_pre` in
+/// gemv.cu). Default: for formats with int8 activations (4-bit affine), where it measured
+/// 406 -> 451 tok/s on an H200 (qwen3-30b-a3b); with the f32-activation kernels (nvfp4)
+/// one CTA per SM has too few warps for their decode work (354 -> 342). Override:
+/// `ROOFTOP_PRELOAD=0` (off), `1` (every format), or a comma list of launch names (every
+/// format). Read once.
+pub(crate) fn preload_of(what: &str, f: KernelFormat) -> bool {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let v = V.get_or_init(|| std::env::var("ROOFTOP_PRELOAD").unwrap_or_default());
+    match v.as_str() {
+        "" => crate::nvrtc::int8_activations(f),
+        "0" => false,
+        "1" => true,
+        l => l.split(',').any(|p| p == what),
+    }
+}
+
+/// Lanes per row and chunk slots per lane of a preloading launch over rows of `cols`
+/// weights (`lpr * slots >= cols / 32`, at most `KPRE` slots: 128 bytes at 4 bits); None
+/// where a row is too long for 32 lanes.
+fn pre_lanes(f: KernelFormat, cols: usize) -> Option<(usize, usize)> {
+    let c = cols / 32;
+    let kpre = (32 / f.bits as usize).max(1);
+    let mut lpr = 1;
+    while lpr * kpre < c {
+        lpr *= 2;
+    }
+    (lpr <= 32).then(|| (lpr, c.div_ceil(lpr)))
+}
+
+/// `y (+)= W · norm(x)` as one `gemv_pre` launch; false (nothing launched) where `w`
+/// does not suit it (rows too long or too many for one preloaded wave).
+pub(crate) fn gemv_pre(
+    dev: &CudaDevice,
+    w: &CudaWeight,
+    x: u64,
+    y: u64,
+    e: EpiArg,
+) -> Result<bool, CudaError> {
+    let Some((lpr, nk)) = pre_lanes(w.format, w.cols) else {
+        return Ok(false);
+    };
+    // One CTA per SM of at most 16 warps (so that the next launch fits beside it), at
+    // least 4 (or all).
+    let warps = w.rows.div_ceil(32 / lpr);
+    let wpc = warps.div_ceil(dev.sms).max(warps.min(4));
+    if wpc > 16 {
+        return Ok(false);
+    }
+    let threads = wpc * 32;
+    let smem = stage_bytes(1, w.cols).next_multiple_of(16) + threads * nk * w.format.chunk_bytes();
+    if smem + 1024 > dev.max_smem {
+        return Ok(false);
+    }
+    let f = dev.function(&ModuleSource::gemv(w.format), "gemv_pre")?;
+    let grid = warps.div_ceil(wpc) as u32;
+    let (arg, lpr) = (w.arg(dev), lpr as i32);
+    launch!(
+        dev,
+        f,
+        cfg((grid, 1), threads as u32, smem),
+        "gemv_pre",
+        arg,
+        x,
+        y,
+        lpr,
+        e
+    )?;
+    Ok(true)
 }
 
 /// Per-sequence device state: residual stream, scratch, KV caches, the token and
@@ -398,8 +473,18 @@ impl CudaDecoder {
             add,
             bias,
             next,
+            pre,
         } = o;
         let dev = &self.dev;
+        let e = EpiArg {
+            nw: norm.map_or(0, |(n, _)| dev.ptr(n)),
+            eps: norm.map_or(0.0, |(_, e)| e),
+            add: add as i32,
+            bias: bias.map_or(0, |b| dev.ptr(b)),
+        };
+        if !pre.is_empty() && preload_of(pre, w.format) && gemv_pre(dev, w, x, y, e)? {
+            return Ok(());
+        }
         let m = ModuleSource::gemv(w.format);
         let f = dev.function(&m, "gemv1_epi")?;
         let smem = stage_bytes(1, w.cols);
@@ -411,12 +496,6 @@ impl CudaDecoder {
         let warps = w.rows.div_ceil(32 / lpr as usize * rows_per_slot);
         let grid = dev.grid_for(&f, 256, smem, warps.div_ceil(8));
         let arg = w.arg(dev);
-        let e = EpiArg {
-            nw: norm.map_or(0, |(n, _)| dev.ptr(n)),
-            eps: norm.map_or(0.0, |(_, e)| e),
-            add: add as i32,
-            bias: bias.map_or(0, |b| dev.ptr(b)),
-        };
         let pf = PfArg::of(dev, next);
         launch!(
             dev,
@@ -545,6 +624,7 @@ impl CudaDecoder {
                 let o = Gemv {
                     norm: Some((&l.attn_norm, l.eps)),
                     next: Some(&a.o),
+                    pre: "qkv",
                     ..Default::default()
                 };
                 self.gemv(w, ph, pq + off * 4, o)?;
@@ -571,6 +651,7 @@ impl CudaDecoder {
             let o = Gemv {
                 add: true,
                 bias: a.o_bias.as_ref(),
+                pre: "o",
                 ..Default::default()
             };
             self.gemv(&a.o, patt, ph, o)?;
@@ -714,5 +795,35 @@ impl CudaDecoder {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fmt(mode: u32, bits: u32) -> KernelFormat {
+        KernelFormat { mode, bits, sdt: 2 }
+    }
+
+    #[test]
+    fn preload_lanes_cover_each_row_with_at_most_128_bytes_per_lane() {
+        // qwen3-30b-a3b at 4 bits: QKV/router rows of 2048, o_proj rows of 4096.
+        assert_eq!(pre_lanes(fmt(1, 4), 2048), Some((8, 8)));
+        assert_eq!(pre_lanes(fmt(1, 4), 4096), Some((16, 8)));
+        // 768 = 24 chunks: 4 lanes of 6.
+        assert_eq!(pre_lanes(fmt(1, 4), 768), Some((4, 6)));
+        // 8-bit chunks are twice as long: half as many per lane.
+        assert_eq!(pre_lanes(fmt(4, 8), 2048), Some((16, 4)));
+        // Dense bf16 (64-byte chunks): two per lane.
+        assert_eq!(pre_lanes(fmt(0, 16), 2048), Some((32, 2)));
+        // Rows that need more than 32 lanes take the streaming kernel.
+        assert_eq!(pre_lanes(fmt(1, 4), 16384), None);
+        assert_eq!(pre_lanes(fmt(1, 4), 8192), Some((32, 8)));
+        for (f, cols) in [(fmt(1, 3), 1408), (fmt(2, 4), 12288), (fmt(1, 4), 64)] {
+            if let Some((lpr, nk)) = pre_lanes(f, cols) {
+                assert!(lpr * nk >= cols / 32 && nk <= (32 / f.bits as usize).max(1));
+            }
+        }
     }
 }

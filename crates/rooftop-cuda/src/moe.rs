@@ -9,6 +9,7 @@
 //! ```
 //! Expert indices never leave the device, so the step can be captured in a CUDA graph.
 
+use crate::decoder::{gemv_pre, preload_of, EpiArg};
 use crate::device::{cfg, launch, CudaDevice};
 use crate::error::shape;
 use crate::nvrtc::{rows_moe, ModuleSource};
@@ -342,7 +343,16 @@ impl CudaMoe {
             smem,
             self.n_experts.div_ceil(32 / lpr as usize).div_ceil(8),
         );
-        if parts[0] {
+        let pre = parts[0] && preload_of("router", self.router.format) && {
+            let e = EpiArg {
+                nw,
+                eps,
+                add: 0,
+                bias: 0,
+            };
+            gemv_pre(dev, &self.router, x, p_logits, e)?
+        };
+        if parts[0] && !pre {
             launch!(
                 dev,
                 f,

@@ -59,6 +59,7 @@ fn gemv_modules_export_every_kernel() {
         "moe_gate_up",
         "moe_down",
         "gemv1_epi",
+        "gemv_pre",
         "gemv8_epi",
         "embed_row",
         "embed_rows",
@@ -68,8 +69,10 @@ fn gemv_modules_export_every_kernel() {
     ] {
         assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
     }
-    // Weights are streamed with 16-byte loads past L1.
+    // Weights are streamed with 16-byte loads past L1, or (gemv_pre) copied into shared
+    // memory with 16-byte asynchronous copies.
     assert!(ptx.contains("ld.global.nc.L1::no_allocate.L2::256B.v4.u32"));
+    assert!(ptx.contains("cp.async.cg.shared.global"));
     // ROOFTOP_DUMP_PTX=DIR keeps the PTX, for `ptxas -v` (registers, spills).
     if let Ok(dir) = std::env::var("ROOFTOP_DUMP_PTX") {
         std::fs::write(format!("{dir}/{}.ptx", m.name), &ptx).unwrap();
@@ -123,6 +126,9 @@ fn ops_module_has_decode_and_prefill_chunk_kernels() {
     ensure_nvrtc().unwrap_or_else(|e| panic!("{e}"));
     let m = ModuleSource::ops();
     let ptx = compile(&m, "compute_90a", false).unwrap();
+    if let Ok(dir) = std::env::var("ROOFTOP_DUMP_PTX") {
+        std::fs::write(format!("{dir}/ops.ptx"), &ptx).unwrap();
+    }
     for k in [
         "qkv_post",
         "qkv_post_n",

@@ -423,6 +423,106 @@ extern "C" __global__ void __launch_bounds__(256) gemv1_epi(const QW W, const fl
   gemv_body<1, ROWS_GEMV>(W, x, 1, y, lpr, e);
 }
 
+// ---- Decode with the weights fetched before the wait (ROOFTOP_PRELOAD) ------------
+// A launch's weights do not depend on the previous kernel, so each lane copies its whole
+// share into shared memory (cp.async) *before* griddepcontrol.wait: HBM streams while
+// the previous kernel runs, and after the wait only stage x -> dots from shared memory
+// -> store remains. For that the grid covers every row at once (each lane owns up to
+// KPRE chunks of one row: chunks sub, sub + lpr, ...; the host picks lpr with
+// lpr * KPRE >= C) and every launch stays small enough (one CTA per SM of <= 16 warps,
+// little shared memory) that the next launch's CTAs fit beside it and can preload too.
+#define KPRE (32 / CHUNK_WORDS > 0 ? 32 / CHUNK_WORDS : 1)
+
+__device__ __forceinline__ void cp_async_chunk(u32* dst, const unsigned char* src) {
+#if CHUNK_WORDS % 4 == 0
+#pragma unroll
+  for (int i = 0; i < CHUNK_WORDS / 4; i++)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst + 4 * i)), "l"(src + 16 * i)
+                 : "memory");
+#elif CHUNK_WORDS % 2 == 0
+#pragma unroll
+  for (int i = 0; i < CHUNK_WORDS / 2; i++)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_u32(dst + 2 * i)), "l"(src + 8 * i)
+                 : "memory");
+#else
+#pragma unroll
+  for (int i = 0; i < CHUNK_WORDS; i++)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(dst + i)), "l"(src + 4 * i) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Issue this lane's chunks of `row` (C chunks) into its slots of `pre` (slot j of thread
+// t at (j * blockDim + t) * CHUNK_WORDS words: a warp's copies and reads are contiguous)
+// and load their scales into registers.
+__device__ __forceinline__ void pre_issue(const QW& W, int row, int C, int sub, int lpr, u32* pre, SC (&sc)[KPRE]) {
+  const int t = threadIdx.x, nt = blockDim.x;
+#pragma unroll
+  for (int j = 0; j < KPRE; j++) {
+    const int c = sub + j * lpr;
+    if (c < C) {
+      cp_async_chunk(pre + (j * nt + t) * CHUNK_WORDS, chunk_ptr(W, row, c, C));
+      sc[j] = load_scales(W, row, c);
+    }
+  }
+}
+// This lane's share of row . x from its preloaded slots (after cp_async_wait_all).
+__device__ __forceinline__ float pre_dot(const QW& W, int C, int sub, int lpr, const u32* pre, const SC (&sc)[KPRE],
+                                         const float4* xs, const float* xsum) {
+  const int t = threadIdx.x, nt = blockDim.x;
+  float acc[1] = {0.f};
+#pragma unroll
+  for (int j = 0; j < KPRE; j++) {
+    const int c = sub + j * lpr;
+    if (c < C) {
+      const u32* p = pre + (j * nt + t) * CHUNK_WORDS;
+      u32 w[CHUNK_WORDS];
+#if CHUNK_WORDS % 4 == 0
+#pragma unroll
+      for (int i = 0; i < CHUNK_WORDS / 4; i++) {
+        const uint4 v = ((const uint4*)p)[i];
+        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+      }
+#else
+#pragma unroll
+      for (int i = 0; i < CHUNK_WORDS; i++) w[i] = p[i];
+#endif
+      chunk_compute<1>(W, w, sc[j], c, C, xs, xsum, acc);
+    }
+  }
+  return acc[0];
+}
+__device__ __forceinline__ u32* pre_area(float4* smem, int stage_bytes) {
+  return (u32*)((unsigned char*)smem + ((stage_bytes + 15) & ~15));
+}
+
+// Batch-1 GEMV y (+)= W · rmsnorm(x) (+ bias), weights preloaded (see above). Grid:
+// exactly ceil(rows / rpw) warps' worth of rows (warps of the last CTA past the end
+// idle). Dynamic smem: stage_bytes(1, cols) rounded to 16, then blockDim * nk chunks.
+extern "C" __global__ void __launch_bounds__(512) gemv_pre(const QW W, const float* x, float* y, int lpr,
+                                                           const Epi e) {
+  extern __shared__ float4 smem4[];
+  const int C = W.cols / 32;
+  float4* xs = smem4;
+  float* xsum = (float*)(smem4 + 8 * C);
+  u32* pre = pre_area(smem4, W.cols * 4 + C * 4);
+  const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), rsub = lane / lpr, rpw = 32 / lpr;
+  const int row = ((blockIdx.x * blockDim.x + threadIdx.x) >> 5) * rpw + rsub;
+  const bool have = row < W.rows;
+  SC sc[KPRE];
+  if (have) pre_issue(W, row, C, sub, lpr, pre, sc);
+  pdl_wait();
+  pdl_trigger();
+  stage_vec_norm(x, W.cols, xs, e.nw, e.eps);
+  __syncthreads();
+  sum_vec(W.cols, xs, xsum);
+  __syncthreads();
+  cp_async_wait_all();
+  float v = have ? pre_dot(W, C, sub, lpr, pre, sc, xs, xsum) : 0.f;
+  v = reduce_lpr(v, lpr);
+  if (have && sub == 0) epi_store(e, y, row, v);
+}
+
 // y[t, :] (+)= W · rmsnorm(x[t, :]) (+ bias) for t < n (a prefill chunk): every
 // weight row loaded once per 8 tokens; token group blockIdx.y (the tensor-core prefill's
 // router logits: gridDim.y = ceil(n / 8)).

@@ -65,53 +65,125 @@ extern "C" __global__ void kv_append(const float* k, const float* v, unsigned sh
 
 // Split-K decode attention, part 1. Grid: (heads, splits); block: 128 (4 warps).
 // Each split covers a contiguous range of the *pos+1 cached positions; each warp an
-// interleaved subset, with an online softmax. Writes part[h][split] = (o[hd], m, l).
+// interleaved subset, ATT_PB positions at a time: all their K/V loads are issued before
+// any is used (one memory latency per batch instead of one per position), and the first
+// batch's cached positions (< *pos, written by earlier steps) are loaded before
+// griddepcontrol.wait, while the QKV launch still runs. Lane l holds dims [l*ND, l*ND+ND)
+// (ND = head_dim / 32). Online softmax per batch. Writes part[h][split] = (o[hd], m, l).
 #define ATT_WARPS 4
+#define ATT_PB 8
 #define HD_MAX 256
-template <bool TOKENS>
+template <int ND>
+__device__ __forceinline__ void ld_f16s(const unsigned short* p, float (&f)[ND]) {
+  if (ND % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < ND; j += 4) {
+      const uint2 u = __ldcg((const uint2*)(p + j));
+      f[j] = f16_to_f32(u.x & 0xFFFF); f[j + 1] = f16_to_f32(u.x >> 16);
+      f[j + 2] = f16_to_f32(u.y & 0xFFFF); f[j + 3] = f16_to_f32(u.y >> 16);
+    }
+  } else if (ND % 2 == 0) {
+#pragma unroll
+    for (int j = 0; j < ND; j += 2) {
+      const u32 u = __ldcg((const u32*)(p + j));
+      f[j] = f16_to_f32(u & 0xFFFF); f[j + 1] = f16_to_f32(u >> 16);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < ND; j++) f[j] = f16_to_f32(__ldcg(p + j));
+  }
+}
+template <bool TOKENS, int ND>
 __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned short* kc, const unsigned short* vc,
-                                                  const int* pos, float* part, int n_heads, int n_kv, int head_dim,
-                                                  int max_seq, float scale) {
-  pdl_wait();
-  pdl_trigger();
-  __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
+                                                  const int* pos, float* part, int n_heads, int n_kv, int max_seq,
+                                                  float scale, float* sm_m, float* sm_l, float (*sm_o)[HD_MAX]) {
+  // Positions per batch: K and V of a batch take 2 * PB * ND registers per lane.
+  constexpr int PB = ND <= 4 ? ATT_PB : ATT_PB / 2;
+  const int head_dim = ND * 32;
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Token blockIdx.z of a prefill chunk (attn_partial_n) sees positions <= *pos + token.
+  // *pos was written by an earlier step or chunk (complete before this launch began);
+  // positions >= *pos are written by this step's qkv_post.
   const int tok = TOKENS ? (int)blockIdx.z : 0;
-  const int len = min(*pos + tok + 1, max_seq);
-  q += (size_t)tok * (n_heads + 2 * n_kv) * head_dim;
-  part += (size_t)tok * n_heads * splits * (head_dim + 2);
+  const int p0 = __ldcg(pos);
+  const int len = min(p0 + tok + 1, max_seq);
   const int per = (len + splits - 1) / splits;
   const int start = split * per, end = min(len, start + per);
   const int kvh = h / (n_heads / n_kv);
-  const int nd = head_dim / 32;  // values per lane (head_dim % 32 == 0, <= 256)
-  float qr[HD_MAX / 32], o[HD_MAX / 32];
+  const unsigned short* kb = kc + (size_t)kvh * max_seq * head_dim + lane * ND;
+  const unsigned short* vb = vc + (size_t)kvh * max_seq * head_dim + lane * ND;
+  float kf[PB][ND], vf[PB][ND];
+  int p = start + warp;
 #pragma unroll
-  for (int j = 0; j < HD_MAX / 32; j++) {
-    qr[j] = j < nd ? q[h * head_dim + lane + 32 * j] * scale : 0.f;
+  for (int i = 0; i < PB; i++) {
+    const int pi = p + i * ATT_WARPS;
+    if (pi < end && pi < p0) {
+      ld_f16s<ND>(kb + (size_t)pi * head_dim, kf[i]);
+      ld_f16s<ND>(vb + (size_t)pi * head_dim, vf[i]);
+    }
+  }
+  pdl_wait();
+  pdl_trigger();
+  q += (size_t)tok * (n_heads + 2 * n_kv) * head_dim;
+  part += (size_t)tok * n_heads * splits * (head_dim + 2);
+  float qr[ND], o[ND];
+#pragma unroll
+  for (int j = 0; j < ND; j++) {
+    qr[j] = __ldcg(q + h * head_dim + lane * ND + j) * scale;
     o[j] = 0.f;
   }
+#pragma unroll
+  for (int i = 0; i < PB; i++) {
+    const int pi = p + i * ATT_WARPS;
+    if (pi < end && pi >= p0) {
+      ld_f16s<ND>(kb + (size_t)pi * head_dim, kf[i]);
+      ld_f16s<ND>(vb + (size_t)pi * head_dim, vf[i]);
+    }
+  }
   float m = -INFINITY, l = 0.f;
-  for (int p = start + warp; p < end; p += ATT_WARPS) {
-    const unsigned short* kp = kc + ((size_t)kvh * max_seq + p) * head_dim;
-    const unsigned short* vp = vc + ((size_t)kvh * max_seq + p) * head_dim;
-    float s = 0.f;
+  while (p < end) {
+    float sc[PB];
 #pragma unroll
-    for (int j = 0; j < HD_MAX / 32; j++)
-      if (j < nd) s += qr[j] * f16_to_f32(kp[lane + 32 * j]);
-    s = warp_sum(s);
-    const float mn = fmaxf(m, s), corr = expf(m - mn), pw = expf(s - mn);
-    l = l * corr + pw;
+    for (int i = 0; i < PB; i++) {
+      float s = 0.f;
 #pragma unroll
-    for (int j = 0; j < HD_MAX / 32; j++)
-      if (j < nd) o[j] = o[j] * corr + pw * f16_to_f32(vp[lane + 32 * j]);
-    m = mn;
+      for (int j = 0; j < ND; j++) s += qr[j] * kf[i][j];
+      sc[i] = s;
+    }
+#pragma unroll
+    for (int i = 0; i < PB; i++) sc[i] = warp_sum(sc[i]);
+    float mb = m;
+#pragma unroll
+    for (int i = 0; i < PB; i++)
+      if (p + i * ATT_WARPS < end) mb = fmaxf(mb, sc[i]);
+    const float corr = expf(m - mb);  // m = -inf on the first batch: 0
+    l *= corr;
+#pragma unroll
+    for (int j = 0; j < ND; j++) o[j] *= corr;
+#pragma unroll
+    for (int i = 0; i < PB; i++) {
+      if (p + i * ATT_WARPS < end) {
+        const float pw = expf(sc[i] - mb);
+        l += pw;
+#pragma unroll
+        for (int j = 0; j < ND; j++) o[j] = fmaf(pw, vf[i][j], o[j]);
+      }
+    }
+    m = mb;
+    p += PB * ATT_WARPS;
+#pragma unroll
+    for (int i = 0; i < PB; i++) {
+      const int pi = p + i * ATT_WARPS;
+      if (pi < end) {
+        ld_f16s<ND>(kb + (size_t)pi * head_dim, kf[i]);
+        ld_f16s<ND>(vb + (size_t)pi * head_dim, vf[i]);
+      }
+    }
   }
   if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
 #pragma unroll
-  for (int j = 0; j < HD_MAX / 32; j++)
-    if (j < nd) sm_o[warp][lane + 32 * j] = o[j];
+  for (int j = 0; j < ND; j++) sm_o[warp][lane * ND + j] = o[j];
   __syncthreads();
   float M = -INFINITY;
   for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w]);
@@ -130,15 +202,31 @@ __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned
     out[head_dim + 1] = L;
   }
 }
+// One instantiation per head_dim / 32 (head_dim % 32 == 0, <= HD_MAX: checked by the host).
+template <bool TOKENS>
+__device__ __forceinline__ void attn_partial_any(const float* q, const unsigned short* kc, const unsigned short* vc,
+                                                 const int* pos, float* part, int n_heads, int n_kv, int head_dim,
+                                                 int max_seq, float scale) {
+  // Declared here, not in the per-ND bodies (each would get its own copy).
+  __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
+  switch (head_dim / 32) {
+#define ATT_CASE(N)                                                                                     \
+  case N:                                                                                               \
+    attn_partial_body<TOKENS, N>(q, kc, vc, pos, part, n_heads, n_kv, max_seq, scale, sm_m, sm_l, sm_o); \
+    break;
+    ATT_CASE(1) ATT_CASE(2) ATT_CASE(3) ATT_CASE(4) ATT_CASE(5) ATT_CASE(6) ATT_CASE(7) ATT_CASE(8)
+#undef ATT_CASE
+  }
+}
 extern "C" __global__ void __launch_bounds__(128)
 attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
              float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
-  attn_partial_body<false>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
+  attn_partial_any<false>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
 }
 extern "C" __global__ void __launch_bounds__(128)
 attn_partial_n(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
                float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
-  attn_partial_body<true>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
+  attn_partial_any<true>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
 }
 
 // Part 2: merge the splits. Grid: heads; block: head_dim.
