@@ -185,6 +185,13 @@ pub(crate) fn preload_of(what: &str, f: KernelFormat) -> bool {
     }
 }
 
+/// Whether decode attention post-processes q/k/v itself (`attn_decode`, one launch less
+/// per layer) instead of a `qkv_post` launch. `ROOFTOP_ATTN_FUSED=0` turns it off.
+fn attn_fused() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("ROOFTOP_ATTN_FUSED").as_deref() != Ok("0"))
+}
+
 /// Lanes per row and chunk slots per lane of a preloading launch over rows of `cols`
 /// weights (`lpr * slots >= cols / 32`, at most `KPRE` slots: 128 bytes at 4 bits); None
 /// where a row is too long for 32 lanes.
@@ -418,7 +425,10 @@ impl CudaDecoder {
         let mut moe = None;
         // Enough splits that heads x splits fill the SMs twice over.
         let heads = self.layers.iter().map(|l| l.attn.heads).max().unwrap_or(1);
-        let splits = (2 * dev.sms).div_ceil(heads).clamp(1, 32).min(max_seq);
+        // ROOFTOP_SPLITS overrides it (tuning).
+        let splits = crate::nvrtc::env_usize("ROOFTOP_SPLITS", 1..=64)
+            .unwrap_or((2 * dev.sms).div_ceil(heads).clamp(1, 32))
+            .min(max_seq);
         for l in &self.layers {
             let a = &l.attn;
             qkv = qkv.max((a.heads + 2 * a.kv_heads) * a.head_dim);
@@ -630,23 +640,28 @@ impl CudaDecoder {
                 self.gemv(w, ph, pq + off * 4, o)?;
                 off += w.rows as u64;
             }
-            // Bias, q/k norm, rope, KV append.
-            let f = dev.function(&ops, "qkv_post")?;
+            // Bias, q/k norm, rope, KV append: folded into the attention launch
+            // (attn_decode) unless ROOFTOP_ATTN_FUSED=0.
             let arg = qkv_post_arg(dev, a, s.max_seq);
             let (pkc, pvc) = (dev.ptr(&s.kc[li]), dev.ptr(&s.vc[li]));
-            launch!(
-                dev,
-                f,
-                cfg(((a.heads + a.kv_heads) as u32, 1), a.head_dim as u32, 0),
-                "qkv_post",
-                pq,
-                ppos,
-                pkc,
-                pvc,
-                arg
-            )?;
+            let fused = attn_fused();
+            if !fused {
+                let f = dev.function(&ops, "qkv_post")?;
+                launch!(
+                    dev,
+                    f,
+                    cfg(((a.heads + a.kv_heads) as u32, 1), a.head_dim as u32, 0),
+                    "qkv_post",
+                    pq,
+                    ppos,
+                    pkc,
+                    pvc,
+                    arg
+                )?;
+            }
             // Attention (split-K partials, merge).
-            dev.attention_raw([pq, pkc, pvc, ppos, ppart, patt], &a.shape(s), a.scale, 1)?;
+            let buf = [pq, pkc, pvc, ppos, ppart, patt];
+            dev.attention_raw(buf, &a.shape(s), a.scale, 1, fused.then_some(arg))?;
             // Output projection into the residual stream.
             let o = Gemv {
                 add: true,

@@ -1,6 +1,7 @@
 //! The decode ops around the MoE (RMSNorm, RoPE, KV append, decode attention) and the
 //! read-bandwidth probe that serves as the roofline.
 
+use crate::decoder::QkvPostArg;
 use crate::device::{cfg, cfg3, launch, CudaDevice};
 use crate::error::shape;
 use crate::nvrtc::ModuleSource;
@@ -204,21 +205,27 @@ impl CudaDevice {
             self.ptr(partial),
             self.ptr(out),
         );
-        self.attention_raw([pq, pk, pv, pp, ppart, po], s, scale, 1)
+        self.attention_raw([pq, pk, pv, pp, ppart, po], s, scale, 1, None)
     }
 
     /// [`CudaDevice::attention`] on raw device addresses `[q, k_cache, v_cache, pos,
     /// partial, out]` (the decoder's carved buffers); the caller guarantees the sizes.
     /// `tokens` > 1: a prefill chunk's tokens at positions pos, pos + 1, … (causal), with
     /// q, partial and out `tokens` rows deep (the `_n` kernels; decode keeps its own).
+    /// `post` (decode only): q/k/v are the raw QKV output, post-processed by the attention
+    /// launch itself (`attn_decode`: no qkv_post launch).
     pub(crate) fn attention_raw(
         &self,
         [pq, pk, pv, pp, ppart, po]: [u64; 6],
         s: &AttnShape,
         scale: f32,
         tokens: usize,
+        post: Option<QkvPostArg>,
     ) -> Result<(), CudaError> {
         s.check()?;
+        if post.is_some() && tokens > 1 {
+            return Err(shape("attention", "qkv_post folded in only for one token"));
+        }
         let ops = ModuleSource::ops();
         let chunk = tokens > 1;
         let (partial, combine) = if chunk {
@@ -234,22 +241,40 @@ impl CudaDevice {
             s.max_seq as i32,
         );
         let t = tokens.max(1) as u32;
-        launch!(
-            self,
-            f,
-            cfg3((s.n_heads as u32, s.splits as u32, t), 128, 0),
-            partial,
-            pq,
-            pk,
-            pv,
-            pp,
-            ppart,
-            nh,
-            nkv,
-            hd,
-            ms,
-            scale
-        )?;
+        if let Some(a) = post {
+            // Decode with qkv_post folded in (attn_decode).
+            let f = self.function(&ops, "attn_decode")?;
+            launch!(
+                self,
+                f,
+                cfg3((s.n_heads as u32, s.splits as u32, 1), 128, 0),
+                "attn_decode",
+                pq,
+                pk,
+                pv,
+                pp,
+                ppart,
+                a,
+                scale
+            )?;
+        } else {
+            launch!(
+                self,
+                f,
+                cfg3((s.n_heads as u32, s.splits as u32, t), 128, 0),
+                partial,
+                pq,
+                pk,
+                pv,
+                pp,
+                ppart,
+                nh,
+                nkv,
+                hd,
+                ms,
+                scale
+            )?;
+        }
         let f = self.function(&ops, combine)?;
         let sp = s.splits as i32;
         launch!(

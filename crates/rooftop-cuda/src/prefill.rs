@@ -276,8 +276,13 @@ impl CudaDecoder {
         self.chunk_qkv_post(s, li, n, pq, ppos)?;
         let a = &self.layers[li].attn;
         let (pkc, pvc) = (self.dev.ptr(&s.kc[li]), self.dev.ptr(&s.vc[li]));
-        self.dev
-            .attention_raw([pq, pkc, pvc, ppos, ppart, patt], &a.shape(s), a.scale, n)
+        self.dev.attention_raw(
+            [pq, pkc, pvc, ppos, ppart, patt],
+            &a.shape(s),
+            a.scale,
+            n,
+            None,
+        )
     }
 
     /// q/k norm, RoPE and the KV-cache append of the chunk's n tokens (qkv rows at `pq`).

@@ -134,6 +134,7 @@ fn ops_module_has_decode_and_prefill_chunk_kernels() {
         "qkv_post_n",
         "attn_partial",
         "attn_partial_n",
+        "attn_decode",
         "attn_combine",
         "attn_combine_n",
         "argmax_step",

@@ -63,6 +63,17 @@ extern "C" __global__ void kv_append(const float* k, const float* v, unsigned sh
   vc[o] = f32_to_f16(v[blockIdx.x * head_dim + d]);
 }
 
+// Per-head post-processing of the QKV projection: bias, q/k RMSNorm, RoPE (qkv_post,
+// or fused into the decode attention: attn_decode).
+struct QkvPost {
+  const float* bias;   // [(H + 2 KV) hd] or null
+  const float* qn;     // [hd] or null
+  const float* kn;     // [hd] or null
+  const float* inv_freq;
+  float eps, mscale;
+  int rot, traditional, n_heads, n_kv, head_dim, max_seq;
+};
+
 // Split-K decode attention, part 1. Grid: (heads, splits); block: 128 (4 warps).
 // Each split covers a contiguous range of the *pos+1 cached positions; each warp an
 // interleaved subset, ATT_PB positions at a time: all their K/V loads are issued before
@@ -93,10 +104,51 @@ __device__ __forceinline__ void ld_f16s(const unsigned short* p, float (&f)[ND])
     for (int j = 0; j < ND; j++) f[j] = f16_to_f32(__ldcg(p + j));
   }
 }
-template <bool TOKENS, int ND>
+// attn_decode's qkv_post for one head held by a warp (lane l: dims l*ND + j): + bias,
+// RMSNorm (nw), mscale and RoPE (sn/cs of the lane's dims, computed before the wait);
+// sxw: the warp's head_dim floats of shared memory for the rotation partners. Same
+// arithmetic as qkv_post but the norm's sum in another order.
+template <int ND>
+__device__ __forceinline__ void head_post(float (&x)[ND], const float (&bias)[ND], const float* nw, const QkvPost& a,
+                                          const float (&sn)[ND], const float (&cs)[ND], float* sxw) {
+  const int lane = threadIdx.x & 31, hd = ND * 32;
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < ND; j++) {
+    x[j] += bias[j];
+    ss += x[j] * x[j];
+  }
+  if (nw) {
+    const float inv = 1.f / sqrtf(warp_sum(ss) / hd + a.eps);
+#pragma unroll
+    for (int j = 0; j < ND; j++) x[j] = x[j] * inv * __ldg(nw + lane * ND + j);
+  }
+#pragma unroll
+  for (int j = 0; j < ND; j++) {
+    if (lane * ND + j < a.rot) x[j] *= a.mscale;
+    sxw[lane * ND + j] = x[j];
+  }
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < ND; j++) {
+    const int d = lane * ND + j;
+    if (d < a.rot) {
+      const RopePair rp = rope_pair(d, a.rot, a.traditional);
+      x[j] = rope_rotate(x[j], sxw[rp.partner], sn[j], cs[j], rp.first);
+    }
+  }
+  __syncwarp();
+}
+
+// FUSED (attn_decode, decode only): the raw QKV output is post-processed here instead of
+// by a qkv_post launch. Every warp normalizes and rotates q itself; the split holding the
+// new position also computes its k and v (rounded through f16, as a cached position)
+// instead of reading the cache, and its first q-head of each kv group appends them.
+template <bool TOKENS, int ND, bool FUSED>
 __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned short* kc, const unsigned short* vc,
                                                   const int* pos, float* part, int n_heads, int n_kv, int max_seq,
-                                                  float scale, float* sm_m, float* sm_l, float (*sm_o)[HD_MAX]) {
+                                                  float scale, float* sm_m, float* sm_l, float (*sm_o)[HD_MAX],
+                                                  float (*sm_new)[2 * HD_MAX], const QkvPost* post) {
   // Positions per batch: K and V of a batch take 2 * PB * ND registers per lane.
   constexpr int PB = ND <= 4 ? ATT_PB : ATT_PB / 2;
   const int head_dim = ND * 32;
@@ -123,6 +175,18 @@ __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned
       ld_f16s<ND>(vb + (size_t)pi * head_dim, vf[i]);
     }
   }
+  // FUSED: rotation angles and q's bias for this lane's dims (weights and *pos only).
+  float sn[ND], cs[ND], bq[ND];
+  const bool has_new = FUSED && start <= p0 && p0 < end;
+  if (FUSED) {
+#pragma unroll
+    for (int j = 0; j < ND; j++) {
+      const int d = lane * ND + j;
+      sn[j] = 0.f; cs[j] = 1.f;
+      if (d < post->rot) sincosf((float)p0 * post->inv_freq[rope_pair(d, post->rot, post->traditional).i], &sn[j], &cs[j]);
+      bq[j] = post->bias ? post->bias[h * head_dim + d] : 0.f;
+    }
+  }
   pdl_wait();
   pdl_trigger();
   q += (size_t)tok * (n_heads + 2 * n_kv) * head_dim;
@@ -130,16 +194,56 @@ __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned
   float qr[ND], o[ND];
 #pragma unroll
   for (int j = 0; j < ND; j++) {
-    qr[j] = __ldcg(q + h * head_dim + lane * ND + j) * scale;
+    qr[j] = __ldcg(q + h * head_dim + lane * ND + j);
     o[j] = 0.f;
   }
+  if (FUSED) {
+    float* sxw = sm_o[warp];  // free until the partials are written
+    head_post<ND>(qr, bq, post->qn, *post, sn, cs, sxw);
+    if (has_new) {
+      const int base_k = (n_heads + kvh) * head_dim + lane * ND, base_v = base_k + n_kv * head_dim;
+      float kx[ND], vx[ND], bk[ND];
 #pragma unroll
-  for (int i = 0; i < PB; i++) {
-    const int pi = p + i * ATT_WARPS;
-    if (pi < end && pi >= p0) {
+      for (int j = 0; j < ND; j++) {
+        bk[j] = post->bias ? post->bias[base_k + j] : 0.f;
+        kx[j] = __ldcg(q + base_k + j);
+        vx[j] = __ldcg(q + base_v + j) + (post->bias ? post->bias[base_v + j] : 0.f);
+      }
+      head_post<ND>(kx, bk, post->kn, *post, sn, cs, sxw);
+      const bool append = h % (n_heads / n_kv) == 0 && warp == 0;
+#pragma unroll
+      for (int j = 0; j < ND; j++) {
+        const unsigned short k16 = f32_to_f16(kx[j]), v16 = f32_to_f16(vx[j]);
+        // Kept in the warp's shared row, not registers: the batch loop needs them once.
+        sm_new[warp][lane * ND + j] = f16_to_f32(k16);
+        sm_new[warp][head_dim + lane * ND + j] = f16_to_f32(v16);
+        if (append) {
+          const size_t o16 = ((size_t)kvh * max_seq + p0) * head_dim + lane * ND + j;
+          ((unsigned short*)kc)[o16] = k16;
+          ((unsigned short*)vc)[o16] = v16;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < ND; j++) qr[j] *= scale;
+  // Positions >= *pos (this step's) after the wait; FUSED: the new one from registers.
+  auto fetch = [&](int i, int pi) {
+    if (FUSED && pi == p0) {
+#pragma unroll
+      for (int j = 0; j < ND; j++) {
+        kf[i][j] = sm_new[warp][lane * ND + j];
+        vf[i][j] = sm_new[warp][head_dim + lane * ND + j];
+      }
+    } else {
       ld_f16s<ND>(kb + (size_t)pi * head_dim, kf[i]);
       ld_f16s<ND>(vb + (size_t)pi * head_dim, vf[i]);
     }
+  };
+#pragma unroll
+  for (int i = 0; i < PB; i++) {
+    const int pi = p + i * ATT_WARPS;
+    if (pi < end && pi >= p0) fetch(i, pi);
   }
   float m = -INFINITY, l = 0.f;
   while (p < end) {
@@ -175,10 +279,7 @@ __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned
 #pragma unroll
     for (int i = 0; i < PB; i++) {
       const int pi = p + i * ATT_WARPS;
-      if (pi < end) {
-        ld_f16s<ND>(kb + (size_t)pi * head_dim, kf[i]);
-        ld_f16s<ND>(vb + (size_t)pi * head_dim, vf[i]);
-      }
+      if (pi < end) fetch(i, pi);
     }
   }
   if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
@@ -203,16 +304,19 @@ __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned
   }
 }
 // One instantiation per head_dim / 32 (head_dim % 32 == 0, <= HD_MAX: checked by the host).
-template <bool TOKENS>
+template <bool TOKENS, bool FUSED = false>
 __device__ __forceinline__ void attn_partial_any(const float* q, const unsigned short* kc, const unsigned short* vc,
                                                  const int* pos, float* part, int n_heads, int n_kv, int head_dim,
-                                                 int max_seq, float scale) {
+                                                 int max_seq, float scale, const QkvPost* post = nullptr) {
   // Declared here, not in the per-ND bodies (each would get its own copy).
   __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
+  // FUSED: each warp's copy of the new position's k and v.
+  __shared__ float sm_new[FUSED ? ATT_WARPS : 1][2 * HD_MAX];
   switch (head_dim / 32) {
-#define ATT_CASE(N)                                                                                     \
-  case N:                                                                                               \
-    attn_partial_body<TOKENS, N>(q, kc, vc, pos, part, n_heads, n_kv, max_seq, scale, sm_m, sm_l, sm_o); \
+#define ATT_CASE(N)                                                                                    \
+  case N:                                                                                              \
+    attn_partial_body<TOKENS, N, FUSED>(q, kc, vc, pos, part, n_heads, n_kv, max_seq, scale, sm_m, sm_l, \
+                                        sm_o, sm_new, post);                                           \
     break;
     ATT_CASE(1) ATT_CASE(2) ATT_CASE(3) ATT_CASE(4) ATT_CASE(5) ATT_CASE(6) ATT_CASE(7) ATT_CASE(8)
 #undef ATT_CASE
@@ -227,6 +331,13 @@ extern "C" __global__ void __launch_bounds__(128)
 attn_partial_n(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
                float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
   attn_partial_any<true>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
+}
+
+// qkv_post and attn_partial in one launch (decode): q/k/v straight from the QKV GEMV.
+extern "C" __global__ void __launch_bounds__(128)
+attn_decode(const float* qkv, unsigned short* kc, unsigned short* vc, const int* pos, float* part, const QkvPost a,
+            float scale) {
+  attn_partial_any<false, true>(qkv, kc, vc, pos, part, a.n_heads, a.n_kv, a.head_dim, a.max_seq, scale, &a);
 }
 
 // Part 2: merge the splits. Grid: heads; block: head_dim.
@@ -316,14 +427,6 @@ extern "C" __global__ void fill_float(unsigned char* p, u64 n, u32 seed, float l
 // inv_freq[rot/2] holds each rotated pair's angular frequency (rope scaling folded in);
 // angle = f32(pos) * inv_freq as the CPU engine computes it; mscale multiplies the
 // rotated features (yarn).
-struct QkvPost {
-  const float* bias;   // [(H + 2 KV) hd] or null
-  const float* qn;     // [hd] or null
-  const float* kn;     // [hd] or null
-  const float* inv_freq;
-  float eps, mscale;
-  int rot, traditional, n_heads, n_kv, head_dim, max_seq;
-};
 // TOKENS: token blockIdx.y of a prefill chunk (qkv_post_n); the decode kernel is the
 // same code with token 0 folded in.
 template <bool TOKENS>
