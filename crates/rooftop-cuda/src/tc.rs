@@ -251,16 +251,8 @@ impl CudaDecoder {
         out: TcOut,
     ) -> Result<(), CudaError> {
         let dev = &self.dev;
-        // The 8-warp GEMM (half the accumulators and decode work per thread, 16 warps per
-        // SM instead of 12): with the tile list, 2048-token prefill on an H200 went
-        // 13.8k → 14.7k tok/s (affine4), 12.0k → 12.6k (nvfp4). ROOFTOP_TC_WARPS=4: the
-        // 4-warp `tc_gemm`.
-        let eight = std::env::var("ROOFTOP_TC_WARPS").as_deref() != Ok("4");
-        let (name, threads) = if eight {
-            ("tc_gemm8", 256)
-        } else {
-            ("tc_gemm", 128)
-        };
+        // 8 warps per CTA (each 16 rows x half the pass's n-tiles), 2 CTAs per SM.
+        let (name, threads) = ("tc_gemm", 256);
         let f = dev.function(&ModuleSource::mma(a.format), name)?;
         let (aa, ba) = (a.arg(dev), b.unwrap_or(a).arg(dev));
         let rpe_i = rpe as i32;
