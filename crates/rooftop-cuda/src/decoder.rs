@@ -189,8 +189,11 @@ pub(crate) fn preload_of(what: &str, f: KernelFormat) -> bool {
 /// per layer) instead of a `qkv_post` launch. Opt-in (`ROOFTOP_ATTN_FUSED=1`): on an H200
 /// it gained 1–5% at short contexts (qwen3-30b-a3b affine4 484.5 -> 494.3 tok/s, glm-4.5-air
 /// 123 -> 130) but its attention ran 1.8x slower after a 4096-token prompt (2.2 -> 3.9 ms
-/// per step alone, with or without PDL and preloading, at 9/16/32 splits), cause not yet
-/// found.
+/// per step alone, with or without PDL and preloading, at 9/16/32 splits). Suspected
+/// cause: each position chose between a load and the new k/v in shared memory (that
+/// build's SASS: 947 branches and 654 shared loads against attn_partial's 209 and 48),
+/// which can hold loads behind branch joins; the substitution now happens once per batch
+/// after the loads are issued (not yet measured).
 fn attn_fused() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("ROOFTOP_ATTN_FUSED").as_deref() == Ok("1"))
