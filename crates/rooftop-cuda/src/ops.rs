@@ -233,7 +233,6 @@ impl CudaDevice {
         } else {
             ("attn_partial", "attn_combine")
         };
-        let f = self.function(&ops, partial)?;
         let (nh, nkv, hd, ms) = (
             s.n_heads as i32,
             s.n_kv_heads as i32,
@@ -258,6 +257,7 @@ impl CudaDevice {
                 scale
             )?;
         } else {
+            let f = self.function(&ops, partial)?;
             launch!(
                 self,
                 f,

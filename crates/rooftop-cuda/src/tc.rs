@@ -251,9 +251,7 @@ impl CudaDecoder {
         out: TcOut,
     ) -> Result<(), CudaError> {
         let dev = &self.dev;
-        // 8 warps per CTA (each 16 rows x half the pass's n-tiles), 2 CTAs per SM.
-        let (name, threads) = ("tc_gemm", 256);
-        let f = dev.function(&ModuleSource::mma(a.format), name)?;
+        let f = dev.function(&ModuleSource::mma(a.format), "tc_gemm")?;
         let (aa, ba) = (a.arg(dev), b.unwrap_or(a).arg(dev));
         let rpe_i = rpe as i32;
         let grid = (
@@ -264,8 +262,9 @@ impl CudaDecoder {
         launch!(
             dev,
             f,
-            cfg3(grid, threads, 0),
-            name,
+            // TC_THREADS in mma.cu: 8 warps, each 16 rows x half the pass's n-tiles.
+            cfg3(grid, 256, 0),
+            "tc_gemm",
             aa,
             ba,
             rpe_i,

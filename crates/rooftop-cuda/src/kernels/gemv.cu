@@ -718,7 +718,6 @@ moe_router(const QW R, const float* x, float* logits, int lpr, const float* nw, 
   gemv_body<1, 1>(R, x, 1, logits, lpr, Epi{nw, eps, 0, nullptr});
 }
 
-
 // Launch 2: route (every CTA, from the router's logits: one warp, ~1 us, in parallel
 // with the others; CTA 0 also writes ids/wts for launch 3), then
 // h[slot, r] = silu(gate_e[r] . x) * (up_e[r] . x) for the k routed slots

@@ -67,21 +67,17 @@ __device__ __forceinline__ void chunk_bf16(const QW& W, const u32 (&w)[CHUNK_WOR
   }
 }
 
-// Warp w of a CTA of W warps owns m-tile w % 4 (16 weight rows) and, with 8 warps, half
-// of the pass's n-tiles (items (w / 4) * 32 ...): 8 warps halve each thread's
-// accumulators and dequantization share, for more warps per SM.
-template <int W>
-struct TcWarp {
-  static constexpr int NT = TN / 8 / (W / 4);  // n-tiles per warp
-};
-
+// 8 warps per CTA: warp w owns m-tile w % 4 (16 weight rows) and half of the pass's
+// n-tiles (items (w / 4) * 32 ...), so each thread holds half a 4-warp CTA's accumulators
+// and decodes one weight chunk per step instead of two (more warps per SM).
+#define TC_THREADS 256
+#define TC_NT (TN / 16)  // n-tiles per warp
 // MMAs of one TK-step: the warp's 16 rows of As[0] (and As[1] for SwiGLU) against its
 // n-tiles of the pass's items in Bs (pitch TLD); n-tiles at or past nv are skipped.
-template <int W>
 __device__ __forceinline__ void tc_mma_step(const unsigned short* As0, const unsigned short* As1,
-                                            const unsigned short* Bs, float (&acc)[2][TcWarp<W>::NT][4], int nv,
-                                            bool dual, int warp, int lane) {
-  constexpr int NT = TcWarp<W>::NT;
+                                            const unsigned short* Bs, float (&acc)[2][TC_NT][4], int nv, bool dual,
+                                            int warp, int lane) {
+  constexpr int NT = TC_NT;
   const int mw = warp & 3, n0 = (warp >> 2) * NT;  // first n-tile of this warp
 #pragma unroll
   for (int kk = 0; kk < TK; kk += 16) {
@@ -105,10 +101,9 @@ __device__ __forceinline__ void tc_mma_step(const unsigned short* As0, const uns
 
 // Epilogue: this thread holds rows g, g+8 of the warp's 16, items 2(lane%4)+{0,1} of
 // each of its n-tiles.
-template <int W>
-__device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)[2][TcWarp<W>::NT][4],
-                                            const int* items, int nv, int r0, int rpe, int warp, int lane) {
-  constexpr int NT = TcWarp<W>::NT;
+__device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)[2][TC_NT][4], const int* items,
+                                            int nv, int r0, int rpe, int warp, int lane) {
+  constexpr int NT = TC_NT;
   const int mw = warp & 3, n0 = (warp >> 2) * NT;
 #pragma unroll
   for (int j = 0; j < NT; j++) {
@@ -139,12 +134,14 @@ __device__ __forceinline__ void tc_epilogue(const TcOut& out, const float (&acc)
   }
 }
 
-// The GEMM on W warps (tc_gemm: 8). Loader jobs per TK-step: 2 matrices x
-// 64 rows x 2 chunks of weights (a job each; B's only for SwiGLU) and 512 16-byte pieces
-// of the items' activations, spread over the CTA's threads.
-template <int W>
-__device__ __forceinline__ void tc_gemm_body(const QW& A, const QW& B, int rpe, const TcIn& in, const TcOut& out) {
-  constexpr int T = 32 * W, WJ = 256 / T, XJ = 512 / T, NT = TcWarp<W>::NT;
+// Loader jobs per TK-step: 2 matrices x 64 rows x 2 chunks of weights (thread t: matrix
+// t / 128, B's only for SwiGLU) and 512 16-byte pieces of the items' activations (two per
+// thread). 2 CTAs per SM (128 registers). A 4-warp version (64 accumulators and two decode
+// jobs per thread, 168 registers, 3 CTAs = 12 warps per SM) prefilled 2048 tokens 2.8%
+// slower on an H200 (14,296 vs 14,699 tok/s, both over the tile list); removed.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_gemm(const QW A, const QW B, int rpe, const TcIn in,
+                                                                    const TcOut out) {
+  constexpr int T = TC_THREADS, XJ = 512 / T, NT = TC_NT;
   __shared__ __align__(16) unsigned short As[2][TM * TLD];
   __shared__ __align__(16) unsigned short Bs[TN * TLD];
   __shared__ int items[TN];
@@ -183,23 +180,21 @@ __device__ __forceinline__ void tc_gemm_body(const QW& A, const QW& B, int rpe, 
       for (int j = 0; j < NT; j++)
 #pragma unroll
         for (int q = 0; q < 4; q++) acc[m][j][q] = 0.f;
+    // This thread's weight job: matrix m (fields picked by value: a runtime choice
+    // between two kernel parameters taken by reference would copy them to the stack),
+    // row wr of the tile, chunk wc of each step.
+    const int m = tid >> 7, wr = (tid & 127) >> 1, wc = tid & 1;
     // Registers of the step in flight.
-    u32 wq[WJ][CHUNK_WORDS];
-    SC sq[WJ];
+    u32 wq[CHUNK_WORDS];
+    SC sq;
     uint4 xv[XJ];
     auto load = [&](int k0) {
-#pragma unroll
-      for (int jj = 0; jj < WJ; jj++) {
-        // Matrix of the job: jj itself with 4 warps (known at compile time), else the
-        // thread's half of the CTA; fields picked by value (a runtime choice between two
-        // kernel parameters taken by reference would copy them to the stack).
-        const int job = tid + jj * T, m = WJ == 2 ? jj : tid >> 7, wr = (job & 127) >> 1, c = k0 / 32 + (job & 1);
-        if ((m == 0 || dual) && r0 + wr < rpe && c < C) {
-          const QW Wm = pick(m == 0, A, B);
-          const size_t row = (size_t)e * rpe + r0 + wr;
-          load_chunk(Wm.w + (row * C + c) * (CHUNK_WORDS * 4), wq[jj]);
-          sq[jj] = load_scales(Wm, (int)row, c);
-        }
+      const int c = k0 / 32 + wc;
+      if ((m == 0 || dual) && r0 + wr < rpe && c < C) {
+        const QW Wm = pick(m == 0, A, B);
+        const size_t row = (size_t)e * rpe + r0 + wr;
+        load_chunk(Wm.w + (row * C + c) * (CHUNK_WORDS * 4), wq);
+        sq = load_scales(Wm, (int)row, c);
       }
 #pragma unroll
       for (int i = 0; i < XJ; i++) {
@@ -210,22 +205,18 @@ __device__ __forceinline__ void tc_gemm_body(const QW& A, const QW& B, int rpe, 
     };
     load(0);
     for (int k0 = 0; k0 < K; k0 += TK) {
+      if (m == 0 || dual) {
+        const int c = k0 / 32 + wc;
+        u32 q[16];
+        if (r0 + wr < rpe && c < C) {
+          chunk_bf16(pick(m == 0, A, B), wq, sq, q);
+        } else {
 #pragma unroll
-      for (int jj = 0; jj < WJ; jj++) {
-        const int job = tid + jj * T, m = WJ == 2 ? jj : tid >> 7, wr = (job & 127) >> 1, wc = job & 1,
-                  c = k0 / 32 + wc;
-        if (m == 0 || dual) {
-          u32 q[16];
-          if (r0 + wr < rpe && c < C) {
-            chunk_bf16(pick(m == 0, A, B), wq[jj], sq[jj], q);
-          } else {
-#pragma unroll
-            for (int i = 0; i < 16; i++) q[i] = 0;
-          }
-          uint4* dst = (uint4*)(As[m] + wr * TLD + wc * 32);
-#pragma unroll
-          for (int i = 0; i < 4; i++) dst[i] = make_uint4(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]);
+          for (int i = 0; i < 16; i++) q[i] = 0;
         }
+        uint4* dst = (uint4*)(As[m] + wr * TLD + wc * 32);
+#pragma unroll
+        for (int i = 0; i < 4; i++) dst[i] = make_uint4(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]);
       }
 #pragma unroll
       for (int i = 0; i < XJ; i++) {
@@ -234,17 +225,9 @@ __device__ __forceinline__ void tc_gemm_body(const QW& A, const QW& B, int rpe, 
       }
       __syncthreads();
       if (k0 + TK < K) load(k0 + TK);
-      tc_mma_step<W>(As[0], As[1], Bs, acc, nv, dual, warp, lane);
+      tc_mma_step(As[0], As[1], Bs, acc, nv, dual, warp, lane);
       __syncthreads();
     }
-    tc_epilogue<W>(out, acc, items, nv, r0, rpe, warp, lane);
+    tc_epilogue(out, acc, items, nv, r0, rpe, warp, lane);
   }
-}
-
-// 8 warps, 2 CTAs per SM (128 registers). A 4-warp version (64 accumulators and two
-// decode jobs per thread, 168 registers, 3 CTAs = 12 warps per SM) prefilled 2048 tokens
-// 2.8% slower on an H200 (14,296 vs 14,699 tok/s, both over the tile list); removed.
-extern "C" __global__ void __launch_bounds__(256, 2) tc_gemm(const QW A, const QW B, int rpe, const TcIn in,
-                                                             const TcOut out) {
-  tc_gemm_body<8>(A, B, rpe, in, out);
 }
