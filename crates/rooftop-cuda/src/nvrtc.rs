@@ -170,9 +170,10 @@ pub fn set_f32_activations(on: bool) {
     ACT_OVERRIDE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether kernels for `f` use int8 activations (see gemv.cu's INT8_ACT).
+/// Whether kernels for `f` use int8 activations (see quant.cuh's INT8_ACT): 4-bit
+/// affine, nvfp4 and mxfp4.
 pub fn int8_activations(f: KernelFormat) -> bool {
-    f.mode == 1 && f.bits == 4 && !f32_activations()
+    matches!((f.mode, f.bits), (1, 4) | (2, 4) | (3, 4)) && !f32_activations()
 }
 
 pub(crate) fn env_usize(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {

@@ -206,20 +206,25 @@ fn gemv_err(
     Ok(rel_err(&dev.download(&yd)?, &want))
 }
 
-/// 4-bit affine GEMV with int8 activations (the default path) against the exact f32
-/// reference: x quantized per 32 to int8 costs 1–2.5% relative error on these random
-/// weights (unsigned 4-bit codes carry the quantization error of x's chunk sum).
+/// 4-bit GEMVs with int8 activations (the default path for affine 4-bit, nvfp4, mxfp4)
+/// against the exact f32 reference: x quantized per 32 to int8 costs 1–2.5% relative
+/// error on these random weights (unsigned 4-bit codes carry the quantization error of
+/// x's chunk sum).
 fn check_gemv_int8(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> {
-    println!("GEMV affine 4-bit, int8 activations vs rooftop_cpu::matmul_ref (tolerance 4e-2)");
-    for (g, dtype, (rows, cols)) in [
-        (64, DType::BF16, (200, 768)),
-        (32, DType::BF16, (96, 2048)),
-        (128, DType::F16, (130, 1408)),
-        (64, DType::F32, (77, 384)),
+    println!("GEMV 4-bit, int8 activations vs rooftop_cpu::matmul_ref (tolerance 4e-2)");
+    for (spec, dtype, (rows, cols), global) in [
+        (QuantSpec::affine(4, 64)?, DType::BF16, (200, 768), None),
+        (QuantSpec::affine(4, 32)?, DType::BF16, (96, 2048), None),
+        (QuantSpec::affine(4, 128)?, DType::F16, (130, 1408), None),
+        (QuantSpec::affine(4, 64)?, DType::F32, (77, 384), None),
+        (QuantSpec::nvfp4(), DType::BF16, (200, 768), None),
+        (QuantSpec::nvfp4(), DType::F32, (96, 2048), Some(3.7)),
+        (QuantSpec::mxfp4(), DType::BF16, (130, 1408), None),
     ] {
-        let spec = Some(QuantSpec::affine(4, g)?);
+        let g = spec.group_size;
+        let spec = Some(spec);
         let cols = if cols % g != 0 { 1536 } else { cols };
-        let hw = random_weight(rng, spec, dtype, rows, cols, None)?;
+        let hw = random_weight(rng, spec, dtype, rows, cols, global)?;
         let wd = CudaWeight::upload(dev, &hw.view())?;
         for n in [1usize, 3, 8] {
             let err = gemv_err(dev, rng, &hw, &wd, n)?;

@@ -313,16 +313,24 @@ __device__ __forceinline__ void stage_oct(const float (&v)[8], float4* xs, int C
   amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
   amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 2));
   const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+  // affine: pa = even, pb = odd values (word q of the low / high nibble partners);
+  // INT8_NATURAL: pa = v[0..3], pb = v[4..7] (words 2q, 2q + 1 of the chunk's x).
   u32 pa = 0, pb = 0;
 #pragma unroll
   for (int e = 0; e < 4; e++) {
-    pa |= ((u32)(__float2int_rn(v[2 * e] * id) & 0xFF)) << (8 * e);
-    pb |= ((u32)(__float2int_rn(v[2 * e + 1] * id) & 0xFF)) << (8 * e);
+    pa |= ((u32)(__float2int_rn(v[INT8_NATURAL ? e : 2 * e] * id) & 0xFF)) << (8 * e);
+    pb |= ((u32)(__float2int_rn(v[INT8_NATURAL ? 4 + e : 2 * e + 1] * id) & 0xFF)) << (8 * e);
   }
   if (on) {
     uint4* xq = (uint4*)xs;
+#if INT8_NATURAL
+    u32* dst = (u32*)(xq + (q < 2 ? c : C + c));
+    dst[(2 * q) & 3] = pa;
+    dst[(2 * q + 1) & 3] = pb;
+#else
     ((u32*)(xq + c))[q] = pa;
     ((u32*)(xq + C + c))[q] = pb;
+#endif
     if (q == 0) ((float2*)(xq + 2 * C))[c] = make_float2(d, sum);
   }
 #else

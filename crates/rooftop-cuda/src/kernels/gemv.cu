@@ -15,11 +15,36 @@
 // (8*C float4): per chunk c, xq[c] holds the int8 partners of the low nibbles of the
 // chunk's 4 words (weights 8i, 8i+2, 8i+4, 8i+6 of word i), xq[C + c] those of the high
 // nibbles, and dx[c] = (scale d, exact f32 sum of the 32 x).
+// INT8_NATURAL (fp4 modes): x[32c .. 32c + 15] in xq[c], x[32c + 16 .. 32c + 31] in
+// xq[C + c], in order.
 __device__ __forceinline__ float int8_chunk(const QW& W, const u32 (&w)[CHUNK_WORDS], SC sc, int c, int C,
                                             const float4* xs) {
   const uint4 a = ((const uint4*)xs)[c], b = ((const uint4*)xs)[C + c];
   const float2 dx = ((const float2*)((const uint4*)xs + 2 * C))[c];
   const u32 xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+#if INT8_NATURAL
+  // Word i holds weights 8i .. 8i + 7; their x are words 2i, 2i + 1 of (xa, xb).
+  int acc0 = 0, acc1 = 0;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    u32 lo, hi;
+    fp4x8_i8(w[i], lo, hi);
+    const u32 x0 = i < 2 ? xa[2 * i] : xb[2 * i - 4], x1 = i < 2 ? xa[2 * i + 1] : xb[2 * i - 3];
+    if (i < 2) {
+      acc0 = dp4a((int)lo, (int)x0, acc0);
+      acc0 = dp4a((int)hi, (int)x1, acc0);
+    } else {
+      acc1 = dp4a((int)lo, (int)x0, acc1);
+      acc1 = dp4a((int)hi, (int)x1, acc1);
+    }
+  }
+#if QMODE == MODE_NVFP4
+  // Two E4M3 scales per chunk (16 weights each); the looked-up values are 2x E2M1.
+  return 0.5f * dx.x * W.gmul * (e4m3_f32(sc.a) * (float)acc0 + e4m3_f32(sc.b) * (float)acc1);
+#else
+  return 0.5f * dx.x * e8m0_f32(sc.a) * (float)(acc0 + acc1);
+#endif
+#else
   int acc = 0;
 #pragma unroll
   for (int i = 0; i < 4; i++) {
@@ -27,6 +52,7 @@ __device__ __forceinline__ float int8_chunk(const QW& W, const u32 (&w)[CHUNK_WO
     acc = dp4a((int)((w[i] >> 4) & 0x0F0F0F0Fu), (int)xb[i], acc);
   }
   return sdt_bits(sc.a) * dx.x * (float)acc + sdt_bits(sc.b) * dx.y;
+#endif
 }
 
 template <int NB>
@@ -206,8 +232,10 @@ __device__ __forceinline__ void stage_int8(const float* x, int cols, float4* xs,
       u32 pa = 0, pb = 0;
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        pa |= ((u32)(__float2int_rn(v[8 * i + 2 * e] * id) & 0xFF)) << (8 * e);
-        pb |= ((u32)(__float2int_rn(v[8 * i + 2 * e + 1] * id) & 0xFF)) << (8 * e);
+        // affine: a = even, b = odd values of word i's eight; natural: a = x[4i ..], b = x[16 + 4i ..]
+        const int ja = INT8_NATURAL ? 4 * i + e : 8 * i + 2 * e, jb = INT8_NATURAL ? 16 + 4 * i + e : 8 * i + 2 * e + 1;
+        pa |= ((u32)(__float2int_rn(v[ja] * id) & 0xFF)) << (8 * e);
+        pb |= ((u32)(__float2int_rn(v[jb] * id) & 0xFF)) << (8 * e);
       }
       a[i] = pa; b[i] = pb;
     }

@@ -37,11 +37,16 @@
 // nibbles (mask and shift, no float conversion): ~0.6 integer ops per weight instead of
 // ~4 for the float path, which made the 4-bit kernels instruction-bound (Nsight: 35% SM
 // throughput, 17% DRAM at 4 warps/scheduler). -DACT_F32 keeps exact f32 activations.
-#if QMODE == MODE_AFFINE && QBITS == 4 && !defined(ACT_F32)
+// nvfp4 / mxfp4 too: twice an E2M1 value is an integer in [-12, 12], looked up per
+// nibble with byte permutes (~1.6 ops per weight). Their staged x is in natural order
+// (INT8_NATURAL: byte k of the chunk's 8 words is x[k]); affine's pairs each word's
+// low and high nibbles with separate words (see int8_chunk in gemv.cu).
+#if (QMODE == MODE_AFFINE && QBITS == 4 || QMODE == MODE_NVFP4 || QMODE == MODE_MXFP4) && !defined(ACT_F32)
 #define INT8_ACT 1
 #else
 #define INT8_ACT 0
 #endif
+#define INT8_NATURAL (INT8_ACT && QMODE != MODE_AFFINE)
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) {
   int d;
@@ -148,6 +153,19 @@ __device__ __forceinline__ float e4m3_f32(u32 b) {
 }
 __device__ __forceinline__ float e8m0_f32(u32 b) {
   return b == 0 ? 0x1p-127f : __uint_as_float(b << 23);
+}
+
+// Eight E2M1 codes (one word, LSB-first) as twice their values in int8 (exact: 0, ±1,
+// ±2, ±3, ±4, ±6, ±8, ±12): lo = codes 0..3, hi = codes 4..7. Per four codes two byte
+// permutes look up the magnitude in the positive and the negative table, a third picks
+// per byte by the sign bit (selector nibble k or k + 4).
+__device__ __forceinline__ void fp4x8_i8(u32 w, u32& lo, u32& hi) {
+  const u32 P0 = 0x03020100u, P1 = 0x0C080604u;  // 0, 1, 2, 3 | 4, 6, 8, 12
+  const u32 N0 = 0xFDFEFF00u, N1 = 0xF4F8FAFCu;  // 0, -1, -2, -3 | -4, -6, -8, -12
+  const u32 m = w & 0x77777777u;
+  const u32 s = ((w >> 1) & 0x44444444u) | 0x32103210u;
+  lo = __byte_perm(__byte_perm(P0, P1, m), __byte_perm(N0, N1, m), s);
+  hi = __byte_perm(__byte_perm(P0, P1, m >> 16), __byte_perm(N0, N1, m >> 16), s >> 16);
 }
 
 __device__ __forceinline__ float f4c(const float4& v, int e) {
