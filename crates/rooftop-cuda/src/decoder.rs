@@ -165,13 +165,16 @@ pub(crate) struct Gemv<'a> {
     /// A decode launch that may preload its weights (`gemv_pre`): its
     /// name for [`preload_of`], or "".
     pub(crate) pre: &'static str,
+    /// Exact f32 activations whatever the format ([`ModuleSource::gemv_router`]).
+    pub(crate) exact: bool,
 }
 
 /// Whether decode launch `what` ("qkv", "o", "router") over weights of format `f`
 /// copies its weights on chip before waiting for the previous kernel (`gemv_pre` in
-/// gemv.cu). Default: for formats with int8 activations (4-bit affine), where it measured
-/// 406 -> 451 tok/s on an H200 (qwen3-30b-a3b); with the f32-activation kernels (nvfp4)
-/// one CTA per SM has too few warps for their decode work (354 -> 342). Override:
+/// gemv.cu). Default: for formats with int8 activations (4-bit affine, nvfp4, mxfp4),
+/// where it measured 406 -> 451 tok/s on an H200 (qwen3-30b-a3b affine4; nvfp4 406 ->
+/// 419); with the f32-activation kernels one CTA per SM has too few warps for their
+/// decode work (nvfp4 with f32 activations: 354 -> 342). Override:
 /// `ROOFTOP_PRELOAD=0` (off), `1` (every format), or a comma list of launch names (every
 /// format). Read once.
 pub(crate) fn preload_of(what: &str, f: KernelFormat) -> bool {
@@ -201,27 +204,33 @@ fn attn_fused() -> bool {
 
 /// Lanes per row and chunk slots per lane of a preloading launch over rows of `cols`
 /// weights (`lpr * slots >= cols / 32`, at most `KPRE` slots: 128 bytes at 4 bits); None
-/// where a row is too long for 32 lanes.
-fn pre_lanes(f: KernelFormat, cols: usize) -> Option<(usize, usize)> {
+/// where a row is too long for 32 lanes. `exact` (f32 activations): as many lanes per
+/// row as there are chunks, up to 32 — its dequantize-and-FMA dot costs several times
+/// the int8 one per chunk, and the router's few rows leave most SMs idle anyway (on an
+/// H200: qwen3-30b-a3b affine4 469 -> 477 tok/s; a warp-per-row kernel reading x from
+/// L1 without staging was slower still, 439–457: its per-lane chunk loads do not coalesce).
+fn pre_lanes(f: KernelFormat, cols: usize, exact: bool) -> Option<(usize, usize)> {
     let c = cols / 32;
     let kpre = (32 / f.bits as usize).max(1);
     let mut lpr = 1;
-    while lpr * kpre < c {
+    while lpr * kpre < c || (exact && lpr < 32 && lpr < c) {
         lpr *= 2;
     }
     (lpr <= 32).then(|| (lpr, c.div_ceil(lpr)))
 }
 
 /// `y (+)= W · norm(x)` as one `gemv_pre` launch; false (nothing launched) where `w`
-/// does not suit it (rows too long or too many for one preloaded wave).
+/// does not suit it (rows too long or too many for one preloaded wave). `exact`: f32
+/// activations whatever the format ([`ModuleSource::gemv_router`]).
 pub(crate) fn gemv_pre(
     dev: &CudaDevice,
     w: &CudaWeight,
+    exact: bool,
     x: u64,
     y: u64,
     e: EpiArg,
 ) -> Result<bool, CudaError> {
-    let Some((lpr, nk)) = pre_lanes(w.format, w.cols) else {
+    let Some((lpr, nk)) = pre_lanes(w.format, w.cols, exact) else {
         return Ok(false);
     };
     // One CTA per SM of at most 16 warps (so that the next launch fits beside it), at
@@ -236,7 +245,12 @@ pub(crate) fn gemv_pre(
     if smem + 1024 > dev.max_smem {
         return Ok(false);
     }
-    let f = dev.function(&ModuleSource::gemv(w.format), "gemv_pre")?;
+    let m = if exact {
+        ModuleSource::gemv_router(w.format)
+    } else {
+        ModuleSource::gemv(w.format)
+    };
+    let f = dev.function(&m, "gemv_pre")?;
     let grid = warps.div_ceil(wpc) as u32;
     let (arg, lpr) = (w.arg(dev), lpr as i32);
     launch!(
@@ -491,18 +505,23 @@ impl CudaDecoder {
             bias,
             next,
             pre,
+            exact,
         } = o;
         let dev = &self.dev;
+        let m = if exact {
+            ModuleSource::gemv_router(w.format)
+        } else {
+            ModuleSource::gemv(w.format)
+        };
         let e = EpiArg {
             nw: norm.map_or(0, |(n, _)| dev.ptr(n)),
             eps: norm.map_or(0.0, |(_, e)| e),
             add: add as i32,
             bias: bias.map_or(0, |b| dev.ptr(b)),
         };
-        if !pre.is_empty() && preload_of(pre, w.format) && gemv_pre(dev, w, x, y, e)? {
+        if !pre.is_empty() && preload_of(pre, w.format) && gemv_pre(dev, w, exact, x, y, e)? {
             return Ok(());
         }
-        let m = ModuleSource::gemv(w.format);
         let f = dev.function(&m, "gemv1_epi")?;
         let smem = stage_bytes(1, w.cols);
         dev.check_smem("gemv", smem)?;
@@ -831,19 +850,25 @@ mod tests {
     #[test]
     fn preload_lanes_cover_each_row_with_at_most_128_bytes_per_lane() {
         // qwen3-30b-a3b at 4 bits: QKV/router rows of 2048, o_proj rows of 4096.
-        assert_eq!(pre_lanes(fmt(1, 4), 2048), Some((8, 8)));
-        assert_eq!(pre_lanes(fmt(1, 4), 4096), Some((16, 8)));
+        assert_eq!(pre_lanes(fmt(1, 4), 2048, false), Some((8, 8)));
+        assert_eq!(pre_lanes(fmt(1, 4), 2048, true), Some((32, 2)));
+        assert_eq!(pre_lanes(fmt(2, 4), 256, true), Some((8, 1)));
+        assert_eq!(pre_lanes(fmt(1, 4), 16384, true), None);
+        assert_eq!(pre_lanes(fmt(1, 4), 4096, false), Some((16, 8)));
         // 768 = 24 chunks: 4 lanes of 6.
-        assert_eq!(pre_lanes(fmt(1, 4), 768), Some((4, 6)));
+        assert_eq!(pre_lanes(fmt(1, 4), 768, false), Some((4, 6)));
         // 8-bit chunks are twice as long: half as many per lane.
-        assert_eq!(pre_lanes(fmt(4, 8), 2048), Some((16, 4)));
+        assert_eq!(pre_lanes(fmt(4, 8), 2048, false), Some((16, 4)));
         // Dense bf16 (64-byte chunks): two per lane.
-        assert_eq!(pre_lanes(fmt(0, 16), 2048), Some((32, 2)));
+        assert_eq!(pre_lanes(fmt(0, 16), 2048, false), Some((32, 2)));
         // Rows that need more than 32 lanes take the streaming kernel.
-        assert_eq!(pre_lanes(fmt(1, 4), 16384), None);
-        assert_eq!(pre_lanes(fmt(1, 4), 8192), Some((32, 8)));
-        for (f, cols) in [(fmt(1, 3), 1408), (fmt(2, 4), 12288), (fmt(1, 4), 64)] {
-            if let Some((lpr, nk)) = pre_lanes(f, cols) {
+        assert_eq!(pre_lanes(fmt(1, 4), 16384, false), None);
+        assert_eq!(pre_lanes(fmt(1, 4), 8192, false), Some((32, 8)));
+        for (f, cols, spread) in [(fmt(1, 3), 1408), (fmt(2, 4), 12288), (fmt(1, 4), 64)]
+            .into_iter()
+            .flat_map(|(f, c)| [(f, c, false), (f, c, true)])
+        {
+            if let Some((lpr, nk)) = pre_lanes(f, cols, spread) {
                 assert!(lpr * nk >= cols / 32 && nk <= (32 / f.bits as usize).max(1));
             }
         }

@@ -331,7 +331,7 @@ impl CudaMoe {
         );
 
         // 1. Router logits (routing: at the start of gate/up).
-        let rm = ModuleSource::gemv(self.router.format);
+        let rm = ModuleSource::gemv_router(self.router.format);
         let f = dev.function(&rm, "moe_router")?;
         let rarg = self.router.arg(dev);
         let lpr = lanes_per_row(h, self.router.format.unroll());
@@ -350,7 +350,7 @@ impl CudaMoe {
                 add: 0,
                 bias: 0,
             };
-            gemv_pre(dev, &self.router, x, p_logits, e)?
+            gemv_pre(dev, &self.router, true, x, p_logits, e)?
         };
         if parts[0] && !pre {
             launch!(

@@ -146,10 +146,12 @@ pub fn rows_moe() -> usize {
 static ACT_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Whether every GEMV takes exact f32 activations (`ROOFTOP_CUDA_ACT=f32`, or
-/// [`set_f32_activations`]). By default 4-bit affine weights meet int8 activations (per
-/// 32, like llama.cpp's q8_1): on an H200 that made qwen3-30b-a3b decode 18% faster
-/// (381.8 vs 322.7 tok/s) and lm_head 1.6× faster, at ~1.5% relative GEMV error; the
-/// whole-model checks against mlx-lm pass either way (docs/PERFORMANCE-cuda.md).
+/// [`set_f32_activations`]). By default 4-bit affine, nvfp4 and mxfp4 weights meet int8
+/// activations (per 32, like llama.cpp's q8_1): on an H200 that made qwen3-30b-a3b
+/// decode 18% faster at affine4 (381.8 vs 322.7 tok/s) and 11% at nvfp4 (375.8 vs
+/// 418.0), at ~1.5% relative GEMV error; the whole-model checks against mlx-lm pass
+/// either way (docs/PERFORMANCE-cuda.md). The router never does
+/// ([`ModuleSource::gemv_router`]).
 pub fn f32_activations() -> bool {
     match ACT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         1 => true,
@@ -193,12 +195,18 @@ pub struct ModuleSource {
 
 impl ModuleSource {
     pub fn gemv(f: KernelFormat) -> Self {
+        Self::gemv_act(f, f32_activations())
+    }
+    /// The router's GEMV module: exact f32 activations whatever the format. Its logits
+    /// choose experts, and int8 noise in x flips near-ties between them — a different
+    /// expert, not a small error (a tiny Mixtral's nvfp4 logits went from 6e-3 to 2.4e-2
+    /// relative error against mlx-lm). The router is ~1% of a layer's bytes.
+    pub fn gemv_router(f: KernelFormat) -> Self {
+        Self::gemv_act(f, true)
+    }
+    fn gemv_act(f: KernelFormat, f32_act: bool) -> Self {
         Self {
-            name: format!(
-                "gemv_{}{}",
-                f.name(),
-                if f32_activations() { "_f32act" } else { "" }
-            ),
+            name: format!("gemv_{}{}", f.name(), if f32_act { "_f32act" } else { "" }),
             source: format!("{COMMON}\n{QUANT}\n{GEMV}"),
             defines: vec![
                 format!("-DQMODE={}", f.mode),
@@ -207,7 +215,7 @@ impl ModuleSource {
                 format!("-DUNROLL_BYTES={}", unroll_bytes()),
                 format!("-DROWS_GEMV={}", f.rows_gemv()),
                 format!("-DROWS_MOE={}", rows_moe()),
-                if f32_activations() {
+                if f32_act {
                     "-DACT_F32=1".into()
                 } else {
                     "-DACT_INT8=1".into()
@@ -275,6 +283,13 @@ impl ModuleSource {
     /// Every module the backend can load (what CI compiles for each architecture).
     pub fn all() -> Vec<ModuleSource> {
         let mut v: Vec<_> = KernelFormat::all().into_iter().map(Self::gemv).collect();
+        // The routers' exact-activation variants of the int8-activation formats.
+        v.extend(
+            KernelFormat::all()
+                .into_iter()
+                .filter(|&f| int8_activations(f))
+                .map(Self::gemv_router),
+        );
         v.extend(KernelFormat::all().into_iter().map(Self::stream));
         v.extend(KernelFormat::all().into_iter().map(Self::mega));
         v.extend(KernelFormat::all().into_iter().map(Self::mma));

@@ -349,8 +349,9 @@ __device__ __forceinline__ void load_oct(const float* x, int o, float (&v)[8]) {
 
 // Stage RMSNorm(x) * nw (cols <= 32 * NCT) with one read of x: each thread keeps its
 // octets in registers across the norm's reduction. Ends with a consumer barrier.
+// Returns the norm's 1/rms.
 #define NORM_OCTS 4
-__device__ __noinline__ void stage_norm(const float* x, int cols, float4* xs, const float* nw, float eps, float* red) {
+__device__ __noinline__ float stage_norm(const float* x, int cols, float4* xs, const float* nw, float eps, float* red) {
   const int C = cols / 32, n8 = cols / 8, tid = threadIdx.x;
   float v[NORM_OCTS][8];
   float ss = 0.f;
@@ -380,6 +381,7 @@ __device__ __noinline__ void stage_norm(const float* x, int cols, float4* xs, co
     stage_oct(v[i], xs, C, o >> 2, o & 3, o < n8);
   }
   cbar();
+  return inv;
 }
 
 // Stage x[0 .. k*inter + ish) as k vectors of `inter` followed by one of `ish` (none
@@ -419,6 +421,18 @@ __device__ __noinline__ void rows_gemv(const QW W, const float4* xs, float* y, c
       const float v = acc[0] + (bias ? bias[row] : 0.f);
       y[row] = add ? __ldcg(y + row) + v : v;
     }
+  }
+}
+
+// y[r] = W[r] · (x * inv * nw) with exact f32 activations (row_dot_exact): the router.
+__device__ __noinline__ void rows_gemv_exact(const QW W, const float* x, const float* nw, float inv, float* y) {
+  const int C = W.cols / 32, lpr = lpr_rows(C, W.rows), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane & (lpr - 1), rpw = 32 / lpr;
+  for (int base = warp * rpw; base < W.rows; base += NCW * rpw) {
+    const int row = base + lane / lpr;
+    float acc = row < W.rows ? row_dot_exact(W, row, C, sub, lpr, x, nw, inv) : 0.f;
+    acc = reduce_lpr(acc, lpr);
+    if (row < W.rows && sub == 0) y[row] = acc;
   }
 }
 
@@ -638,7 +652,8 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) decode_layers(const Step st
       if (op == OP_QKV) { if (li > 0) cwait(st.done + (li - 1) * 8 + OP_DOWN); }
       else if (op != OP_GU) cwait(done + op - 1);
       if (t0) stamp(st, li, 4 * op + 1);
-      if (op == OP_QKV || op == OP_ROUTER) stage_norm(st.h, H, xs, op == OP_QKV ? L.attn_norm : L.ffn_norm, L.eps, red);
+      float inv = 1.f;  // the router's: it reads h itself, in f32 (rows_gemv_exact)
+      if (op == OP_QKV || op == OP_ROUTER) inv = stage_norm(st.h, H, xs, op == OP_QKV ? L.attn_norm : L.ffn_norm, L.eps, red);
       else if (op == OP_O) stage_vecs(st.att, 1, L.o.cols, 0, xs);
       else if (op == OP_DOWN) {
         for (int i = threadIdx.x; i < db - da; i += NCT) dacc[i] = 0.f;
@@ -673,7 +688,7 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) decode_layers(const Step st
         const QW* vw = sview[slot];
         if (op == OP_QKV) rows_gemv(vw[0], xs, st.qkv + un.r0, nullptr, 0);
         else if (op == OP_O) rows_gemv(vw[0], xs, st.h + un.r0, L.o_bias ? L.o_bias + un.r0 : nullptr, 1);
-        else if (op == OP_ROUTER) rows_gemv(vw[0], xs, st.logits + un.r0, nullptr, 0);
+        else if (op == OP_ROUTER) rows_gemv_exact(vw[0], st.h, L.ffn_norm, inv, st.logits + un.r0);
         else if (op == OP_ATT) att_chunk(acc, asm_, (const unsigned short*)vw[0].w, (const unsigned short*)vw[1].w, un.nt, hd);
         else if (op == OP_GU) {
           const int C = H / 32, lpr = lpr_rows(C, un.nr), sub = lane & (lpr - 1), rpw = 32 / lpr;

@@ -126,6 +126,41 @@ __device__ __forceinline__ void row_dot(const QW& W, int row, int C, int sub, in
   }
 }
 
+// Chunk c of x * inv * nw (nw may be null) in registers, prescaled, in chunk_dot_reg's
+// layout; returns their sum (affine's X). cg: read x through L2 (written earlier in the
+// same launch by other SMs).
+__device__ __forceinline__ float chunk_x(const float* x, const float* nw, float inv, int c, bool cg, float4 (&xv)[8]) {
+  const float m = inv * X_PRESCALE;
+  float X = 0.f;
+#pragma unroll
+  for (int q = 0; q < 8; q++) {
+    float4 v = cg ? __ldcg((const float4*)x + c * 8 + q) : ((const float4*)x)[c * 8 + q];
+    const float4 g = nw ? __ldg((const float4*)nw + c * 8 + q) : make_float4(1.f, 1.f, 1.f, 1.f);
+    v.x *= m * g.x; v.y *= m * g.y; v.z *= m * g.z; v.w *= m * g.w;
+    X += (v.x + v.y) + (v.z + v.w);
+    xv[q] = v;
+  }
+  return X;
+}
+
+// This lane's share of row . (x * inv * nw) with exact f32 activations whatever
+// INT8_ACT, x read from global memory (L2: written earlier in the same launch). For the
+// router inside the single-launch kernels: its logits choose experts, and int8 noise in x
+// flips near-ties between them (a different expert, not a small error). nw may be null.
+__device__ __forceinline__ float row_dot_exact(const QW& W, int row, int C, int sub, int lpr, const float* x,
+                                               const float* nw, float inv) {
+  float acc = 0.f;
+  for (int c = sub; c < C; c += lpr) {
+    u32 w[CHUNK_WORDS];
+    load_chunk(chunk_ptr(W, row, c, C), w);
+    const SC sc = load_scales(W, row, c);
+    float4 xv[8];
+    const float X = chunk_x(x, nw, inv, c, true, xv);
+    acc += chunk_dot_reg(W, w, sc, xv, X);
+  }
+  return acc;
+}
+
 // Two rows against the same x (gate and up): both rows' loads in flight together.
 __device__ __forceinline__ void row_dot2(const QW& A, int ra, const QW& B, int rb, int C, int sub, int lpr,
                                          const float4* xs, const float* xsum, float (&ya)[1], float (&yb)[1]) {

@@ -77,7 +77,8 @@ __device__ __forceinline__ int mg_lpr(int cols, int unroll) {
 }
 
 // Stage rmsnorm(x) * nw (nw null: x as is) of x[cols], read through L2, into xs/xsum.
-__device__ void mg_stage(const float* x, int cols, float4* xs, float* xsum, const float* nw, float eps) {
+// Returns the norm's 1/rms (1 without nw).
+__device__ float mg_stage(const float* x, int cols, float4* xs, float* xsum, const float* nw, float eps) {
   __shared__ float red[32];
   const int C = cols / 32;
   float inv = 1.f;
@@ -105,6 +106,7 @@ __device__ void mg_stage(const float* x, int cols, float4* xs, float* xsum, cons
   __syncthreads();
   sum_vec(cols, xs, xsum);
   __syncthreads();
+  return inv;
 }
 
 // Rows [r0, r0 + nr) of W copied to dst (shared memory) as codes, scales, biases, each
@@ -157,6 +159,20 @@ __device__ void mg_gemv_local(const QW& V, int r0, const float4* xs, const float
     if (bias) v += bias[r];
     y[r] = add ? __ldcg(y + r) + v : v;
   });
+}
+
+// The router's rows [r0, r0 + V.rows) with exact f32 activations (row_dot_exact: int8
+// noise would flip near-ties between experts), reading h through L2.
+__device__ void mg_router_exact(const QW& V, int r0, const float* x, const float* nw, float inv, float* y) {
+  if (V.rows <= 0) return;
+  const int C = V.cols / 32, lpr = mg_lpr(V.cols, 1), rpw = 32 / lpr, lane = threadIdx.x & 31;
+  const int sub = lane & (lpr - 1);
+  for (int base = (threadIdx.x >> 5) * rpw; base < V.rows; base += MG_WARPS * rpw) {
+    const int row = base + lane / lpr;
+    float acc = row < V.rows ? row_dot_exact(V, row, C, sub, lpr, x, nw, inv) : 0.f;
+    acc = reduce_lpr(acc, lpr);
+    if (row < V.rows && sub == 0) y[r0 + row] = acc;
+  }
 }
 
 // The (slot, row) segments of an item range [lo, hi) over slots of `rows_of(slot)` rows:
@@ -487,12 +503,12 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, MEGA_MIN_BLOCKS) mega_l
     mg_stamp(st, li, 2);
     // ---- ROUTER (the staged rmsnorm(h) is kept for GU) ----
     float* xsum = (float*)(xs + 8 * C);
-    mg_stage(st.h, H, xs, xsum, L.ffn_norm, L.eps);
+    const float inv = mg_stage(st.h, H, xs, xsum, L.ffn_norm, L.eps);
     if (k > 0) {
       int r0;
       const QW V = mg_view_share(L.router, RB, r0);
       mb_wait(RB.bar, par_r);
-      mg_gemv_local(V, r0, xs, xsum, st.logits, false, nullptr);
+      mg_router_exact(V, r0, st.h, L.ffn_norm, inv, st.logits);
       mg_stamp(st, li, 11);
       grid_sync(st.bar, ++nbar);
     }
