@@ -24,7 +24,7 @@ pub mod pool;
 pub mod synth;
 
 pub use gemv::{int8_activations, isa, set_int8_activations, Isa};
-pub use matmul::{matmul, matmul_ref};
+pub use matmul::{matmul, matmul_fine, matmul_ref};
 
 /// Errors of the CPU ops: bad shapes, named.
 #[derive(Debug, thiserror::Error)]

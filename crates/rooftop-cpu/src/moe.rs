@@ -70,6 +70,8 @@ pub struct MoeTimes {
 #[derive(Default)]
 pub struct MoeScratch {
     acts_x: Vec<QActs>,
+    /// The router's two-term activations (`matmul_fine_on`).
+    fine: crate::gemv::FineScratch,
     logits: Vec<f32>,
     /// `[T, K]` chosen (expert, weight).
     chosen: Vec<(u32, f32)>,
@@ -198,27 +200,11 @@ pub fn moe_forward_on(
     let isa = isa();
     let t_start = Instant::now();
 
-    // Router (small: E rows) on the calling thread, then top-k.
-    let rplan = plan(&w.router, isa);
+    // Router, then top-k. Its logits choose experts: x with its int8 rounding residual
+    // as a second term (~15 bits; `matmul_fine_on`), so int8 noise flips no near-ties.
     s.acts_x.resize_with(2, QActs::new);
     s.logits.resize(n * ne, 0.0);
-    {
-        let p = prepare(&w.router, rplan, x, n, &mut s.acts_x[0]);
-        let lanes = crate::lanes::lookup(&w.router);
-        let r = RowArgs {
-            w: w.router,
-            rows: 0..ne,
-            y: s.logits.as_mut_ptr(),
-            stride: ne,
-            row0: 0,
-            alpha: None,
-            tok_map: None,
-            lanes: lanes.as_deref(),
-        };
-        let mut scr = Vec::new();
-        // SAFETY: logits is [n, E], written by this thread only.
-        unsafe { rows_kernel(isa, rplan, &r, &p, n, &mut scr) };
-    }
+    crate::gemv::matmul_fine_on(pool, isa, &w.router, x, n, &mut s.logits, &mut s.fine);
     s.chosen.clear();
     for t in 0..n {
         route(&s.logits[t * ne..(t + 1) * ne], cfg, &mut s.chosen);

@@ -36,6 +36,17 @@ impl Linear {
     /// x `[T, in]` → y `[T, out]`.
     pub fn forward(&self, x: &[f32], t: usize, y: &mut [f32]) {
         rooftop_cpu::matmul(&self.w, x, t, y);
+        self.add_bias(y);
+    }
+
+    /// [`Self::forward`] for a router: x carries ~15 bits, not int8's 8, so that
+    /// rounding noise does not flip near-ties between experts (`rooftop_cpu::matmul_fine`).
+    pub fn forward_router(&self, x: &[f32], t: usize, y: &mut [f32]) {
+        rooftop_cpu::matmul_fine(&self.w, x, t, y);
+        self.add_bias(y);
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);

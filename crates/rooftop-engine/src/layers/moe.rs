@@ -312,8 +312,8 @@ impl Moe {
         let d = x.len() / t;
         let ne = self.experts.len();
         let logits = &mut s.router[..t * ne];
-        self.gate.forward(x, t, logits); // [T, E]
-                                         // Shared experts (qwen2moe) are not on this path yet.
+        self.gate.forward_router(x, t, logits); // [T, E]
+                                                // Shared experts (qwen2moe) are not on this path yet.
         if matches!(self.gate.w, W::Gguf(_)) && self.shared.is_none() {
             if let Router::SoftmaxTopK { norm_topk_prob } = self.router {
                 return self.forward_ggml(x, t, norm_topk_prob, s, out);
