@@ -190,13 +190,11 @@ pub(crate) fn preload_of(what: &str, f: KernelFormat) -> bool {
 
 /// Whether decode attention post-processes q/k/v itself (`attn_decode`, one launch less
 /// per layer) instead of a `qkv_post` launch. Opt-in (`ROOFTOP_ATTN_FUSED=1`): on an H200
-/// it gained 1–5% at short contexts (qwen3-30b-a3b affine4 484.5 -> 494.3 tok/s, glm-4.5-air
-/// 123 -> 130) but its attention ran 1.8x slower after a 4096-token prompt (2.2 -> 3.9 ms
-/// per step alone, with or without PDL and preloading, at 9/16/32 splits). Suspected
-/// cause: each position chose between a load and the new k/v in shared memory (that
-/// build's SASS: 947 branches and 654 shared loads against attn_partial's 209 and 48),
-/// which can hold loads behind branch joins; the substitution now happens once per batch
-/// after the loads are issued (not yet measured).
+/// it gains ~2% at short contexts (qwen3-30b-a3b affine4 485.5 -> 495.1 tok/s) and loses
+/// ~2% after a 4096-token prompt (328.0 -> 321.5). Its first version ran the attention
+/// 1.8x slower there: each position chose between a load and the new k/v in shared
+/// memory, which held loads behind branch joins; the substitution now happens once per
+/// batch after the loads are issued.
 fn attn_fused() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("ROOFTOP_ATTN_FUSED").as_deref() == Ok("1"))
@@ -245,12 +243,7 @@ pub(crate) fn gemv_pre(
     if smem + 1024 > dev.max_smem {
         return Ok(false);
     }
-    let m = if exact {
-        ModuleSource::gemv_router(w.format)
-    } else {
-        ModuleSource::gemv(w.format)
-    };
-    let f = dev.function(&m, "gemv_pre")?;
+    let f = dev.function(&ModuleSource::gemv_for(w.format, exact), "gemv_pre")?;
     let grid = warps.div_ceil(wpc) as u32;
     let (arg, lpr) = (w.arg(dev), lpr as i32);
     launch!(
@@ -508,11 +501,7 @@ impl CudaDecoder {
             exact,
         } = o;
         let dev = &self.dev;
-        let m = if exact {
-            ModuleSource::gemv_router(w.format)
-        } else {
-            ModuleSource::gemv(w.format)
-        };
+        let m = ModuleSource::gemv_for(w.format, exact);
         let e = EpiArg {
             nw: norm.map_or(0, |(n, _)| dev.ptr(n)),
             eps: norm.map_or(0.0, |(_, e)| e),

@@ -204,6 +204,14 @@ impl ModuleSource {
     pub fn gemv_router(f: KernelFormat) -> Self {
         Self::gemv_act(f, true)
     }
+    /// The router's module ([`Self::gemv_router`]) or the format's ([`Self::gemv`]).
+    pub fn gemv_for(f: KernelFormat, router: bool) -> Self {
+        if router {
+            Self::gemv_router(f)
+        } else {
+            Self::gemv(f)
+        }
+    }
     fn gemv_act(f: KernelFormat, f32_act: bool) -> Self {
         Self {
             name: format!("gemv_{}{}", f.name(), if f32_act { "_f32act" } else { "" }),

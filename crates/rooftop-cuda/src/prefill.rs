@@ -165,12 +165,7 @@ impl CudaDecoder {
     /// (grid y) takes 8 tokens, so any n runs in one launch.
     fn gemv8(&self, w: &CudaWeight, x: u64, n: usize, y: u64, o: Gemv) -> Result<(), CudaError> {
         let dev = &self.dev;
-        let m = if o.exact {
-            ModuleSource::gemv_router(w.format)
-        } else {
-            ModuleSource::gemv(w.format)
-        };
-        let f = dev.function(&m, "gemv8_epi")?;
+        let f = dev.function(&ModuleSource::gemv_for(w.format, o.exact), "gemv8_epi")?;
         let smem = stage_bytes(CHUNK, w.cols);
         dev.check_smem("prefill gemv", smem)?;
         let lpr = lanes_per_row(w.cols, w.format.unroll());

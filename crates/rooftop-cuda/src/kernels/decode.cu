@@ -424,18 +424,6 @@ __device__ __noinline__ void rows_gemv(const QW W, const float4* xs, float* y, c
   }
 }
 
-// y[r] = W[r] · (x * inv * nw) with exact f32 activations (row_dot_exact): the router.
-__device__ __noinline__ void rows_gemv_exact(const QW W, const float* x, const float* nw, float inv, float* y) {
-  const int C = W.cols / 32, lpr = lpr_rows(C, W.rows), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int sub = lane & (lpr - 1), rpw = 32 / lpr;
-  for (int base = warp * rpw; base < W.rows; base += NCW * rpw) {
-    const int row = base + lane / lpr;
-    float acc = row < W.rows ? row_dot_exact(W, row, C, sub, lpr, x, nw, inv) : 0.f;
-    acc = reduce_lpr(acc, lpr);
-    if (row < W.rows && sub == 0) y[row] = acc;
-  }
-}
-
 // Shared memory of the attention op (floats): q, k, v [256 each], per-warp m, l and
 // partial outputs [NCW][256].
 struct AttSm {
@@ -652,7 +640,7 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) decode_layers(const Step st
       if (op == OP_QKV) { if (li > 0) cwait(st.done + (li - 1) * 8 + OP_DOWN); }
       else if (op != OP_GU) cwait(done + op - 1);
       if (t0) stamp(st, li, 4 * op + 1);
-      float inv = 1.f;  // the router's: it reads h itself, in f32 (rows_gemv_exact)
+      float inv = 1.f;  // the router's: it reads h itself, in f32 (rows_exact)
       if (op == OP_QKV || op == OP_ROUTER) inv = stage_norm(st.h, H, xs, op == OP_QKV ? L.attn_norm : L.ffn_norm, L.eps, red);
       else if (op == OP_O) stage_vecs(st.att, 1, L.o.cols, 0, xs);
       else if (op == OP_DOWN) {
@@ -688,7 +676,8 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) decode_layers(const Step st
         const QW* vw = sview[slot];
         if (op == OP_QKV) rows_gemv(vw[0], xs, st.qkv + un.r0, nullptr, 0);
         else if (op == OP_O) rows_gemv(vw[0], xs, st.h + un.r0, L.o_bias ? L.o_bias + un.r0 : nullptr, 1);
-        else if (op == OP_ROUTER) rows_gemv_exact(vw[0], st.h, L.ffn_norm, inv, st.logits + un.r0);
+        else if (op == OP_ROUTER)
+          rows_exact(vw[0], lpr_rows(vw[0].cols / 32, vw[0].rows), warp, NCW, st.h, L.ffn_norm, inv, st.logits + un.r0);
         else if (op == OP_ATT) att_chunk(acc, asm_, (const unsigned short*)vw[0].w, (const unsigned short*)vw[1].w, un.nt, hd);
         else if (op == OP_GU) {
           const int C = H / 32, lpr = lpr_rows(C, un.nr), sub = lane & (lpr - 1), rpw = 32 / lpr;

@@ -358,6 +358,20 @@ __device__ __forceinline__ float reduce_lpr(float v, int lpr) {
   return v;
 }
 
+// y[r] = W[r] · (x * inv * nw) for every row with exact f32 activations (row_dot_exact),
+// rows spread over `nwarps` warps (this one is `warp`): the router inside the
+// single-launch kernels. Not inlined: those kernels outgrow the instruction cache.
+__device__ __noinline__ void rows_exact(const QW W, int lpr, int warp, int nwarps, const float* x, const float* nw,
+                                        float inv, float* y) {
+  const int C = W.cols / 32, lane = threadIdx.x & 31, sub = lane & (lpr - 1), rpw = 32 / lpr;
+  for (int base = warp * rpw; base < W.rows; base += nwarps * rpw) {
+    const int row = base + lane / lpr;
+    float acc = row < W.rows ? row_dot_exact(W, row, C, sub, lpr, x, nw, inv) : 0.f;
+    acc = reduce_lpr(acc, lpr);
+    if (row < W.rows && sub == 0) y[row] = acc;
+  }
+}
+
 // y[t, :] = W x[t, :] for t < n <= NB. Dynamic smem: NB*cols*4 + NB*(cols/32)*4 bytes.
 // R > 1 (batch 1 only): each lane streams R rows (rpw apart) against one read of x.
 // Prefetch rows [r0, r0 + nr) of W (codes, scales, biases) into L2; see prefetch_l2.

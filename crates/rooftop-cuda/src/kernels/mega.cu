@@ -161,20 +161,6 @@ __device__ void mg_gemv_local(const QW& V, int r0, const float4* xs, const float
   });
 }
 
-// The router's rows [r0, r0 + V.rows) with exact f32 activations (row_dot_exact: int8
-// noise would flip near-ties between experts), reading h through L2.
-__device__ void mg_router_exact(const QW& V, int r0, const float* x, const float* nw, float inv, float* y) {
-  if (V.rows <= 0) return;
-  const int C = V.cols / 32, lpr = mg_lpr(V.cols, 1), rpw = 32 / lpr, lane = threadIdx.x & 31;
-  const int sub = lane & (lpr - 1);
-  for (int base = (threadIdx.x >> 5) * rpw; base < V.rows; base += MG_WARPS * rpw) {
-    const int row = base + lane / lpr;
-    float acc = row < V.rows ? row_dot_exact(V, row, C, sub, lpr, x, nw, inv) : 0.f;
-    acc = reduce_lpr(acc, lpr);
-    if (row < V.rows && sub == 0) y[r0 + row] = acc;
-  }
-}
-
 // The (slot, row) segments of an item range [lo, hi) over slots of `rows_of(slot)` rows:
 // calls f(slot, a, b) for each slot's rows [a, b) in the range.
 template <class Rows, class F>
@@ -508,7 +494,8 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, MEGA_MIN_BLOCKS) mega_l
       int r0;
       const QW V = mg_view_share(L.router, RB, r0);
       mb_wait(RB.bar, par_r);
-      mg_router_exact(V, r0, st.h, L.ffn_norm, inv, st.logits);
+      // Exact f32 x (rows_exact): int8 noise would flip near-ties between experts.
+      if (V.rows > 0) rows_exact(V, mg_lpr(V.cols, 1), threadIdx.x >> 5, MG_WARPS, st.h, L.ffn_norm, inv, st.logits + r0);
       mg_stamp(st, li, 11);
       grid_sync(st.bar, ++nbar);
     }
