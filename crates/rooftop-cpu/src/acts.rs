@@ -229,53 +229,39 @@ impl QActs {
         }
     }
 
-    /// `r = x − (what the int8 codes and block scales represent)`, `[n, cols]` natural
-    /// order: the rounding residual that a second quantization pass carries (see
-    /// [`crate::gemv::matmul_fine_on`]). Read back from the codes, so it matches whichever
-    /// quantizer (scalar or AVX2) filled them.
-    pub fn residual(&self, x: &[f32], r: &mut [f32]) {
+    /// Split `x` (the `[n, cols]` these codes were quantized from) into `hi`, what the
+    /// int8 codes and block scales represent, then `lo = x − hi`, the rounding residual:
+    /// `out` is `[2n, cols]`, natural order (see [`crate::gemv::matmul_fine_on`]). Read
+    /// back from the codes, so it matches whichever quantizer (scalar or AVX2) filled them.
+    pub fn split(&self, x: &[f32], out: &mut [f32]) {
         let (n, cols) = (self.n, self.cols);
         let layout = self.layout.expect("quantize first");
         assert!(
-            x.len() == n * cols && r.len() == n * cols,
-            "x and r must be [n, cols]"
+            x.len() == n * cols && out.len() == 2 * n * cols,
+            "x must be [n, cols] and out [2n, cols]"
         );
+        let (hi, lo) = out.split_at_mut(n * cols);
         for t in 0..n {
             let row = t * cols;
             for b in 0..cols / QBLOCK {
                 let d = self.dx[row / QBLOCK + b];
-                let xb = &x[row + b * QBLOCK..row + (b + 1) * QBLOCK];
-                let rb = &mut r[row + b * QBLOCK..row + (b + 1) * QBLOCK];
-                match layout {
-                    ActLayout::Natural => {
-                        let qb = &self.q[row + b * QBLOCK..row + (b + 1) * QBLOCK];
-                        for ((r, &x), &q) in rb.iter_mut().zip(xb).zip(qb) {
-                            *r = x - f32::from(q) * d;
+                let at = row + b * QBLOCK..row + (b + 1) * QBLOCK;
+                let (xb, hb, lb) = (&x[at.clone()], &mut hi[at.clone()], &mut lo[at]);
+                // Element j's code: natural order, or (Nibble: block b is half h of chunk
+                // c) the even elements at c·64 + h·16, the odd ones 32 further.
+                let code = |j: usize| -> i8 {
+                    match layout {
+                        ActLayout::Natural => self.q[row + b * QBLOCK + j],
+                        ActLayout::Nibble { .. } => {
+                            self.q[row + (b / 2) * 64 + (b % 2) * 16 + (j % 2) * 32 + j / 2]
                         }
                     }
-                    // Block b is half h of chunk c: its even elements at c·64 + h·16,
-                    // the odd ones 32 further (see quantize_blocks_scalar).
-                    ActLayout::Nibble { .. } => {
-                        let base = row + (b / 2) * 64 + (b % 2) * 16;
-                        let (ev, od) = (&self.q[base..base + 16], &self.q[base + 32..base + 48]);
-                        for (j, (r, x)) in
-                            rb.chunks_exact_mut(2).zip(xb.chunks_exact(2)).enumerate()
-                        {
-                            r[0] = x[0] - f32::from(ev[j]) * d;
-                            r[1] = x[1] - f32::from(od[j]) * d;
-                        }
-                    }
+                };
+                for j in 0..QBLOCK {
+                    hb[j] = f32::from(code(j)) * d;
+                    lb[j] = xb[j] - hb[j];
                 }
             }
-        }
-    }
-
-    /// Drop the affine bias term (`gsum`) of rows `t0..`: residual rows, whose x's
-    /// exact Σ the first rows already count.
-    pub(crate) fn zero_gsum_rows(&mut self, t0: usize) {
-        if !self.gsum.is_empty() {
-            let ng = self.cols / self.group;
-            self.gsum[t0 * ng..].fill(0.0);
         }
     }
 

@@ -202,7 +202,6 @@ pub fn moe_forward_on(
 
     // Router, then top-k. Its logits choose experts: x with its int8 rounding residual
     // as a second term (~15 bits; `matmul_fine_on`), so int8 noise flips no near-ties.
-    s.acts_x.resize_with(2, QActs::new);
     s.logits.resize(n * ne, 0.0);
     crate::gemv::matmul_fine_on(pool, isa, &w.router, x, n, &mut s.logits, &mut s.fine);
     s.chosen.clear();

@@ -420,12 +420,12 @@ pub fn matmul_on(
 }
 
 /// `y = x·Wᵀ` for a router. Where `w` takes int8 activations, x goes in as two int8
-/// terms — its blocks, then their rounding residuals, each block scaled on its own — so
-/// x carries ~15 bits instead of 8. Router logits choose experts, and int8 noise flips
-/// near-ties between them: a different expert, not a small error (a tiny Mixtral's nvfp4
-/// logits: 1.7e-2 from mlx-lm with an int8 router, 6.1e-3 with this one). The residuals
-/// ride as n more tokens of one call, so the weights stream once. Other plans: as
-/// [`matmul_on`].
+/// terms — what its int8 blocks represent, then their rounding residuals, each block
+/// scaled on its own — so x carries ~15 bits instead of 8. Router logits choose experts,
+/// and int8 noise flips near-ties between them: a different expert, not a small error (a
+/// tiny Mixtral's nvfp4 logits: 1.7e-2 from mlx-lm with an int8 router, 6.1e-3 with this
+/// one). The two terms are 2n tokens of one [`matmul_on`], so the weights stream once;
+/// their affine bias sums add up to x's. Other plans: as [`matmul_on`].
 pub fn matmul_fine_on(
     pool: &Pool,
     isa: Isa,
@@ -443,38 +443,11 @@ pub fn matmul_fine_on(
     assert_eq!(y.len(), n * rows, "y must be [n, out]");
     s.a.quantize(x, n, cols, q.spec, layout);
     s.xr.resize(2 * n * cols, 0.0);
-    s.xr[..n * cols].copy_from_slice(x);
-    s.a.residual(x, &mut s.xr[n * cols..]);
-    s.b.quantize(&s.xr, 2 * n, cols, q.spec, layout);
-    // The residual rows' affine bias term: x's exact Σ was counted by the first n.
-    s.b.zero_gsum_rows(n);
+    s.a.split(x, &mut s.xr);
     s.y2.resize(2 * n * rows, 0.0);
-    let lanes = crate::lanes::lookup(w);
-    let step = rows_per_item(rows, cols, pool.threads());
-    let yp = SyncPtr(s.y2.as_mut_ptr());
-    let prep = Prepared::Int(&s.b);
-    let body = |it: usize| {
-        let r = RowArgs {
-            w: *w,
-            rows: it * step..((it + 1) * step).min(rows),
-            y: { yp }.0,
-            stride: rows,
-            row0: 0,
-            alpha: None,
-            tok_map: None,
-            lanes: lanes.as_deref(),
-        };
-        // SAFETY: row blocks are disjoint across items; y2 is [2n, rows].
-        with_scratch(|scr| unsafe { rows_kernel(isa, Plan::Int(layout), &r, &prep, 2 * n, scr) })
-    };
-    let items = rows.div_ceil(step);
-    if rows * cols < PAR_MIN_WEIGHTS {
-        (0..items).for_each(body);
-    } else {
-        pool.run(items, &body);
-    }
-    let (a, b) = s.y2.split_at(n * rows);
-    for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+    matmul_on(pool, isa, w, &s.xr, 2 * n, &mut s.y2, &mut s.a);
+    let (hi, lo) = s.y2.split_at(n * rows);
+    for ((y, a), b) in y.iter_mut().zip(hi).zip(lo) {
         *y = a + b;
     }
 }
@@ -483,7 +456,6 @@ pub fn matmul_fine_on(
 #[derive(Default)]
 pub struct FineScratch {
     a: QActs,
-    b: QActs,
     xr: Vec<f32>,
     y2: Vec<f32>,
 }
