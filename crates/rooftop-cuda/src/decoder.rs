@@ -4,8 +4,9 @@
 //!
 //! Launches per layer (RMSNorms are fused into the launches that read the residual):
 //! ```text
-//! qkv gemv (+norm) · qkv_post (bias, q/k norm, rope, KV append) · attention (2)
-//! · o gemv (+= residual) · router (+norm, top-k) · gate/up · down (+= residual)
+//! qkv gemv (+norm) · qkv_post (bias, q/k norm, rope, KV append) · attention (split-K;
+//! each head's last split merges, or a merge launch when there are few splits)
+//! · o gemv (+= residual) · router (+norm) · gate/up (+ top-k) · down (+= residual)
 //! ```
 //! The architecture mapping (which tensors, which norms) lives in the engine; this
 //! module only knows shapes and device weights.
@@ -200,6 +201,35 @@ fn attn_fused() -> bool {
     *V.get_or_init(|| std::env::var("ROOFTOP_ATTN_FUSED").as_deref() == Ok("1"))
 }
 
+/// Whether each head's last decode-attention split merges the `splits` splits (no
+/// `attn_combine` launch): where there are at least 8. On an H200, qwen3-30b-a3b (32
+/// heads, 9 splits) decode 475.3 -> 495.6 tok/s (affine4), 414.9 -> 430.2 (nvfp4),
+/// 292.3 -> 294.2 (affine3), after an 8192-token prompt (32 splits) 260.6 -> 276.0;
+/// glm-4.5-air (96 heads, 3 splits) lost: mixed_3_4 128.5 -> 120.1 (118.6 with the merge
+/// at 9 splits; not understood), affine4 184.9 -> 183.6. `ROOFTOP_ATTN_LAST=1` / `0`:
+/// always / never (A/B).
+fn attn_last(splits: usize) -> bool {
+    static V: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    V.get_or_init(|| match std::env::var("ROOFTOP_ATTN_LAST").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    })
+    .unwrap_or(splits >= 8)
+}
+
+/// Decode contexts of at least CTX_LONG positions are long: their attention takes one
+/// wave of resident CTAs in splits, short ones two CTAs per SM; each bucket has its own
+/// captured graph. On an H200 (qwen3-30b-a3b affine4: 32 heads, 4 attention CTAs per
+/// SM = 528 at once), decode tok/s by splits — short context: 4 / 8 / 16 / 32 splits
+/// 483.2 / 485.7 / 481.8 / 430.5; after a 4096-token prompt: 9 / 16 / 17 / 32 splits
+/// 328.6 / 375.1 / 303.5 / 328.7 (17: 544 CTAs, a tail wave of 16); after 8192: 9 / 16 /
+/// 17 / 32 splits 245.9 / 304.5 / 228.4 / 276.5.
+const CTX_LONG: usize = 2048;
+fn ctx_bucket(len: usize) -> usize {
+    (len >= CTX_LONG) as usize
+}
+
 /// Lanes per row and chunk slots per lane of a preloading launch over rows of `cols`
 /// weights (`lpr * slots >= cols / 32`, at most `KPRE` slots: 128 bytes at 4 bits); None
 /// where a row is too long for 32 lanes. `exact` (f32 activations): as many lanes per
@@ -267,6 +297,8 @@ pub struct CudaState {
     pub(crate) qkv: CudaSlice<f32>,
     pub(crate) att: CudaSlice<f32>,
     pub(crate) partial: CudaSlice<f32>,
+    /// Decode attention's arrival counter per head (zero between launches).
+    pub(crate) att_cnt: CudaSlice<u32>,
     pub(crate) logits: CudaSlice<f32>,
     pub(crate) moe: Option<MoeScratch>,
     pub(crate) kc: Vec<CudaSlice<u16>>,
@@ -278,10 +310,14 @@ pub struct CudaState {
     amax_val: CudaSlice<f32>,
     amax_idx: CudaSlice<i32>,
     amax_cnt: CudaSlice<u32>,
+    /// Attention splits of prefill chunks (and of short decode contexts).
     pub(crate) splits: usize,
+    /// Decode attention's splits for short and long contexts ([`ctx_bucket`]).
+    decode_splits: [usize; 2],
     pub(crate) max_seq: usize,
     pub(crate) len: usize,
-    graphs: [Option<CudaGraph>; 2],
+    /// The decode step's graphs per context bucket, plain and greedy.
+    graphs: [[Option<CudaGraph>; 2]; 2],
     /// All layers in one launch (the streaming kernel, persistent.rs), when asked for
     /// and the model suits it.
     persistent: Option<Fused>,
@@ -437,17 +473,29 @@ impl CudaDecoder {
         let d = self.hidden();
         let (mut qkv, mut att, mut partial) = (0, 0, 0);
         let mut moe = None;
-        // Enough splits that heads x splits fill the SMs twice over.
+        // Attention splits (heads x splits CTAs): two per SM for prefill chunks and short
+        // decode contexts; for long ones (CTX_LONG) as many as fit at once on the GPU —
+        // one whole wave: one CTA past it leaves a tail wave, two waves were slower too.
+        // ROOFTOP_SPLITS overrides both (tuning).
         let heads = self.layers.iter().map(|l| l.attn.heads).max().unwrap_or(1);
-        // ROOFTOP_SPLITS overrides it (tuning).
-        let splits = crate::nvrtc::env_usize("ROOFTOP_SPLITS", 1..=64)
-            .unwrap_or((2 * dev.sms).div_ceil(heads).clamp(1, 32))
-            .min(max_seq);
+        let wave = {
+            let f = dev.function(&ModuleSource::ops(), "attn_partial")?;
+            dev.grid_for(&f, 128, 0, usize::MAX) as usize
+        };
+        let short = (2 * dev.sms).div_ceil(heads).clamp(1, 32);
+        let long = (wave / heads).clamp(short, 32);
+        let decode_splits = [short, long].map(|n| {
+            crate::nvrtc::env_usize("ROOFTOP_SPLITS", 1..=64)
+                .unwrap_or(n)
+                .min(max_seq)
+        });
+        let splits = decode_splits[0];
+        let most = decode_splits.iter().copied().max().unwrap_or(splits);
         for l in &self.layers {
             let a = &l.attn;
             qkv = qkv.max((a.heads + 2 * a.kv_heads) * a.head_dim);
             att = att.max(a.heads * a.head_dim);
-            partial = partial.max(a.heads * splits * (a.head_dim + 2));
+            partial = partial.max(a.heads * most * (a.head_dim + 2));
             if let (CudaFfn::Moe(m), None) = (&l.ffn, &moe) {
                 moe = Some(m.scratch(dev)?);
             }
@@ -466,6 +514,7 @@ impl CudaDecoder {
             qkv: dev.alloc(qkv)?,
             att: dev.alloc(att)?,
             partial: dev.alloc(partial)?,
+            att_cnt: dev.alloc(heads)?,
             logits: dev.alloc(self.vocab())?,
             moe,
             kc,
@@ -476,9 +525,10 @@ impl CudaDecoder {
             amax_idx: dev.alloc(AMAX_BLOCKS)?,
             amax_cnt: dev.alloc(1)?,
             splits,
+            decode_splits,
             max_seq,
             len: 0,
-            graphs: [None, None],
+            graphs: Default::default(),
             chunk: None,
             tc: None,
         })
@@ -674,9 +724,19 @@ impl CudaDecoder {
                     arg
                 )?;
             }
-            // Attention (split-K partials, merge).
-            let buf = [pq, pkc, pvc, ppos, ppart, patt];
-            dev.attention_raw(buf, &a.shape(s), a.scale, 1, fused.then_some(arg))?;
+            // Attention (split-K partials; each head's last split merges them), with as
+            // many splits as this context length wants.
+            let shape = AttnShape {
+                splits: s.decode_splits[ctx_bucket(s.len)],
+                ..a.shape(s)
+            };
+            let pcnt = if attn_last(shape.splits) {
+                dev.ptr(&s.att_cnt)
+            } else {
+                0
+            };
+            let buf = [pq, pkc, pvc, ppos, ppart, patt, pcnt];
+            dev.attention_raw(buf, &shape, a.scale, 1, fused.then_some(arg))?;
             // Output projection into the residual stream.
             let o = Gemv {
                 add: true,
@@ -701,8 +761,8 @@ impl CudaDecoder {
 
     /// Replay (capturing on first use) the step graph.
     fn replay(&self, s: &mut CudaState, greedy: bool) -> Result<(), CudaError> {
-        let gi = greedy as usize;
-        if s.graphs[gi].is_none() {
+        let (b, gi) = (ctx_bucket(s.len), greedy as usize);
+        if s.graphs[b][gi].is_none() {
             // Compile and load every kernel outside the capture, then capture.
             let save_pos = self.dev.download(&s.pos)?;
             let save_tok = self.dev.download(&s.tok)?;
@@ -713,9 +773,9 @@ impl CudaDecoder {
             let g = self
                 .dev
                 .capture(|| self.enqueue_step(s, greedy, Parts::ALL))?;
-            s.graphs[gi] = Some(g);
+            s.graphs[b][gi] = Some(g);
         }
-        s.graphs[gi]
+        s.graphs[b][gi]
             .as_ref()
             .expect("captured above")
             .launch()

@@ -142,7 +142,8 @@ impl CudaDevice {
         self.stream.memset_zeros(s).op("cuMemsetD8Async")
     }
 
-    /// Uninitialized device buffer of `n` elements (checked against free memory).
+    /// Zeroed device buffer of `n` elements (checked against free memory); the arrival
+    /// counters of the decode kernels rely on the zeros.
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(
         &self,
         n: usize,

@@ -3,7 +3,7 @@
 
 use crate::decoder::QkvPostArg;
 use crate::device::{cfg, cfg3, launch, CudaDevice};
-use crate::error::shape;
+use crate::error::{shape, DriverResult};
 use crate::nvrtc::ModuleSource;
 use crate::CudaError;
 use cudarc::driver::CudaSlice;
@@ -22,9 +22,10 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    /// Scratch floats `attention` needs: `[heads, splits, head_dim + 2]`.
+    /// Scratch floats `attention` needs: `[heads, splits, head_dim + 2]` partials, then
+    /// one arrival counter per head (see [`CudaDevice::attention`]).
     pub fn partial_len(&self) -> usize {
-        self.n_heads * self.splits * (self.head_dim + 2)
+        self.n_heads * self.splits * (self.head_dim + 2) + self.n_heads
     }
     /// Elements of one K (or V) cache: `[n_kv, max_seq, head_dim]` f16.
     pub fn cache_len(&self) -> usize {
@@ -175,7 +176,9 @@ impl CudaDevice {
     }
 
     /// `out[h] = softmax(q[h]·K[kv(h)]ᵀ · scale) V[kv(h)]` over positions `0..=pos[0]`;
-    /// two launches (split-K partials, merge). `partial` holds [`AttnShape::partial_len`].
+    /// one launch of split-K partials, each head's last split merging them. `partial`
+    /// holds [`AttnShape::partial_len`]: the partials, then the heads' arrival counters
+    /// (zeroed here first, so any buffer will do).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -197,6 +200,10 @@ impl CudaDevice {
         {
             return Err(shape("attention", format!("{s:?}")));
         }
+        let parts = s.partial_len() - s.n_heads;
+        self.stream()
+            .memset_zeros(&mut partial.slice_mut(parts..s.partial_len()))
+            .op("cuMemsetD8Async")?;
         let (pq, pk, pv, pp, ppart, po) = (
             self.ptr(q),
             self.ptr(k_cache),
@@ -205,18 +212,21 @@ impl CudaDevice {
             self.ptr(partial),
             self.ptr(out),
         );
-        self.attention_raw([pq, pk, pv, pp, ppart, po], s, scale, 1, None)
+        let pcnt = ppart + 4 * parts as u64;
+        self.attention_raw([pq, pk, pv, pp, ppart, po, pcnt], s, scale, 1, None)
     }
 
     /// [`CudaDevice::attention`] on raw device addresses `[q, k_cache, v_cache, pos,
-    /// partial, out]` (the decoder's carved buffers); the caller guarantees the sizes.
+    /// partial, out, counters]` (the decoder's carved buffers); the caller guarantees the
+    /// sizes. `counters` (one token only): `n_heads` zeroed arrival counters, left zero —
+    /// each head's last split merges the splits; 0: an `attn_combine` launch merges them.
     /// `tokens` > 1: a prefill chunk's tokens at positions pos, pos + 1, … (causal), with
     /// q, partial and out `tokens` rows deep (the `_n` kernels; decode keeps its own).
     /// `post` (decode only): q/k/v are the raw QKV output, post-processed by the attention
     /// launch itself (`attn_decode`: no qkv_post launch).
     pub(crate) fn attention_raw(
         &self,
-        [pq, pk, pv, pp, ppart, po]: [u64; 6],
+        [pq, pk, pv, pp, ppart, po, pcnt]: [u64; 7],
         s: &AttnShape,
         scale: f32,
         tokens: usize,
@@ -254,7 +264,29 @@ impl CudaDevice {
                 pp,
                 ppart,
                 a,
-                scale
+                scale,
+                pcnt,
+                po
+            )?;
+        } else if !chunk {
+            let f = self.function(&ops, partial)?;
+            launch!(
+                self,
+                f,
+                cfg3((s.n_heads as u32, s.splits as u32, 1), 128, 0),
+                partial,
+                pq,
+                pk,
+                pv,
+                pp,
+                ppart,
+                nh,
+                nkv,
+                hd,
+                ms,
+                scale,
+                pcnt,
+                po
             )?;
         } else {
             let f = self.function(&ops, partial)?;
@@ -274,6 +306,9 @@ impl CudaDevice {
                 ms,
                 scale
             )?;
+        }
+        if !chunk && pcnt != 0 {
+            return Ok(());
         }
         let f = self.function(&ops, combine)?;
         let sp = s.splits as i32;

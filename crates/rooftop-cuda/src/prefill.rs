@@ -278,7 +278,7 @@ impl CudaDecoder {
         let a = &self.layers[li].attn;
         let (pkc, pvc) = (self.dev.ptr(&s.kc[li]), self.dev.ptr(&s.vc[li]));
         self.dev.attention_raw(
-            [pq, pkc, pvc, ppos, ppart, patt],
+            [pq, pkc, pvc, ppos, ppart, patt, self.dev.ptr(&s.att_cnt)],
             &a.shape(s),
             a.scale,
             n,

@@ -375,6 +375,29 @@ impl CudaDevice {
         n: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
+        self.matmul_in(ModuleSource::gemv(w.format), w, x, n, y)
+    }
+
+    /// [`CudaDevice::matmul`] with the router's exact f32 activations
+    /// ([`ModuleSource::gemv_router`]), as the MoE router computes its logits.
+    pub fn matmul_router(
+        &self,
+        w: &CudaWeight,
+        x: &CudaSlice<f32>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        self.matmul_in(ModuleSource::gemv_router(w.format), w, x, n, y)
+    }
+
+    fn matmul_in(
+        &self,
+        m: ModuleSource,
+        w: &CudaWeight,
+        x: &CudaSlice<f32>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         if x.len() < n * w.cols || y.len() < n * w.rows {
             return Err(shape(
                 "matmul",
@@ -390,13 +413,23 @@ impl CudaDevice {
             ));
         }
         let (px, py) = (self.ptr(x), self.ptr(y));
-        self.matmul_raw(w, px, n, py)
+        self.matmul_raw_in(&m, w, px, n, py)
     }
 
     /// [`CudaDevice::matmul`] on raw device addresses (for callers that carve one
     /// allocation into many tensors). The caller guarantees the sizes.
     pub fn matmul_raw(&self, w: &CudaWeight, x: u64, n: usize, y: u64) -> Result<(), CudaError> {
-        let m = ModuleSource::gemv(w.format);
+        self.matmul_raw_in(&ModuleSource::gemv(w.format), w, x, n, y)
+    }
+
+    fn matmul_raw_in(
+        &self,
+        m: &ModuleSource,
+        w: &CudaWeight,
+        x: u64,
+        n: usize,
+        y: u64,
+    ) -> Result<(), CudaError> {
         let arg = w.arg(self);
         let lpr = lanes_per_row(w.cols, w.format.unroll());
         let mut t0 = 0;
@@ -408,7 +441,7 @@ impl CudaDevice {
                 _ => 8,
             };
             let nt = (n - t0).min(8) as i32;
-            let f = self.function(&m, &format!("gemv{nb}"))?;
+            let f = self.function(m, &format!("gemv{nb}"))?;
             let smem = stage_bytes(nb, w.cols);
             self.check_smem("matmul", smem)?;
             // Batch 1 with row blocking: as many lanes per row as divide it (each lane

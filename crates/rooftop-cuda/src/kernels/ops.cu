@@ -63,8 +63,18 @@ extern "C" __global__ void kv_append(const float* k, const float* v, unsigned sh
   vc[o] = f32_to_f16(v[blockIdx.x * head_dim + d]);
 }
 
-// Per-head post-processing of the QKV projection: bias, q/k RMSNorm, RoPE (qkv_post,
-// or fused into the decode attention: attn_decode).
+// ---- Per-head post-processing of the QKV projection ---------------------------------
+// sin and cos of the f32 angle `a` without sincosf's slow path (a Payne-Hanek reduction
+// with a local stack frame, which can cost registers and spills where it is inlined):
+// a / pi and its reduction to [-1, 1] in double (exact), then sincospif. Error ~2e-7 rad
+// whatever the angle.
+__device__ __forceinline__ void rope_sincos(float a, float& sn, float& cs) {
+  const double t = (double)a * 0.31830988618379067154;
+  sincospif((float)(t - 2.0 * rint(0.5 * t)), &sn, &cs);
+}
+#define HD_MAX 256  // head_dim at most (checked by the host)
+// Bias, q/k RMSNorm, RoPE and the KV-cache append (qkv_post, or folded into the
+// decode attention: attn_decode).
 struct QkvPost {
   const float* bias;   // [(H + 2 KV) hd] or null
   const float* qn;     // [hd] or null
@@ -73,17 +83,123 @@ struct QkvPost {
   float eps, mscale;
   int rot, traditional, n_heads, n_kv, head_dim, max_seq;
 };
+// Unit b of one token's raw QKV output (qkv = [q (H·hd) | k (KV·hd) | v (KV·hd)]) at
+// position p, by the whole CTA (every thread calls it: barriers inside; blockDim >= 32):
+// b < H: q head b gets its bias, RMSNorm (qn), mscale and RoPE in place; b = H + j: k
+// head j the same with kn, then k and v (+ bias) go to the f16 caches at p (nothing when
+// p is outside [0, max_seq)). inv_freq[rot/2] holds each rotated pair's angular
+// frequency (rope scaling folded in); angle = f32(p) * inv_freq, as the CPU computes it.
+__device__ __forceinline__ void post_unit(float* qkv, int b, int p, unsigned short* kc, unsigned short* vc,
+                                       const QkvPost& a) {
+  __shared__ float xs[HD_MAX];
+  __shared__ float red[32];
+  constexpr int MAXJ = HD_MAX / 32;
+  const int hd = a.head_dim, nt = blockDim.x, t = threadIdx.x;
+  const bool is_q = b < a.n_heads;
+  float* row = qkv + (size_t)b * hd;  // k heads follow the q heads directly
+  float x[MAXJ];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < MAXJ; j++) {
+    const int d = t + j * nt;
+    x[j] = 0.f;
+    if (d < hd) {
+      x[j] = row[d] + (a.bias ? a.bias[b * hd + d] : 0.f);
+      ss += x[j] * x[j];
+    }
+  }
+  const float* nw = is_q ? a.qn : a.kn;
+  if (nw) {
+    ss = warp_sum(ss);
+    if ((t & 31) == 0) red[t >> 5] = ss;
+    __syncthreads();
+    float tot = 0.f;
+    for (int w = 0; w < (nt + 31) >> 5; w++) tot += red[w];
+    const float inv = 1.f / sqrtf(tot / hd + a.eps);
+#pragma unroll
+    for (int j = 0; j < MAXJ; j++) {
+      const int d = t + j * nt;
+      if (d < hd) x[j] = x[j] * inv * nw[d];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < MAXJ; j++) {
+    const int d = t + j * nt;
+    if (d < a.rot) x[j] *= a.mscale;
+    if (d < hd) xs[d] = x[j];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < MAXJ; j++) {
+    const int d = t + j * nt;
+    if (d < a.rot) {
+      const RopePair rp = rope_pair(d, a.rot, a.traditional);
+      float sn, cs;
+      rope_sincos((float)p * a.inv_freq[rp.i], sn, cs);
+      x[j] = rope_rotate(x[j], xs[rp.partner], sn, cs, rp.first);
+    }
+  }
+  __syncthreads();  // xs and red are reused by the next call
+  const int kvh = b - a.n_heads;
+  const bool cache = !is_q && p >= 0 && p < a.max_seq;
+#pragma unroll
+  for (int j = 0; j < MAXJ; j++) {
+    const int d = t + j * nt;
+    if (d >= hd) continue;
+    if (is_q) {
+      row[d] = x[j];
+    } else if (cache) {
+      const size_t o = ((size_t)kvh * a.max_seq + p) * hd + d;
+      kc[o] = f32_to_f16(x[j]);
+      const int vi = (a.n_heads + a.n_kv + kvh) * hd + d;
+      vc[o] = f32_to_f16(qkv[vi] + (a.bias ? a.bias[vi] : 0.f));
+    }
+  }
+}
 
+// Dimension d of one head's attention output from its splits' partials ph[split] =
+// (o[hd], m, l). Through L2 (`ld.cg`): in merge_if_last other CTAs wrote them.
+__device__ __forceinline__ float merge_dim(const float* ph, int splits, int head_dim, int d) {
+  float M = -INFINITY;
+  for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(ph + s * (head_dim + 2) + head_dim));
+  float L = 0.f, acc = 0.f;
+  for (int s = 0; s < splits; s++) {
+    const float ms = __ldcg(ph + s * (head_dim + 2) + head_dim);
+    if (ms == -INFINITY) continue;
+    const float e = expf(ms - M);
+    L += e * __ldcg(ph + s * (head_dim + 2) + head_dim + 1);
+    acc += e * __ldcg(ph + s * (head_dim + 2) + d);
+  }
+  return acc / L;
+}
+// Called by every thread of a split's CTA once its partial is written: the head's last
+// split to arrive (arrival counter *cnt) merges all of them into out[0..head_dim) and
+// resets the counter for the next launch — one kernel boundary per layer less than an
+// attn_combine launch. Release: the CTA barrier, then one thread's gpu-scope fence
+// before its arrival (as cooperative groups' grid sync); acquire: a fence after it.
+__device__ __forceinline__ void merge_if_last(const float* ph, unsigned* cnt, float* out, int splits, int head_dim) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(cnt, 1u) == (unsigned)(splits - 1);
+    if (last) *cnt = 0u;  // every split has arrived: nobody else touches it this launch
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out[d] = merge_dim(ph, splits, head_dim, d);
+}
 // Split-K decode attention, part 1. Grid: (heads, splits); block: 128 (4 warps).
 // Each split covers a contiguous range of the *pos+1 cached positions; each warp an
 // interleaved subset, ATT_PB positions at a time: all their K/V loads are issued before
 // any is used (one memory latency per batch instead of one per position), and the first
 // batch's cached positions (< *pos, written by earlier steps) are loaded before
 // griddepcontrol.wait, while the QKV launch still runs. Lane l holds dims [l*ND, l*ND+ND)
-// (ND = head_dim / 32). Online softmax per batch. Writes part[h][split] = (o[hd], m, l).
+// (ND = head_dim / 32). Online softmax per batch. Writes part[h][split] = (o[hd], m, l);
+// with arrival counters the last split of each head merges them (merge_if_last).
 #define ATT_WARPS 4
 #define ATT_PB 8
-#define HD_MAX 256
 template <int ND>
 __device__ __forceinline__ void ld_f16s(const unsigned short* p, float (&f)[ND]) {
   if (ND % 4 == 0) {
@@ -148,7 +264,8 @@ template <bool TOKENS, int ND, bool FUSED>
 __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned short* kc, const unsigned short* vc,
                                                   const int* pos, float* part, int n_heads, int n_kv, int max_seq,
                                                   float scale, float* sm_m, float* sm_l, float (*sm_o)[HD_MAX],
-                                                  float (*sm_new)[2 * HD_MAX], const QkvPost* post) {
+                                                  float (*sm_new)[2 * HD_MAX], const QkvPost* post, unsigned* cnt,
+                                                  float* merged) {
   // Positions per batch: K and V of a batch take 2 * PB * ND registers per lane.
   constexpr int PB = ND <= 4 ? ATT_PB : ATT_PB / 2;
   const int head_dim = ND * 32;
@@ -313,12 +430,14 @@ __device__ __forceinline__ void attn_partial_body(const float* q, const unsigned
     out[head_dim] = M;
     out[head_dim + 1] = L;
   }
+  if (cnt) merge_if_last(part + (size_t)h * splits * (head_dim + 2), cnt + h, merged + h * head_dim, splits, head_dim);
 }
 // One instantiation per head_dim / 32 (head_dim % 32 == 0, <= HD_MAX: checked by the host).
 template <bool TOKENS, bool FUSED = false>
 __device__ __forceinline__ void attn_partial_any(const float* q, const unsigned short* kc, const unsigned short* vc,
                                                  const int* pos, float* part, int n_heads, int n_kv, int head_dim,
-                                                 int max_seq, float scale, const QkvPost* post = nullptr) {
+                                                 int max_seq, float scale, const QkvPost* post, unsigned* cnt,
+                                                 float* merged) {
   // Declared here, not in the per-ND bodies (each would get its own copy).
   __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_o[ATT_WARPS][HD_MAX];
   // FUSED: each warp's copy of the new position's k and v.
@@ -327,28 +446,35 @@ __device__ __forceinline__ void attn_partial_any(const float* q, const unsigned 
 #define ATT_CASE(N)                                                                                    \
   case N:                                                                                              \
     attn_partial_body<TOKENS, N, FUSED>(q, kc, vc, pos, part, n_heads, n_kv, max_seq, scale, sm_m, sm_l, \
-                                        sm_o, sm_new, post);                                           \
+                                        sm_o, sm_new, post, cnt, merged);                              \
     break;
     ATT_CASE(1) ATT_CASE(2) ATT_CASE(3) ATT_CASE(4) ATT_CASE(5) ATT_CASE(6) ATT_CASE(7) ATT_CASE(8)
 #undef ATT_CASE
   }
 }
+// Decode (one token): cnt (n_heads arrival counters, zero before the launch and left
+// zero) non-null: each head's last split to finish merges the splits into
+// merged[h * head_dim ..] itself (merge_if_last), so no attn_combine launch follows;
+// null: the partials are left for attn_combine.
 extern "C" __global__ void __launch_bounds__(128)
 attn_partial(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
-             float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
-  attn_partial_any<false>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
+             float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale, unsigned* cnt,
+             float* merged) {
+  attn_partial_any<false>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale, nullptr, cnt, merged);
 }
 extern "C" __global__ void __launch_bounds__(128)
 attn_partial_n(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos,
                float* part, int n_heads, int n_kv, int head_dim, int max_seq, float scale) {
-  attn_partial_any<true>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale);
+  attn_partial_any<true>(q, kc, vc, pos, part, n_heads, n_kv, head_dim, max_seq, scale, nullptr, nullptr,
+                         nullptr);
 }
 
 // qkv_post and attn_partial in one launch (decode): q/k/v straight from the QKV GEMV.
 extern "C" __global__ void __launch_bounds__(128)
 attn_decode(const float* qkv, unsigned short* kc, unsigned short* vc, const int* pos, float* part, const QkvPost a,
-            float scale) {
-  attn_partial_any<false, true>(qkv, kc, vc, pos, part, a.n_heads, a.n_kv, a.head_dim, a.max_seq, scale, &a);
+            float scale, unsigned* cnt, float* merged) {
+  attn_partial_any<false, true>(qkv, kc, vc, pos, part, a.n_heads, a.n_kv, a.head_dim, a.max_seq, scale, &a, cnt,
+                                merged);
 }
 
 // Part 2: merge the splits. Grid: heads; block: head_dim.
@@ -362,18 +488,7 @@ __device__ __forceinline__ void attn_combine_body(const float* part, float* out,
   const int tok = TOKENS ? (int)blockIdx.y : 0;
   part += (size_t)tok * gridDim.x * splits * (head_dim + 2);
   out += (size_t)tok * gridDim.x * head_dim;
-  const float* ph = part + (size_t)h * splits * (head_dim + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < splits; s++) M = fmaxf(M, ph[s * (head_dim + 2) + head_dim]);
-  float L = 0.f, acc = 0.f;
-  for (int s = 0; s < splits; s++) {
-    const float ms = ph[s * (head_dim + 2) + head_dim];
-    if (ms == -INFINITY) continue;
-    const float e = expf(ms - M);
-    L += e * ph[s * (head_dim + 2) + head_dim + 1];
-    acc += e * ph[s * (head_dim + 2) + d];
-  }
-  out[h * head_dim + d] = acc / L;
+  out[h * head_dim + d] = merge_dim(part + (size_t)h * splits * (head_dim + 2), splits, head_dim, d);
 }
 extern "C" __global__ void attn_combine(const float* part, float* out, int splits, int head_dim) {
   attn_combine_body<false>(part, out, splits, head_dim);
@@ -432,12 +547,9 @@ extern "C" __global__ void fill_float(unsigned char* p, u64 n, u32 seed, float l
 }
 
 // Everything between the QKV projection and attention, for one token, in one launch:
-// bias, per-head q/k RMSNorm, rotary embedding, and the f16 KV-cache append.
-// qkv = [q (H·hd) | k (KV·hd) | v (KV·hd)]; q is rotated in place. Grid: H + KV blocks
-// (q heads, then k heads; a k block also stores its v head); block: hd threads.
-// inv_freq[rot/2] holds each rotated pair's angular frequency (rope scaling folded in);
-// angle = f32(pos) * inv_freq as the CPU engine computes it; mscale multiplies the
-// rotated features (yarn).
+// bias, per-head q/k RMSNorm, rotary embedding, and the f16 KV-cache append (post_unit
+// per block). Grid: H + KV blocks (q heads, then k heads; a k block also stores its v
+// head); block: hd threads.
 // TOKENS: token blockIdx.y of a prefill chunk (qkv_post_n); the decode kernel is the
 // same code with token 0 folded in.
 template <bool TOKENS>
@@ -445,47 +557,9 @@ __device__ __forceinline__ void qkv_post_body(float* qkv, const int* pos, unsign
                                               const QkvPost a) {
   pdl_wait();
   pdl_trigger();
-  __shared__ float xs[HD_MAX];
-  __shared__ float red[32];
   const int tok = TOKENS ? (int)blockIdx.y : 0;
-  const int b = blockIdx.x, d = threadIdx.x, hd = a.head_dim;
-  const bool is_q = b < a.n_heads;
-  const int p = *pos + tok;
-  qkv += (size_t)tok * (a.n_heads + 2 * a.n_kv) * hd;
-  float* row = qkv + (size_t)b * hd;  // k heads follow the q heads directly
-  float x = d < hd ? row[d] : 0.f;
-  if (a.bias && d < hd) x += a.bias[b * hd + d];
-  const float* nw = is_q ? a.qn : a.kn;
-  if (nw) {
-    float ss = warp_sum(x * x);
-    if ((d & 31) == 0) red[d >> 5] = ss;
-    __syncthreads();
-    float t = 0.f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += red[w];
-    const float inv = 1.f / sqrtf(t / hd + a.eps);
-    x = d < hd ? x * inv * nw[d] : 0.f;
-  }
-  if (d < a.rot) x *= a.mscale;
-  if (d < hd) xs[d] = x;
-  __syncthreads();
-  if (d < a.rot) {
-    const RopePair rp = rope_pair(d, a.rot, a.traditional);
-    float sn, cs;
-    sincosf((float)p * a.inv_freq[rp.i], &sn, &cs);
-    x = rope_rotate(x, xs[rp.partner], sn, cs, rp.first);
-  }
-  if (d >= hd) return;
-  if (is_q) {
-    row[d] = x;
-    return;
-  }
-  if (p < 0 || p >= a.max_seq) return;
-  const int kvh = b - a.n_heads;
-  const size_t o = ((size_t)kvh * a.max_seq + p) * hd + d;
-  kc[o] = f32_to_f16(x);
-  float v = qkv[(size_t)(a.n_heads + a.n_kv + kvh) * hd + d];
-  if (a.bias) v += a.bias[(a.n_heads + a.n_kv + kvh) * hd + d];
-  vc[o] = f32_to_f16(v);
+  qkv += (size_t)tok * (a.n_heads + 2 * a.n_kv) * a.head_dim;
+  post_unit(qkv, blockIdx.x, *pos + tok, kc, vc, a);
 }
 extern "C" __global__ void __launch_bounds__(256)
 qkv_post(float* qkv, const int* pos, unsigned short* kc, unsigned short* vc, const QkvPost a) {
