@@ -225,9 +225,25 @@ fn attn_last(splits: usize) -> bool {
 /// 483.2 / 485.7 / 481.8 / 430.5; after a 4096-token prompt: 9 / 16 / 17 / 32 splits
 /// 328.6 / 375.1 / 303.5 / 328.7 (17: 544 CTAs, a tail wave of 16); after 8192: 9 / 16 /
 /// 17 / 32 splits 245.9 / 304.5 / 228.4 / 276.5.
+/// `ROOFTOP_CTX_LONG=N` moves the threshold (tests run tiny models in the long bucket).
 const CTX_LONG: usize = 2048;
 fn ctx_bucket(len: usize) -> usize {
-    (len >= CTX_LONG) as usize
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let long = *V.get_or_init(|| {
+        crate::nvrtc::env_usize("ROOFTOP_CTX_LONG", 0..=usize::MAX).unwrap_or(CTX_LONG)
+    });
+    (len >= long) as usize
+}
+
+/// Whether long decode contexts use the grouped kernel (`attn_group`: each K/V tile
+/// read once per q-head group instead of once per q head). Opt-in
+/// (`ROOFTOP_ATTN_GROUP=1`): correct, but slower on an H200 (qwen3-30b-a3b affine4 after
+/// a 4096-token prompt 340.6 / 352.3 / 342.0 tok/s at 64 / 32 / 16 splits against 376.6
+/// per head; after 8192 299.9 vs 305.9): each warp walks its split's positions alone,
+/// one tile at a time, where the per-head kernel spreads them over 4 warps.
+fn attn_group() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("ROOFTOP_ATTN_GROUP").as_deref() == Ok("1"))
 }
 
 /// Lanes per row and chunk slots per lane of a preloading launch over rows of `cols`
@@ -483,7 +499,27 @@ impl CudaDecoder {
             dev.grid_for(&f, 128, 0, usize::MAX) as usize
         };
         let short = (2 * dev.sms).div_ceil(heads).clamp(1, 32);
-        let long = (wave / heads).clamp(short, 32);
+        let mut long = (wave / heads).clamp(short, 32);
+        // The grouped kernel (long contexts): as many splits as its CTAs fit at once
+        // (kv heads x splits), at most 64. ROOFTOP_SPLITS_G overrides it.
+        let a0 = &self.layers[0].attn;
+        let group = attn_group()
+            && a0.head_dim <= 128
+            && a0.kv_heads > 0
+            && a0.heads.is_multiple_of(a0.kv_heads)
+            && a0.heads / a0.kv_heads <= 8
+            && self
+                .layers
+                .iter()
+                .all(|l| l.attn.heads == a0.heads && l.attn.kv_heads == a0.kv_heads);
+        if group {
+            let f = dev.function(&ModuleSource::ops(), "attn_group")?;
+            let g = a0.heads / a0.kv_heads.max(1);
+            let smem = 4 * 32 * (2 * a0.head_dim + 16) + g * a0.head_dim * 4;
+            let cap = dev.grid_for(&f, (32 * g) as u32, smem, usize::MAX) as usize;
+            long = crate::nvrtc::env_usize("ROOFTOP_SPLITS_G", 1..=64)
+                .unwrap_or((cap / a0.kv_heads.max(1)).clamp(1, 64));
+        }
         let decode_splits = [short, long].map(|n| {
             crate::nvrtc::env_usize("ROOFTOP_SPLITS", 1..=64)
                 .unwrap_or(n)
@@ -730,13 +766,19 @@ impl CudaDecoder {
                 splits: s.decode_splits[ctx_bucket(s.len)],
                 ..a.shape(s)
             };
-            let pcnt = if attn_last(shape.splits) {
-                dev.ptr(&s.att_cnt)
+            let long = ctx_bucket(s.len) == 1;
+            if long && !fused && attn_group() && shape.group_fits() {
+                let buf = [pq, pkc, pvc, ppos, ppart, patt, dev.ptr(&s.att_cnt)];
+                dev.attention_group_raw(buf, &shape, a.scale)?;
             } else {
-                0
-            };
-            let buf = [pq, pkc, pvc, ppos, ppart, patt, pcnt];
-            dev.attention_raw(buf, &shape, a.scale, 1, fused.then_some(arg))?;
+                let pcnt = if attn_last(shape.splits) {
+                    dev.ptr(&s.att_cnt)
+                } else {
+                    0
+                };
+                let buf = [pq, pkc, pvc, ppos, ppart, patt, pcnt];
+                dev.attention_raw(buf, &shape, a.scale, 1, fused.then_some(arg))?;
+            }
             // Output projection into the residual stream.
             let o = Gemv {
                 add: true,

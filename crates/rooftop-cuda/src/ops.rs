@@ -8,6 +8,9 @@ use crate::nvrtc::ModuleSource;
 use crate::CudaError;
 use cudarc::driver::CudaSlice;
 
+/// Positions per shared-memory tile of `attn_group` (`ATG_TP` in ops.cu).
+const ATG_TP: usize = 32;
+
 /// Attention geometry for one layer's decode step.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -26,6 +29,15 @@ impl AttnShape {
     /// one arrival counter per head (see [`CudaDevice::attention`]).
     pub fn partial_len(&self) -> usize {
         self.n_heads * self.splits * (self.head_dim + 2) + self.n_heads
+    }
+    /// Whether the long-context kernel (`attn_group`) takes this shape: head_dim ≤ 128,
+    /// at most 8 q heads per kv head, at most 64 splits.
+    pub fn group_fits(&self) -> bool {
+        self.head_dim <= 128
+            && self.n_kv_heads > 0
+            && self.n_heads.is_multiple_of(self.n_kv_heads)
+            && self.n_heads / self.n_kv_heads <= 8
+            && self.splits <= 64
     }
     /// Elements of one K (or V) cache: `[n_kv, max_seq, head_dim]` f16.
     pub fn cache_len(&self) -> usize {
@@ -191,6 +203,43 @@ impl CudaDevice {
         s: &AttnShape,
         scale: f32,
     ) -> Result<(), CudaError> {
+        self.attention_any(q, k_cache, v_cache, pos, partial, out, s, scale, false)
+    }
+
+    /// [`CudaDevice::attention`] by the long-context kernel (`attn_group`: one CTA per kv
+    /// head and split for its whole q-head group, each K/V tile read once for the group);
+    /// needs [`AttnShape::group_fits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_grouped(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        pos: &CudaSlice<i32>,
+        partial: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        s: &AttnShape,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        if !s.group_fits() {
+            return Err(shape("grouped attention", format!("{s:?}")));
+        }
+        self.attention_any(q, k_cache, v_cache, pos, partial, out, s, scale, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_any(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        pos: &CudaSlice<i32>,
+        partial: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        s: &AttnShape,
+        scale: f32,
+        grouped: bool,
+    ) -> Result<(), CudaError> {
         s.check()?;
         if q.len() < s.n_heads * s.head_dim
             || out.len() < s.n_heads * s.head_dim
@@ -213,7 +262,55 @@ impl CudaDevice {
             self.ptr(out),
         );
         let pcnt = ppart + 4 * parts as u64;
-        self.attention_raw([pq, pk, pv, pp, ppart, po, pcnt], s, scale, 1, None)
+        let buf = [pq, pk, pv, pp, ppart, po, pcnt];
+        if grouped {
+            self.attention_group_raw(buf, s, scale)
+        } else {
+            self.attention_raw(buf, s, scale, 1, None)
+        }
+    }
+
+    /// [`CudaDevice::attention_grouped`] on raw device addresses `[q, k_cache, v_cache,
+    /// pos, partial, out, counters]` (one token; `counters`: `n_kv_heads` zeroed arrival
+    /// counters, left zero). The caller guarantees the sizes and [`AttnShape::group_fits`].
+    pub(crate) fn attention_group_raw(
+        &self,
+        [pq, pk, pv, pp, ppart, po, pcnt]: [u64; 7],
+        s: &AttnShape,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(&ModuleSource::ops(), "attn_group")?;
+        let g = s.n_heads / s.n_kv_heads;
+        let smem = 4 * ATG_TP * (2 * s.head_dim + 16) + g * s.head_dim * 4;
+        self.check_smem("grouped attention", smem)?;
+        let (nh, nkv, hd, ms) = (
+            s.n_heads as i32,
+            s.n_kv_heads as i32,
+            s.head_dim as i32,
+            s.max_seq as i32,
+        );
+        launch!(
+            self,
+            f,
+            cfg3(
+                (s.n_kv_heads as u32, s.splits as u32, 1),
+                (32 * g) as u32,
+                smem
+            ),
+            "attn_group",
+            pq,
+            pk,
+            pv,
+            pp,
+            ppart,
+            nh,
+            nkv,
+            hd,
+            ms,
+            scale,
+            pcnt,
+            po
+        )
     }
 
     /// [`CudaDevice::attention`] on raw device addresses `[q, k_cache, v_cache, pos,

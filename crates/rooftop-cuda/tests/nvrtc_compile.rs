@@ -135,6 +135,7 @@ fn ops_module_has_decode_and_prefill_chunk_kernels() {
         "attn_partial",
         "attn_partial_n",
         "attn_decode",
+        "attn_group",
         "attn_combine",
         "attn_combine_n",
         "argmax_step",

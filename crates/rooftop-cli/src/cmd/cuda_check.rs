@@ -43,6 +43,10 @@ pub struct Args {
     /// `tests/oracle/mlx_lm_model.py` outputs (one subdirectory per architecture).
     #[arg(long)]
     models: Option<std::path::PathBuf>,
+    /// Only these kernel check groups (comma list of gemv, moe, ops, int8, router; default
+    /// all): quick device iterations.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// A host weight in any format, owning its bytes.
@@ -504,12 +508,22 @@ fn check_ops(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> {
         let s = AttnShape { splits, ..s };
         // Scratch full of NaN (counters included: attention zeroes them), and two calls
         // on it: the arrival counters must come back to zero after each.
+        // The same for the long-context kernel (one CTA per kv head and split).
         let mut part = dev.upload(&vec![f32::NAN; s.partial_len()])?;
-        for call in 1..=2 {
+        for (call, grouped) in [(1, false), (2, false), (1, true), (2, true)] {
             let mut od = dev.upload(&vec![f32::NAN; s.n_heads * s.head_dim])?;
-            dev.attention(&qd, &kc, &vc, &pd, &mut part, &mut od, &s, scale)?;
+            if grouped {
+                dev.attention_grouped(&qd, &kc, &vc, &pd, &mut part, &mut od, &s, scale)?;
+            } else {
+                dev.attention(&qd, &kc, &vc, &pd, &mut part, &mut od, &s, scale)?;
+            }
+            let kind = if grouped {
+                "grouped attention"
+            } else {
+                "attention"
+            };
             c.record(
-                &format!("kv_append x{len} + attention splits={splits} call {call}"),
+                &format!("kv_append x{len} + {kind} splits={splits} call {call}"),
                 rel_err(&dev.download(&od)?, &want),
                 1e-5,
             );
@@ -701,15 +715,31 @@ pub fn run(a: Args) -> Result<()> {
     };
     if !a.skip_checks {
         // Exact f32 activations: every kernel against the f32 CPU reference at 1e-4.
+        for g in &a.only {
+            if !["gemv", "moe", "ops", "int8", "router"].contains(&g.as_str()) {
+                bail!("--only: unknown check group {g:?} (gemv, moe, ops, int8, router)");
+            }
+        }
+        let run = |g: &str| a.only.is_empty() || a.only.iter().any(|o| o == g);
         rooftop_cuda::nvrtc::set_f32_activations(true);
-        check_gemv(&dev, &mut rng, &mut c)?;
-        check_moe(&dev, &mut rng, &mut c)?;
-        check_ops(&dev, &mut rng, &mut c)?;
+        if run("gemv") {
+            check_gemv(&dev, &mut rng, &mut c)?;
+        }
+        if run("moe") {
+            check_moe(&dev, &mut rng, &mut c)?;
+        }
+        if run("ops") {
+            check_ops(&dev, &mut rng, &mut c)?;
+        }
         // The default int8-activation GEMV for 4-bit affine (looser: x is quantized);
         // what follows (benchmarks, whole models) runs the defaults.
         rooftop_cuda::nvrtc::set_f32_activations(false);
-        check_gemv_int8(&dev, &mut rng, &mut c)?;
-        check_gemv_router(&dev, &mut rng, &mut c)?;
+        if run("int8") {
+            check_gemv_int8(&dev, &mut rng, &mut c)?;
+        }
+        if run("router") {
+            check_gemv_router(&dev, &mut rng, &mut c)?;
+        }
     }
     if let Some(root) = &a.models {
         let checks = super::cuda_models::check_models(&dev, root)?;

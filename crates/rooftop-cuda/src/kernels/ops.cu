@@ -477,6 +477,159 @@ attn_decode(const float* qkv, unsigned short* kc, unsigned short* vc, const int*
                                 merged);
 }
 
+// Decode attention for long contexts: one CTA per (kv head, split) for the whole q-head
+// group (G = n_heads / n_kv warps; warp w: q head kvh * G + w). Each tile of ATG_TP
+// cached positions is copied once into shared memory (cp.async, double-buffered: the
+// next tile's copies fly while this one is used) and read there by all G heads —
+// attn_partial reads K/V once per q head, G times the L2 traffic (8x for qwen3's
+// groups). Per tile, lane j scores position j of the tile for its warp's head, then every
+// lane accumulates its ND dims of o over the tile's positions. Writes the same partials
+// as attn_partial; the group's last split merges them for all G heads. head_dim <= 128,
+// G <= 8 (host-checked; 512 threads capped ptxas at 40 registers with spills). Dynamic smem: 2 buffers x (K, V) x ATG_TP rows of ATG_RS
+// bytes, then G * head_dim floats of scaled q.
+#define ATG_TP 32
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// One warp merges head h's splits (partials ph[split] = (o[hd], m, l)) into out[0..hd):
+// the split weights once per warp (lane s holds splits s, s + 32, ...), kept in ws.
+__device__ __forceinline__ void merge_head_warp(const float* ph, int splits, int hd, float* out, float* ws) {
+  const int lane = threadIdx.x & 31;
+  float M = -INFINITY;
+  for (int s = lane; s < splits; s += 32) M = fmaxf(M, __ldcg(ph + s * (hd + 2) + hd));
+  M = warp_max(M);
+  float L = 0.f;
+  for (int s = lane; s < splits; s += 32) {
+    const float ms = __ldcg(ph + s * (hd + 2) + hd);
+    const float e = ms == -INFINITY ? 0.f : expf(ms - M);
+    ws[s] = e;
+    L += e * __ldcg(ph + s * (hd + 2) + hd + 1);
+  }
+  L = warp_sum(L);
+  __syncwarp();
+  for (int d = lane; d < hd; d += 32) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; s++) acc += ws[s] * __ldcg(ph + s * (hd + 2) + d);
+    out[d] = acc / L;
+  }
+}
+#define ATG_MAX_SPLITS 64
+// attn_group's tile at t0 into buffer b: K rows then V rows, 16 bytes per copy, rows
+// past `end` skipped; one cp.async group.
+template <int RU, int RS, int TU>
+__device__ __forceinline__ void atg_issue(unsigned char* sm, const uint4* kg, const uint4* vg, int t0, int end, int b,
+                                          int nt) {
+  for (int i = threadIdx.x; i < 2 * TU; i += nt) {
+    const int v = i >= TU, r = (i - v * TU) / RU, c = (i - v * TU) % RU;
+    if (t0 + r < end)
+      cp_async16(sm + ((2 * b + v) * ATG_TP + r) * RS + c * 16, (v ? vg : kg) + (size_t)(t0 + r) * RU + c);
+  }
+  cp_async_commit();
+}
+template <int ND>
+__device__ __forceinline__ void attn_group_body(const float* q, const unsigned short* kc, const unsigned short* vc,
+                                                const int* pos, float* part, int n_heads, int n_kv, int max_seq,
+                                                float scale, unsigned* cnt, float* merged,
+                                                float (*ws)[ATG_MAX_SPLITS], int& last) {
+  constexpr int HD = ND * 32, RU = HD / 8, RS = HD * 2 + 16, TU = ATG_TP * RU;
+  extern __shared__ float4 smem4[];
+  unsigned char* sm = (unsigned char*)smem4;
+  float* qs = (float*)(sm + 4 * ATG_TP * RS);
+  const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y, G = n_heads / n_kv;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, h = kvh * G + warp, nt = blockDim.x;
+  pdl_wait();
+  pdl_trigger();
+  const int p0 = __ldcg(pos);
+  const int len = min(p0 + 1, max_seq);
+  const int per = (len + splits - 1) / splits;
+  const int start = min(len, split * per), end = min(len, start + per);
+  const uint4* kg = (const uint4*)(kc + (size_t)kvh * max_seq * HD);
+  const uint4* vg = (const uint4*)(vc + (size_t)kvh * max_seq * HD);
+  if (start < end) atg_issue<RU, RS, TU>(sm, kg, vg, start, end, 0, nt);
+  for (int d = lane; d < HD; d += 32) qs[warp * HD + d] = q[h * HD + d] * scale;
+  float m = -INFINITY, l = 0.f, o[ND];
+#pragma unroll
+  for (int e = 0; e < ND; e++) o[e] = 0.f;
+  int b = 0;
+  for (int t0 = start; t0 < end; t0 += ATG_TP, b ^= 1) {
+    if (t0 + ATG_TP < end) atg_issue<RU, RS, TU>(sm, kg, vg, t0 + ATG_TP, end, b ^ 1, nt);
+    else cp_async_commit();  // an empty group: wait_group 1 then means this tile
+    cp_async_wait1();
+    __syncthreads();
+    const int nv = min(ATG_TP, end - t0);
+    const unsigned char* ks = sm + (2 * b) * ATG_TP * RS;
+    const unsigned char* vs = sm + (2 * b + 1) * ATG_TP * RS;
+    float sc = -INFINITY;
+    if (lane < nv) {
+      float acc = 0.f;
+#pragma unroll
+      for (int c = 0; c < RU; c++) {
+        const uint4 u = *(const uint4*)(ks + lane * RS + c * 16);
+        const float4 qa = *(const float4*)(qs + warp * HD + c * 8), qb = *(const float4*)(qs + warp * HD + c * 8 + 4);
+        acc = fmaf(qa.x, f16_to_f32(u.x & 0xFFFF), acc);
+        acc = fmaf(qa.y, f16_to_f32(u.x >> 16), acc);
+        acc = fmaf(qa.z, f16_to_f32(u.y & 0xFFFF), acc);
+        acc = fmaf(qa.w, f16_to_f32(u.y >> 16), acc);
+        acc = fmaf(qb.x, f16_to_f32(u.z & 0xFFFF), acc);
+        acc = fmaf(qb.y, f16_to_f32(u.z >> 16), acc);
+        acc = fmaf(qb.z, f16_to_f32(u.w & 0xFFFF), acc);
+        acc = fmaf(qb.w, f16_to_f32(u.w >> 16), acc);
+      }
+      sc = acc;
+    }
+    const float mn = fmaxf(m, warp_max(sc));
+    const float corr = expf(m - mn);  // m = -inf on the first tile: 0
+    const float pw = lane < nv ? expf(sc - mn) : 0.f;
+    l = l * corr + warp_sum(pw);
+#pragma unroll
+    for (int e = 0; e < ND; e++) o[e] *= corr;
+    for (int j = 0; j < nv; j++) {
+      const float pj = __shfl_sync(FULL_MASK, pw, j);
+      float v[ND];
+      const unsigned short* vr = (const unsigned short*)(vs + j * RS) + lane * ND;
+#pragma unroll
+      for (int e = 0; e < ND; e++) v[e] = f16_to_f32(vr[e]);
+#pragma unroll
+      for (int e = 0; e < ND; e++) o[e] = fmaf(pj, v[e], o[e]);
+    }
+    m = mn;
+    __syncthreads();  // buffer b is refilled two tiles on
+  }
+  float* out = part + ((size_t)h * splits + split) * (HD + 2);
+#pragma unroll
+  for (int e = 0; e < ND; e++) out[lane * ND + e] = o[e];
+  if (lane == 0) {
+    out[HD] = m;
+    out[HD + 1] = l;
+  }
+  // The group's last split merges every head of the group (warp w: head h).
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(cnt + kvh, 1u) == (unsigned)(splits - 1);
+    if (last) cnt[kvh] = 0u;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  merge_head_warp(part + (size_t)h * splits * (HD + 2), splits, HD, merged + h * HD, ws[warp]);
+}
+extern "C" __global__ void __launch_bounds__(256)
+attn_group(const float* q, const unsigned short* kc, const unsigned short* vc, const int* pos, float* part,
+           int n_heads, int n_kv, int head_dim, int max_seq, float scale, unsigned* cnt, float* merged) {
+  // Declared here, not in the per-ND bodies (each would get its own copy).
+  __shared__ float ws[8][ATG_MAX_SPLITS];
+  __shared__ int last;
+#define ATG_CASE(N) \
+  case N: attn_group_body<N>(q, kc, vc, pos, part, n_heads, n_kv, max_seq, scale, cnt, merged, ws, last); break;
+  switch (head_dim / 32) { ATG_CASE(1) ATG_CASE(2) ATG_CASE(3) ATG_CASE(4) }
+#undef ATG_CASE
+}
+
 // Part 2: merge the splits. Grid: heads; block: head_dim.
 template <bool TOKENS>
 __device__ __forceinline__ void attn_combine_body(const float* part, float* out, int splits, int head_dim) {
