@@ -72,6 +72,22 @@ __device__ __forceinline__ float rope_rotate(float x, float other, float sn, flo
   return first ? x * cs - other * sn : other * sn + x * cs;
 }
 
+// Dimension d of one head's attention output from its splits' partials ph[split] =
+// (o[hd], m, l). Through L2 (`ld.cg`): where a split's last CTA merges, other CTAs
+// wrote them in the same launch (ops.cu's merge_if_last, mega.cu).
+__device__ __forceinline__ float merge_dim(const float* ph, int splits, int head_dim, int d) {
+  float M = -INFINITY;
+  for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(ph + s * (head_dim + 2) + head_dim));
+  float L = 0.f, acc = 0.f;
+  for (int s = 0; s < splits; s++) {
+    const float ms = __ldcg(ph + s * (head_dim + 2) + head_dim);
+    if (ms == -INFINITY) continue;
+    const float e = expf(ms - M);
+    L += e * __ldcg(ph + s * (head_dim + 2) + head_dim + 1);
+    acc += e * __ldcg(ph + s * (head_dim + 2) + d);
+  }
+  return acc / L;
+}
 __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -330,20 +330,7 @@ __device__ void mg_attention(const MegaStep& st, const LayerDesc& L, int hh, int
   __syncthreads();
   if (!last) return;
   __threadfence();
-  if (d < hd) {
-    const float* ph = st.part + (size_t)hh * S * (hd + 2);
-    float MM = -INFINITY;
-    for (int s = 0; s < S; s++) MM = fmaxf(MM, __ldcg(ph + s * (hd + 2) + hd));
-    float LL = 0.f, a = 0.f;
-    for (int s = 0; s < S; s++) {
-      const float ms = __ldcg(ph + s * (hd + 2) + hd);
-      if (ms == -INFINITY) continue;
-      const float e = expf(ms - MM);
-      LL += e * __ldcg(ph + s * (hd + 2) + hd + 1);
-      a += e * __ldcg(ph + s * (hd + 2) + d);
-    }
-    st.att[hh * hd + d] = a / LL;
-  }
+  if (d < hd) st.att[hh * hd + d] = merge_dim(st.part + (size_t)hh * S * (hd + 2), S, hd, d);
   if (d == 0) st.bar[64 + hh] = 0;  // for the next layer (every split has arrived)
   __syncthreads();
 }

@@ -157,21 +157,6 @@ __device__ __forceinline__ void post_unit(float* qkv, int b, int p, unsigned sho
   }
 }
 
-// Dimension d of one head's attention output from its splits' partials ph[split] =
-// (o[hd], m, l). Through L2 (`ld.cg`): in merge_if_last other CTAs wrote them.
-__device__ __forceinline__ float merge_dim(const float* ph, int splits, int head_dim, int d) {
-  float M = -INFINITY;
-  for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(ph + s * (head_dim + 2) + head_dim));
-  float L = 0.f, acc = 0.f;
-  for (int s = 0; s < splits; s++) {
-    const float ms = __ldcg(ph + s * (head_dim + 2) + head_dim);
-    if (ms == -INFINITY) continue;
-    const float e = expf(ms - M);
-    L += e * __ldcg(ph + s * (head_dim + 2) + head_dim + 1);
-    acc += e * __ldcg(ph + s * (head_dim + 2) + d);
-  }
-  return acc / L;
-}
 // Called by every thread of a split's CTA once its partial is written: the head's last
 // split to arrive (arrival counter *cnt) merges all of them into out[0..head_dim) and
 // resets the counter for the next launch — one kernel boundary per layer less than an
