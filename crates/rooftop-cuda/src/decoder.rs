@@ -502,23 +502,29 @@ impl CudaDecoder {
         let mut long = (wave / heads).clamp(short, 32);
         // The grouped kernel (long contexts): as many splits as its CTAs fit at once
         // (kv heads x splits), at most 64. ROOFTOP_SPLITS_G overrides it.
-        let a0 = &self.layers[0].attn;
-        let group = attn_group()
-            && a0.head_dim <= 128
-            && a0.kv_heads > 0
-            && a0.heads.is_multiple_of(a0.kv_heads)
-            && a0.heads / a0.kv_heads <= 8
-            && self
-                .layers
-                .iter()
-                .all(|l| l.attn.heads == a0.heads && l.attn.kv_heads == a0.kv_heads);
-        if group {
+        let group_shape = self
+            .layers
+            .first()
+            .map(|l| AttnShape {
+                n_heads: l.attn.heads,
+                n_kv_heads: l.attn.kv_heads,
+                head_dim: l.attn.head_dim,
+                max_seq,
+                splits: 64,
+            })
+            .filter(|g| {
+                g.group_fits()
+                    && self
+                        .layers
+                        .iter()
+                        .all(|l| l.attn.heads == g.n_heads && l.attn.kv_heads == g.n_kv_heads)
+            });
+        if let Some(g) = group_shape.filter(|_| attn_group()) {
             let f = dev.function(&ModuleSource::ops(), "attn_group")?;
-            let g = a0.heads / a0.kv_heads.max(1);
-            let smem = 4 * 32 * (2 * a0.head_dim + 16) + g * a0.head_dim * 4;
-            let cap = dev.grid_for(&f, (32 * g) as u32, smem, usize::MAX) as usize;
+            let threads = 32 * g.n_heads / g.n_kv_heads;
+            let cap = dev.grid_for(&f, threads as u32, g.group_smem(), usize::MAX) as usize;
             long = crate::nvrtc::env_usize("ROOFTOP_SPLITS_G", 1..=64)
-                .unwrap_or((cap / a0.kv_heads.max(1)).clamp(1, 64));
+                .unwrap_or((cap / g.n_kv_heads).clamp(1, 64));
         }
         let decode_splits = [short, long].map(|n| {
             crate::nvrtc::env_usize("ROOFTOP_SPLITS", 1..=64)

@@ -39,6 +39,12 @@ impl AttnShape {
             && self.n_heads / self.n_kv_heads <= 8
             && self.splits <= 64
     }
+    /// Dynamic shared memory of `attn_group` for this shape: two buffers of K and V
+    /// tiles, then the group's scaled q.
+    pub(crate) fn group_smem(&self) -> usize {
+        let g = self.n_heads / self.n_kv_heads.max(1);
+        4 * ATG_TP * (2 * self.head_dim + 16) + g * self.head_dim * 4
+    }
     /// Elements of one K (or V) cache: `[n_kv, max_seq, head_dim]` f16.
     pub fn cache_len(&self) -> usize {
         self.n_kv_heads * self.max_seq * self.head_dim
@@ -281,7 +287,7 @@ impl CudaDevice {
     ) -> Result<(), CudaError> {
         let f = self.function(&ModuleSource::ops(), "attn_group")?;
         let g = s.n_heads / s.n_kv_heads;
-        let smem = 4 * ATG_TP * (2 * s.head_dim + 16) + g * s.head_dim * 4;
+        let smem = s.group_smem();
         self.check_smem("grouped attention", smem)?;
         let (nh, nkv, hd, ms) = (
             s.n_heads as i32,
