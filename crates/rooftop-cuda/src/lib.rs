@@ -46,7 +46,7 @@ pub use decoder::{
 pub use device::{gpu_count, CudaDevice, Timer};
 pub use error::{Bytes, CudaError};
 pub use moe::{CudaMlp, CudaMoe, MoeScratch, Routing, RoutingKind, StepOpts};
-pub use ops::{AttnShape, Rope};
+pub use ops::{AttnKernel, AttnShape, Rope};
 pub use persistent::{clear_decode_kernel, decode_kernel, set_decode_kernel, DecodeKernel};
 pub use tc::set_prefill_tc;
 pub use weight::CudaWeight;

@@ -11,6 +11,17 @@ use cudarc::driver::CudaSlice;
 /// Positions per shared-memory tile of `attn_group` (`ATG_TP` in ops.cu).
 const ATG_TP: usize = 32;
 
+/// Which decode-attention kernel [`CudaDevice::attention`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// `attn_partial`: one CTA per (head, split).
+    PerHead,
+    /// `attn_group`: one CTA per (kv head, split) for its whole q-head group, each K/V
+    /// tile read once for the group (long contexts, opt-in); needs
+    /// [`AttnShape::group_fits`].
+    Grouped,
+}
+
 /// Attention geometry for one layer's decode step.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -193,10 +204,10 @@ impl CudaDevice {
         )
     }
 
-    /// `out[h] = softmax(q[h]·K[kv(h)]ᵀ · scale) V[kv(h)]` over positions `0..=pos[0]`;
-    /// one launch of split-K partials, each head's last split merging them. `partial`
-    /// holds [`AttnShape::partial_len`]: the partials, then the heads' arrival counters
-    /// (zeroed here first, so any buffer will do).
+    /// `out[h] = softmax(q[h]·K[kv(h)]ᵀ · scale) V[kv(h)]` over positions `0..=pos[0]`,
+    /// one launch by `kernel`: split-K partials with each head's (or group's) last split
+    /// merging them. `partial` holds [`AttnShape::partial_len`]: the partials, then the
+    /// heads' arrival counters (zeroed here first, so any buffer will do).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -208,44 +219,11 @@ impl CudaDevice {
         out: &mut CudaSlice<f32>,
         s: &AttnShape,
         scale: f32,
+        kernel: AttnKernel,
     ) -> Result<(), CudaError> {
-        self.attention_any(q, k_cache, v_cache, pos, partial, out, s, scale, false)
-    }
-
-    /// [`CudaDevice::attention`] by the long-context kernel (`attn_group`: one CTA per kv
-    /// head and split for its whole q-head group, each K/V tile read once for the group);
-    /// needs [`AttnShape::group_fits`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_grouped(
-        &self,
-        q: &CudaSlice<f32>,
-        k_cache: &CudaSlice<u16>,
-        v_cache: &CudaSlice<u16>,
-        pos: &CudaSlice<i32>,
-        partial: &mut CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        s: &AttnShape,
-        scale: f32,
-    ) -> Result<(), CudaError> {
-        if !s.group_fits() {
+        if kernel == AttnKernel::Grouped && !s.group_fits() {
             return Err(shape("grouped attention", format!("{s:?}")));
         }
-        self.attention_any(q, k_cache, v_cache, pos, partial, out, s, scale, true)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn attention_any(
-        &self,
-        q: &CudaSlice<f32>,
-        k_cache: &CudaSlice<u16>,
-        v_cache: &CudaSlice<u16>,
-        pos: &CudaSlice<i32>,
-        partial: &mut CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        s: &AttnShape,
-        scale: f32,
-        grouped: bool,
-    ) -> Result<(), CudaError> {
         s.check()?;
         if q.len() < s.n_heads * s.head_dim
             || out.len() < s.n_heads * s.head_dim
@@ -269,14 +247,13 @@ impl CudaDevice {
         );
         let pcnt = ppart + 4 * parts as u64;
         let buf = [pq, pk, pv, pp, ppart, po, pcnt];
-        if grouped {
-            self.attention_group_raw(buf, s, scale)
-        } else {
-            self.attention_raw(buf, s, scale, 1, None)
+        match kernel {
+            AttnKernel::Grouped => self.attention_group_raw(buf, s, scale),
+            AttnKernel::PerHead => self.attention_raw(buf, s, scale, 1, None),
         }
     }
 
-    /// [`CudaDevice::attention_grouped`] on raw device addresses `[q, k_cache, v_cache,
+    /// [`AttnKernel::Grouped`] attention on raw device addresses `[q, k_cache, v_cache,
     /// pos, partial, out, counters]` (one token; `counters`: `n_kv_heads` zeroed arrival
     /// counters, left zero). The caller guarantees the sizes and [`AttnShape::group_fits`].
     pub(crate) fn attention_group_raw(

@@ -7,7 +7,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rooftop_cuda::reference::{self, MoeRef};
-use rooftop_cuda::{AttnShape, CudaDevice, CudaMoe, CudaSlice, CudaWeight, Routing, RoutingKind};
+use rooftop_cuda::{
+    AttnKernel, AttnShape, CudaDevice, CudaMoe, CudaSlice, CudaWeight, Routing, RoutingKind,
+};
 use rooftop_quant::{quantize, DType, Float, QuantSpec, QuantizeOptions, Quantized, WeightView};
 
 #[derive(clap::Args)]
@@ -512,11 +514,12 @@ fn check_ops(dev: &CudaDevice, rng: &mut StdRng, c: &mut Checks) -> Result<()> {
         let mut part = dev.upload(&vec![f32::NAN; s.partial_len()])?;
         for (call, grouped) in [(1, false), (2, false), (1, true), (2, true)] {
             let mut od = dev.upload(&vec![f32::NAN; s.n_heads * s.head_dim])?;
-            if grouped {
-                dev.attention_grouped(&qd, &kc, &vc, &pd, &mut part, &mut od, &s, scale)?;
+            let kernel = if grouped {
+                AttnKernel::Grouped
             } else {
-                dev.attention(&qd, &kc, &vc, &pd, &mut part, &mut od, &s, scale)?;
-            }
+                AttnKernel::PerHead
+            };
+            dev.attention(&qd, &kc, &vc, &pd, &mut part, &mut od, &s, scale, kernel)?;
             let kind = if grouped {
                 "grouped attention"
             } else {
